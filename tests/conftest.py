@@ -1,0 +1,48 @@
+"""Shared fixtures: offline environment, composed configs, tiny models from configs."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def compose():
+    """compose(overrides) -> the config `python -m train <overrides>` would run."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from train import config
+
+    config.register()
+
+    def _compose(overrides=()):
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(config.CONF_DIR), version_base="1.3"):
+            return hydra_compose(config_name="config", overrides=list(overrides))
+
+    return _compose
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder_factory(compose):
+    """Fresh tiny encoders (2-layer BERT, MiniLM tokenizer) built through the model config."""
+    from train.run import build_encoder
+
+    def make(**model_overrides):
+        overrides = ["model=tiny_bert"] + [f"model.{k}={v}" for k, v in model_overrides.items()]
+        return build_encoder(compose(overrides))
+
+    return make

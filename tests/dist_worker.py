@@ -1,0 +1,86 @@
+"""Launched by torchrun from tests: contrastive steps under a strategy on 2 ranks.
+
+For each case it writes, from rank 0, the whole reduced gradient, the global loss and the
+result of a label-alignment check, for the test to compare with a single-process
+full-batch reference. Every case asserts the world size it was launched with.
+
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/dist_worker.py \
+        OUT_DIR CASE...      CASE = NAME:STRATEGY:ZERO_STAGE:BATCH:CHUNK:ACCUM
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+sys.path.insert(0, str(Path(__file__).parent))
+
+import torch  # noqa: E402
+from helpers import snli_source  # noqa: E402
+
+from train import dist  # noqa: E402
+from train.data import collate, shard  # noqa: E402
+from train.gradcache import contrastive_step, make_pairing  # noqa: E402
+from train.losses import contrastive_loss  # noqa: E402
+from train.model import freeze_unused, load_encoder  # noqa: E402
+from train.optim import param_groups  # noqa: E402
+
+LOSS = functools.partial(contrastive_loss, temperature=0.05, symmetric=True)
+EXPECTED_WORLD = 2
+
+
+def labels_aligned(batch, world) -> bool:
+    """Every local query's label column holds exactly that query's own positive passage."""
+    torch.manual_seed(0)
+    q = torch.randn(len(batch), 8)
+    p = torch.randn(len(batch) * batch.group, 8)
+    pair = make_pairing(q, p, batch, mask_duplicates=True)
+    own_positives = p[:: batch.group]
+    return bool(torch.equal(pair.p_all[pair.labels], own_positives)) and pair.row0 == world.rank * len(batch)
+
+
+def run_case(strategy: str, zero: int, world, batch_size: int, chunk: int, accum: int):
+    from train import assets
+
+    torch.manual_seed(0)
+    encoder = load_encoder(str(assets.path("tiny-bert")), pooling="mean", max_length=32).eval()
+    freeze_unused(encoder)  # as the composition root does: DDP needs every trainable parameter used
+    per_rank = batch_size // world.size
+    engine = dist.wrap(encoder, world, strategy,
+                       make_optimizer=lambda m: torch.optim.SGD(param_groups(m, 0.0), lr=0.1),
+                       make_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0),
+                       max_grad_norm=None, bf16=False, per_rank_batch=per_rank * accum, zero_stage=zero)
+    engine.module.eval()
+    source = snli_source(batch_size * accum)
+    if hasattr(engine, "begin_step"):
+        engine.begin_step()
+    losses, aligned = [], True
+    for micro in range(accum):
+        rows = [(0, r) for r in range(micro * batch_size, (micro + 1) * batch_size)]
+        batch = collate([source], shard(rows, world.rank, world.size), encoder.tokenize)
+        aligned &= labels_aligned(batch, world)
+        stats = contrastive_step(engine, batch, LOSS, chunk, scale=1.0 / accum, reduce=micro == accum - 1)
+        losses.append(dist.mean_over_ranks(stats.loss, world.device))
+    grads = engine.full_grads()
+    return {"grads": grads, "losses": losses, "aligned": aligned, "world_size": world.size}
+
+
+def main() -> None:
+    out, cases = Path(sys.argv[1]), sys.argv[2:]
+    world = dist.init_world("cpu")
+    assert world.size == EXPECTED_WORLD == torch.distributed.get_world_size(), world
+    for case in cases:
+        label, strategy, zero, batch_size, chunk, accum = case.split(":")
+        result = run_case(strategy, int(zero), world, int(batch_size), int(chunk), int(accum))
+        if world.is_main:
+            torch.save(result, out / f"{label}.pt")
+        dist.barrier()
+    dist.shutdown()
+
+
+if __name__ == "__main__":
+    main()

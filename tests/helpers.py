@@ -1,0 +1,65 @@
+"""Small builders shared by tests (no fixtures: importable from spawned processes too)."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from train import assets
+from train.data import Source, collate, read_source
+from train.dist import TorchEngine, World
+from train.gradcache import make_pairing
+from train.losses import contrastive_loss
+from train.model import load_encoder, pad
+from train.optim import param_groups
+
+LOSS = functools.partial(contrastive_loss, temperature=0.05, symmetric=True)
+
+
+def tiny_encoder():
+    """The tiny BERT as the distributed worker builds it (mean pooling, 32 tokens), dropout off."""
+    return load_encoder(str(assets.path("tiny-bert")), pooling="mean", max_length=32).eval()
+
+
+def reference_grads(encoder, batch, chunks=None):
+    """Full-batch gradient by plain autograd on one process: every chunk's graph kept, one
+    backward. Independent of contrastive_step and of torch.distributed."""
+    seqs = batch.query_ids + batch.passage_ids
+    chunks = chunks or [list(range(len(seqs)))]
+    encoder.zero_grad(set_to_none=True)
+    parts = [encoder(*pad([seqs[i] for i in c], encoder.pad_id)) for c in chunks]
+    emb = torch.empty((len(seqs), parts[0].shape[1]))
+    emb = emb.index_put((torch.tensor([i for c in chunks for i in c]),), torch.cat(parts))
+    b = len(batch)
+    loss = LOSS(make_pairing(emb[:b], emb[b:], batch, mask_duplicates=True))
+    loss.backward()
+    return float(loss.detach()), grads(encoder)
+
+
+def snli_source(n: int = 64, negatives: bool = True) -> Source:
+    name = "train_triples.jsonl" if negatives else "train_pairs.jsonl"
+    return read_source("snli", str(assets.path("snli") / name), limit=n)
+
+
+def snli_batch(encoder, rows: range, source: Source | None = None):
+    source = source or snli_source(max(rows) + 1)
+    return collate([source], [(0, r) for r in rows], encoder.tokenize)
+
+
+def plain_engine(encoder, lr: float = 1e-3) -> TorchEngine:
+    return TorchEngine(encoder, World(), lambda m: torch.optim.SGD(param_groups(m, 0.0), lr=lr),
+                       lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), None, False)
+
+
+def grads(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.detach().clone() for n, p in module.named_parameters() if p.grad is not None}
+
+
+def max_rel_diff(a: dict, b: dict) -> float:
+    """Largest per-tensor max|a - b| / max|b|. Tensors whose true gradient is 0 (attention key
+    biases: softmax ignores them) hold only rounding noise, so the denominator has a floor of
+    1e-4 times the largest gradient entry of the whole model."""
+    assert a.keys() == b.keys() and a, (sorted(a)[:3], sorted(b)[:3])
+    floor = 1e-4 * max(float(v.abs().max()) for v in b.values())
+    return max(float((a[k] - b[k]).abs().max() / max(float(b[k].abs().max()), floor)) for k in a)

@@ -1,0 +1,139 @@
+"""Reading sources (formats, shapes, errors naming file:line), the mixture, the collator."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from train.data import Mixture, Source, collate, read_source, shard, text_hash
+from train.errors import UserError
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_shapes_detected_from_the_first_record(tmp_path):
+    pairs = read_source("p", write_jsonl(tmp_path / "p.jsonl", [{"query": "q1", "pos": "d1"}] * 3))
+    assert pairs.positives == ["d1"] * 3 and pairs.num_negatives == 0
+    triples = read_source("t", write_jsonl(tmp_path / "t.jsonl", [
+        {"anchor": "a", "positive": "p", "negatives": ["n1", "n2"], "scores": [0.9, 0.1, 0.2]}]))
+    assert triples.negatives == [["n1", "n2"]] and triples.scores == [[0.9, 0.1, 0.2]]
+    numbered = read_source("n", write_jsonl(tmp_path / "n.jsonl", [
+        {"anchor": "a", "positive": "p", "negative_2": "second", "negative_1": "first"}]))
+    assert numbered.negatives == [["first", "second"]]
+    single = read_source("s", write_jsonl(tmp_path / "s.jsonl", [{"text": "only one"}]))
+    assert single.positives is None and "positive = the text itself" in single.describe()
+
+
+def test_csv_and_parquet(tmp_path):
+    (tmp_path / "d.csv").write_text("sentence1,sentence2,negative\nA cat.,A pet.,A car.\nB,C,D\n")
+    src = read_source("c", str(tmp_path / "d.csv"))
+    assert src.anchors == ["A cat.", "B"] and src.negatives == [["A car."], ["D"]]
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"query": ["x", "y"], "positive": ["px", "py"]}), tmp_path / "d.parquet")
+    assert read_source("pq", str(tmp_path / "d.parquet")).positives == ["px", "py"]
+
+
+def test_num_negatives_and_field_mapping(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"q": "a", "d": "b", "hn": ["c", "d", "e"]}])
+    src = read_source("m", path, fields={"anchor": "q", "positive": "d", "negatives": "hn"}, num_negatives=2)
+    assert src.negatives == [["c", "d"]]
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"anchor": "a", "positive": "b"}\n{"anchor": "a", "positive": \n', "d.jsonl:2: invalid JSON"),
+    ('{"anchor": "a", "positive": "b"}\n{"anchor": "c"}\n', 'd.jsonl:2: missing field "positive"'),
+    ('{"anchor": "a", "positive": ""}\n', 'd.jsonl:1: field "positive" is empty'),
+    ('{"anchor": "a", "positive": 3}\n', 'd.jsonl:1: field "positive" must be text'),
+    ('{"anchor": "a", "positive": "b", "negatives": ["c"]}\n{"anchor": "a", "positive": "b", "negatives": []}\n',
+     "d.jsonl:2: 0 negatives where the first record has 1"),
+    ('{"title": "x"}\n', "d.jsonl:1: no anchor text"),
+    ("\n\n", "the dataset is empty"),
+])
+def test_bad_records_name_file_and_line(tmp_path, content, message):
+    (tmp_path / "d.jsonl").write_text(content)
+    with pytest.raises(UserError, match=message.replace("(", r"\(")):
+        read_source("d", str(tmp_path / "d.jsonl"))
+
+
+def test_missing_file_and_unknown_format(tmp_path):
+    with pytest.raises(UserError, match="nope.jsonl: no such data file"):
+        read_source("d", str(tmp_path / "nope.jsonl"))
+    (tmp_path / "x.txt").write_text("hello")
+    with pytest.raises(UserError, match="unknown data format '.txt'"):
+        read_source("d", str(tmp_path / "x.txt"))
+
+
+def test_hub_name_offline_is_one_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match="could not be loaded from the Hugging Face Hub"):
+        read_source("hub", "sentence-transformers/all-nli")
+
+
+def test_mixture_is_deterministic_resumable_and_covers_each_epoch():
+    def make():
+        return Mixture(sizes=[10, 30], weights=[None, None], homogeneous=[False, False], batch_size=8, seed=3)
+
+    a, b = make(), make()
+    stream = [a.next_batch() for _ in range(20)]
+    assert stream == [b.next_batch() for _ in range(20)]
+    c = make()
+    for _ in range(7):
+        c.next_batch()
+    state = c.state_dict()
+    d = make()
+    d.load_state_dict(state)
+    assert [d.next_batch() for _ in range(13)] == stream[7:]
+    # Each source is walked in a permutation: the first pass over source 0 repeats no row.
+    seen = [r for batch in stream for s, r in batch if s == 0][:10]
+    assert sorted(seen) == list(range(10))
+
+
+def test_mixture_probabilities_follow_size_and_temperature():
+    m = Mixture(sizes=[100, 900], weights=[None, None], homogeneous=[False, False], batch_size=1000, seed=0)
+    counts = Counter(s for s, _ in m.next_batch())
+    assert 40 < counts[0] < 160  # about 10%
+    flat = Mixture(sizes=[100, 900], weights=[None, None], homogeneous=[False, False], batch_size=10, seed=0,
+                   temperature=1e6)
+    assert np.allclose(flat.p, [0.5, 0.5], atol=1e-3)
+    weighted = Mixture(sizes=[100, 900], weights=[3.0, 1.0], homogeneous=[False, False], batch_size=10, seed=0)
+    assert np.allclose(weighted.p, [0.75, 0.25])
+
+
+def test_homogeneous_sources_fill_whole_batches():
+    m = Mixture(sizes=[50, 50, 50], weights=[None, None, None], homogeneous=[True, True, False], batch_size=16,
+                seed=1)
+    for _ in range(30):
+        sources = {s for s, _ in m.next_batch()}
+        assert sources in ({0}, {1}, {2})
+
+
+def test_batch_larger_than_the_data_is_refused():
+    with pytest.raises(UserError, match="trainer.batch_size=64 is larger than the 40 examples of source small"):
+        Mixture(sizes=[40], weights=[None], homogeneous=[True], batch_size=64, names=["small"])
+
+
+def test_collate_layout_hashes_and_sharding():
+    src = Source("s", ["a0", "a1", "a2", "a3"], ["p0", "p1", "p2", "p3"], [["n0"], ["n1"], ["n2"], ["n3"]],
+                 [[1.0, 0.0]] * 4)
+
+    def tokenize(texts, side):
+        return [[len(t), ord(t[-1])] for t in texts]
+
+    picks = shard([(0, 0), (0, 1), (0, 2), (0, 3)], rank=1, world=2)
+    assert picks == [(0, 2), (0, 3)]
+    batch = collate([src], picks, tokenize)
+    assert batch.group == 2 and len(batch) == 2
+    assert batch.passage_hash.tolist() == [text_hash(t) for t in ["p2", "n2", "p3", "n3"]]
+    assert batch.teacher.shape == (2, 2)
+    single = Source("u", ["x", "y"], None, [], None)
+    b2 = collate([single], [(0, 0), (0, 1)], tokenize)
+    assert b2.group == 1 and b2.anchor_hash.tolist() == b2.passage_hash.tolist()

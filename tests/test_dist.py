@@ -1,0 +1,79 @@
+"""2 gloo ranks under torchrun vs the single-process full-batch gradient: DDP (uncached,
+cached, accumulated), FSDP2, DeepSpeed ZeRO 0-3; label alignment with hard negatives.
+
+Each launch runs several cases (imports cost 7-20 s per launch); the worker asserts that
+the world size really is 2 and writes rank 0's results for these tests to compare.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import max_rel_diff, reference_grads, snli_batch, snli_source, tiny_encoder
+
+WORKER = Path(__file__).parent / "dist_worker.py"
+TOL = 2e-5
+
+
+def torchrun(out: Path, *cases: str, timeout: int = 900) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(WORKER), str(out), *cases]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
+def reference(batch_size: int, accum: int = 1):
+    """Mean over accumulated batches of the single-process full-batch gradient."""
+    encoder = tiny_encoder()
+    source = snli_source(batch_size * accum)
+    losses, total = [], None
+    for micro in range(accum):
+        loss, g = reference_grads(encoder, snli_batch(encoder, range(micro * batch_size, (micro + 1) * batch_size),
+                                                      source))
+        losses.append(loss)
+        total = g if total is None else {k: total[k] + g[k] for k in g}
+    return losses, {k: v / accum for k, v in total.items()}
+
+
+@pytest.fixture(scope="module")
+def torch_runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("torch_strategies")
+    torchrun(out, "ddp_uncached:ddp:0:32:16:1", "ddp_cached:ddp:0:32:4:1", "ddp_accum:ddp:0:32:4:2",
+             "fsdp2_cached:fsdp2:0:32:4:1", "fsdp2_uncached:fsdp2:0:32:16:1")
+    return out
+
+
+@pytest.fixture(scope="module")
+def deepspeed_runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("deepspeed")
+    # The first DeepSpeed use on a machine compiles its CPU communication extension (1-2 min).
+    torchrun(out, "zero0:deepspeed:0:32:4:1", "zero1:deepspeed:1:32:4:1", "zero2:deepspeed:2:32:4:1",
+             "zero3:deepspeed:3:32:4:1", "zero2_accum:deepspeed:2:32:4:2", timeout=1200)
+    return out
+
+
+def check(result_file: Path, accum: int = 1) -> None:
+    result = torch.load(result_file)
+    assert result["world_size"] == 2
+    assert result["aligned"], "a query's label column did not hold its own positive"
+    ref_losses, ref = reference(32, accum)
+    assert result["losses"] == pytest.approx(ref_losses, abs=1e-5)
+    assert max_rel_diff(result["grads"], ref) < TOL
+
+
+@pytest.mark.parametrize("case, accum", [("ddp_uncached", 1), ("ddp_cached", 1), ("ddp_accum", 2),
+                                         ("fsdp2_cached", 1), ("fsdp2_uncached", 1)])
+def test_torch_strategies_match_the_full_batch(torch_runs, case, accum):
+    check(torch_runs / f"{case}.pt", accum)
+
+
+@pytest.mark.parametrize("case, accum", [("zero0", 1), ("zero1", 1), ("zero2", 1), ("zero3", 1),
+                                         ("zero2_accum", 2)])
+def test_deepspeed_matches_the_full_batch(deepspeed_runs, case, accum):
+    check(deepspeed_runs / f"{case}.pt", accum)

@@ -1,0 +1,91 @@
+"""Encoder: pooling by hand, save -> sentence-transformers / AutoModel load -> same embeddings."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from train.errors import UserError
+from train.model import encode, load_encoder, pad, pool, read_st_config
+
+
+def test_pooling_by_hand():
+    hidden = torch.arange(2 * 3 * 2, dtype=torch.float32).reshape(2, 3, 2)
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    assert torch.equal(pool(hidden, mask, "mean"), torch.tensor([[1.0, 2.0], [8.0, 9.0]]))
+    assert torch.equal(pool(hidden, mask, "cls"), hidden[:, 0])
+    assert torch.equal(pool(hidden, mask, "last"), torch.stack([hidden[0, 1], hidden[1, 2]]))
+    left = torch.tensor([[0, 1, 1], [1, 1, 1]])  # left padding: the last token is still the last column
+    assert torch.equal(pool(hidden, left, "last"), hidden[:, 2])
+
+
+def test_pad_left_and_right():
+    ids, mask = pad([[5, 6], [7]], pad_id=0)
+    assert ids.tolist() == [[5, 6], [7, 0]] and mask.tolist() == [[1, 1], [1, 0]]
+    ids, mask = pad([[5, 6], [7]], pad_id=0, left=True)
+    assert ids.tolist() == [[5, 6], [0, 7]] and mask.tolist() == [[1, 1], [0, 1]]
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls", "last"])
+def test_saved_model_loads_everywhere_with_the_same_embeddings(tiny_encoder_factory, tmp_path, pooling):
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoModel
+
+    encoder = tiny_encoder_factory(pooling=pooling).eval()
+    encoder.spec.prompts = {"query": "query: ", "passage": "passage: "}
+    texts = ["A man plays a guitar.", "Two dogs run through the snow after a red ball."]
+    ours_q = encode(encoder, encoder, texts, "query")
+    ours_p = encode(encoder, encoder, texts, "passage")
+    folder = encoder.save(tmp_path / "model")
+
+    st = SentenceTransformer(str(folder), device="cpu")
+    assert torch.allclose(st.encode_query(texts, convert_to_tensor=True), ours_q, atol=1e-5)
+    assert torch.allclose(st.encode(texts, prompt_name="passage", convert_to_tensor=True), ours_p, atol=1e-5)
+    assert AutoModel.from_pretrained(folder).config.hidden_size == encoder.dim
+
+    again = load_encoder(str(folder)).eval()
+    assert again.spec == encoder.spec  # pooling, normalisation, length and prompts travel with it
+    assert torch.allclose(encode(again, again, texts, "query"), ours_q, atol=1e-6)
+
+
+def test_explicit_config_overrides_the_folder(tiny_encoder_factory, tmp_path):
+    folder = tiny_encoder_factory(pooling="cls").save(tmp_path / "m")
+    assert read_st_config(folder)["pooling"] == "cls"
+    assert load_encoder(str(folder), pooling="mean", prompts={}).spec.pooling == "mean"
+
+
+def test_save_is_atomic_and_replaces_only_when_complete(tiny_encoder_factory, tmp_path, monkeypatch):
+    encoder = tiny_encoder_factory()
+    out = encoder.save(tmp_path / "model")
+    before = (out / "model.safetensors").read_bytes()
+
+    def crash(*a, **k):
+        raise KeyboardInterrupt  # interrupted mid-write
+
+    monkeypatch.setattr(type(encoder.tokenizer), "save_pretrained", crash)
+    with torch.no_grad():
+        next(encoder.parameters()).add_(1.0)
+    with pytest.raises(KeyboardInterrupt):
+        encoder.save(tmp_path / "model")
+    assert (out / "model.safetensors").read_bytes() == before  # the old model is intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no half-written folder left
+
+
+def test_unknown_local_path_and_offline_hub_name(monkeypatch):
+    with pytest.raises(UserError, match="no such model folder"):
+        load_encoder("./does/not/exist")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match="not a local folder, and the Hugging Face Hub could not provide it"):
+        load_encoder("some-org/some-model-that-is-not-cached")
+
+
+def test_st_config_written_in_the_long_standing_layout(tiny_encoder_factory, tmp_path):
+    folder = tiny_encoder_factory(pooling="last").save(tmp_path / "m")
+    modules = json.loads((folder / "modules.json").read_text())
+    assert [m["type"] for m in modules] == ["sentence_transformers.models.Transformer",
+                                            "sentence_transformers.models.Pooling",
+                                            "sentence_transformers.models.Normalize"]
+    pooling = json.loads((folder / "1_Pooling" / "config.json").read_text())
+    assert pooling["pooling_mode_lasttoken"] and not pooling["pooling_mode_mean_tokens"]

@@ -1,0 +1,158 @@
+"""Typed schemas of the config tree, and their registration with Hydra.
+
+Every group file under conf/ and every recipe is merged onto these dataclasses, so a
+misspelt key (`trainer.max_stpes=5`) or a wrong type (`trainer.batch_size=abc`) fails
+at compose time with the key named. Plain values only; `_target_` appears where a
+torch class is built (the optimizer).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from omegaconf import MISSING, OmegaConf
+
+ROOT = Path(__file__).resolve().parent.parent
+CONF_DIR = ROOT / "conf"
+RECIPES_DIR = ROOT / "recipes"
+
+
+@dataclass
+class ModelConfig:
+    path: str = MISSING  # local folder or Hugging Face Hub name
+    pooling: Optional[str] = None  # mean | cls | last; None: what the model folder says, else mean
+    normalize: Optional[bool] = None  # L2-normalise embeddings; None: the folder's choice, else true
+    max_length: Optional[int] = None  # tokens per text; None: the folder's, else 128
+    prompts: Optional[Dict[str, str]] = None  # {query: "query: ", passage: "passage: "}; None: the folder's
+    dtype: str = "float32"  # weights: float32 | bfloat16 | float16
+    attn_implementation: Optional[str] = None  # sdpa | eager | flash_attention_2; None: transformers' default
+
+
+@dataclass
+class SourceConfig:
+    path: str = MISSING  # local .jsonl/.json/.csv/.tsv/.parquet, or a hub dataset name
+    subset: Optional[str] = None  # hub dataset configuration
+    split: str = "train"
+    fields: Dict[str, str] = field(default_factory=dict)  # role -> column: anchor, positive, negatives, scores
+    weight: Optional[float] = None  # sampling weight; None: the number of examples
+    homogeneous: bool = False  # every batch drawn from this source alone
+    num_negatives: Optional[int] = None  # hard negatives per example; None: as many as the data has
+    limit: Optional[int] = None  # read at most this many records
+
+
+@dataclass
+class DataConfig:
+    path: Optional[str] = None  # one file or hub name; replaces `sources` when set
+    sources: Dict[str, SourceConfig] = field(default_factory=dict)
+    temperature: float = 1.0  # source sampling: p_i ~ size_i ** (1 / temperature)
+    mask_duplicates: bool = True  # drop in-batch candidates that are copies of a positive
+    limit: Optional[int] = None  # with `path`: read at most this many records
+
+
+@dataclass
+class LossConfig:
+    temperature: float = 0.05  # SimCSE (arXiv 2104.08552): 0.05
+    symmetric: bool = False  # add the passage -> query direction
+
+
+@dataclass
+class OptimConfig:
+    _target_: str = "torch.optim.AdamW"
+    lr: float = 2e-5
+    weight_decay: float = 0.01  # not applied to biases and norm weights
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 100
+    batch_size: int = 64  # the global contrastive batch: queries per step over all ranks
+    chunk_size: Optional[int] = None  # examples per forward pass on a rank; None: the whole local batch
+    accum_steps: int = 1  # contrastive batches whose gradients are summed per optimizer step
+    group_by_length: bool = True  # chunks of similar-length texts, each padded to its own longest
+    schedule: str = "linear"  # linear | cosine | constant (after warmup)
+    warmup_ratio: float = 0.1
+    max_grad_norm: Optional[float] = 1.0
+    precision: str = "auto"  # auto (bf16 autocast on a CUDA device that has it) | bf16 | fp32
+    log_every: int = 10
+    progress: bool = True  # a progress bar on rank 0 when stderr is a terminal
+    device: str = "auto"  # auto | cpu | cuda
+
+
+@dataclass
+class EvalTaskConfig:
+    kind: str = MISSING  # sts | retrieval
+    path: str = MISSING  # sts: a JSONL file; retrieval: a folder with corpus/queries/qrels.jsonl
+    limit: Optional[int] = None
+    side: Optional[str] = "query"  # sts: the prompt side both sentences get
+
+
+@dataclass
+class EvalConfig:
+    tasks: Dict[str, EvalTaskConfig] = field(default_factory=dict)
+    before: bool = True  # evaluate the starting model too, for a before/after table
+    every_steps: int = 0  # also evaluate every N steps; 0: before and after only
+    batch_size: int = 256
+
+
+@dataclass
+class DistConfig:
+    strategy: str = "auto"  # auto (ddp when launched on several processes) | ddp | fsdp2 | deepspeed
+    zero_stage: int = 2  # deepspeed only
+    deepspeed_config: Optional[str] = None  # a JSON file merged over the generated config
+
+
+@dataclass
+class LogConfig:
+    wandb: bool = False
+    wandb_project: str = "train"
+    wandb_mode: str = "offline"  # offline | online | disabled
+
+
+@dataclass
+class Config:
+    job: str = "train"  # train | eval
+    seed: int = 42
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+def recipe_files() -> dict[str, Path]:
+    """recipes/*.yaml, plus any folder named in TRAIN_RECIPE_PATH (colon-separated)."""
+    import os
+
+    dirs = [RECIPES_DIR] + [Path(p) for p in os.environ.get("TRAIN_RECIPE_PATH", "").split(":") if p]
+    found: dict[str, Path] = {}
+    for d in dirs:
+        for f in sorted(d.glob("*.yaml")):
+            found.setdefault(f.stem, f)
+    return found
+
+
+def register() -> None:
+    """Register the schema, the recipes (as the `recipe` group) and the `asset` resolver."""
+    from hydra.core.config_store import ConfigStore
+
+    from train import assets
+
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=Config)
+    for name, path in recipe_files().items():
+        # recipes/ would otherwise be the group `recipes`; registering each file under
+        # `recipe` with package _global_ lets `recipe=NAME` override any block.
+        cs.store(group="recipe", name=name, node=OmegaConf.load(path), package="_global_")
+    if not OmegaConf.has_resolver("asset"):
+        OmegaConf.register_new_resolver("asset", lambda name: str(assets.path(name)), use_cache=True)
+
+
+def to_plain(cfg: Any) -> Any:
+    return OmegaConf.to_container(cfg, resolve=True)

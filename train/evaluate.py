@@ -1,0 +1,169 @@
+"""Evaluators: an STS-style task and a retrieval task, run on any `embed(texts, side)`.
+
+STS-style: pairs with a gold score; Spearman correlation of the cosine similarity.
+Retrieval: queries, a corpus and relevance judgements (BEIR layout as JSONL):
+nDCG@10, MRR@10, Recall@10 and Recall@100 from an exact, chunked top-k search.
+
+`embed` is built by the caller (the loop shards it across ranks), so the tasks know
+nothing of models or processes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from train.errors import UserError, at
+from train.retrieval import topk
+
+Embed = Callable[[list[str], str | None], torch.Tensor]
+
+
+def _read_jsonl(path: Path, required: tuple[str, ...], what: str) -> list[dict]:
+    if not path.is_file():
+        raise UserError(f"{path}: no such {what} file")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{at(path, line_no)}: invalid JSON ({e.msg})") from None
+            missing = [k for k in required if k not in row]
+            if missing:
+                raise UserError(f'{at(path, line_no)}: missing field "{missing[0]}" (a {what} record needs '
+                                f"{', '.join(required)})")
+            rows.append(row)
+    if not rows:
+        raise UserError(f"{path}: the {what} file is empty")
+    return rows
+
+
+def rankdata(x: np.ndarray) -> np.ndarray:
+    """Ranks with ties averaged (as scipy.stats.rankdata)."""
+    order = np.argsort(x, kind="mergesort")
+    ranks = np.empty(len(x), dtype=np.float64)
+    xs = x[order]
+    i = 0
+    while i < len(x):
+        j = i
+        while j + 1 < len(x) and xs[j + 1] == xs[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    ra, rb = rankdata(np.asarray(a, dtype=np.float64)), rankdata(np.asarray(b, dtype=np.float64))
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+class StsTask:
+    """Pairs with a similarity score (`sentence1`, `sentence2`, `score`)."""
+
+    def __init__(self, name: str, path: str, limit: int | None = None, side: str | None = "query"):
+        self.name, self.side = name, side
+        rows = _read_jsonl(Path(path), ("sentence1", "sentence2", "score"), "STS")[:limit]
+        self.s1 = [r["sentence1"] for r in rows]
+        self.s2 = [r["sentence2"] for r in rows]
+        self.gold = np.array([float(r["score"]) for r in rows])
+
+    def __call__(self, embed: Embed) -> dict[str, float]:
+        texts = list(dict.fromkeys(self.s1 + self.s2))  # each distinct sentence embedded once
+        index = {t: i for i, t in enumerate(texts)}
+        emb = F.normalize(embed(texts, self.side).float(), dim=-1)
+        a = emb[[index[t] for t in self.s1]]
+        b = emb[[index[t] for t in self.s2]]
+        cos = (a * b).sum(-1).numpy()
+        return {"spearman": spearman(cos, self.gold)}
+
+
+class RetrievalTask:
+    """A folder with corpus.jsonl (id, text), queries.jsonl (id, text), qrels.jsonl
+    (query_id, doc_id, score)."""
+
+    def __init__(self, name: str, path: str, limit: int | None = None, k_values=(10, 100)):
+        self.name, self.k_values = name, tuple(k_values)
+        folder = Path(path)
+        corpus = _read_jsonl(folder / "corpus.jsonl", ("id", "text"), "corpus")
+        queries = _read_jsonl(folder / "queries.jsonl", ("id", "text"), "queries")
+        qrels = _read_jsonl(folder / "qrels.jsonl", ("query_id", "doc_id"), "qrels")
+        self.doc_ids = [str(r["id"]) for r in corpus]
+        self.doc_texts = [r["text"] for r in corpus]
+        doc_index = {d: i for i, d in enumerate(self.doc_ids)}
+        self.rel: dict[str, dict[int, float]] = defaultdict(dict)
+        for r in qrels:
+            if str(r["doc_id"]) not in doc_index:
+                raise UserError(f"{folder / 'qrels.jsonl'}: doc_id {r['doc_id']!r} is not in corpus.jsonl")
+            if float(r.get("score", 1)) > 0:
+                self.rel[str(r["query_id"])][doc_index[str(r["doc_id"])]] = float(r.get("score", 1))
+        queries = [q for q in queries if str(q["id"]) in self.rel][:limit]
+        if not queries:
+            raise UserError(f"{folder}: no query has a relevant document in qrels.jsonl")
+        self.query_ids = [str(q["id"]) for q in queries]
+        self.query_texts = [q["text"] for q in queries]
+
+    def __call__(self, embed: Embed) -> dict[str, float]:
+        q = F.normalize(embed(self.query_texts, "query").float(), dim=-1)
+        d = F.normalize(embed(self.doc_texts, "passage").float(), dim=-1)
+        _, idx = topk(q, d, max(self.k_values + (10,)))
+        ndcg, mrr, recall = [], [], {k: [] for k in self.k_values}
+        for qi, qid in enumerate(self.query_ids):
+            rel = self.rel[qid]
+            ranked = idx[qi].tolist()
+            dcg = sum(rel.get(doc, 0.0) / math.log2(r + 2) for r, doc in enumerate(ranked[:10]))
+            ideal = sum(g / math.log2(r + 2) for r, g in enumerate(sorted(rel.values(), reverse=True)[:10]))
+            ndcg.append(dcg / ideal)
+            mrr.append(next((1.0 / (r + 1) for r, doc in enumerate(ranked[:10]) if doc in rel), 0.0))
+            for k in self.k_values:
+                recall[k].append(sum(1 for doc in ranked[:k] if doc in rel) / len(rel))
+        out = {"ndcg@10": float(np.mean(ndcg)), "mrr@10": float(np.mean(mrr))}
+        out.update({f"recall@{k}": float(np.mean(v)) for k, v in recall.items()})
+        return out
+
+
+KINDS = {"sts": StsTask, "retrieval": RetrievalTask}
+
+
+def build_tasks(tasks_cfg: dict) -> list:
+    tasks = []
+    for name, t in tasks_cfg.items():
+        if t.kind not in KINDS:
+            raise UserError(f"eval.tasks.{name}.kind={t.kind!r}: expected one of {', '.join(KINDS)}")
+        kwargs = {"limit": t.limit}
+        if t.kind == "sts":
+            kwargs["side"] = t.side
+        tasks.append(KINDS[t.kind](name, t.path, **kwargs))
+    return tasks
+
+
+def run_tasks(tasks: list, embed: Embed) -> dict[str, float]:
+    """Flat metrics: {"snli_sts/spearman": 0.81, "snli_ir/ndcg@10": 0.70, ...}."""
+    out: dict[str, float] = {}
+    for task in tasks:
+        for metric, value in task(embed).items():
+            out[f"{task.name}/{metric}"] = value
+    return out
+
+
+def side_by_side(before: dict[str, float] | None, after: dict[str, float]) -> str:
+    """A small table of metrics before and after training."""
+    width = max([len(k) for k in after] + [6])
+    if not before:
+        return "\n".join(f"{k:<{width}}  {v:.4f}" for k, v in after.items())
+    lines = [f"{'metric':<{width}}  before   after    change"]
+    for k, v in after.items():
+        b = before.get(k)
+        row = f"{b:.4f}   {v:.4f}   {v - b:+.4f}" if b is not None else f"-        {v:.4f}"
+        lines.append(f"{k:<{width}}  {row}")
+    return "\n".join(lines)

@@ -1,0 +1,132 @@
+"""One contrastive batch through the model: forward, loss, backward, gradient-cached when
+the batch does not fit.
+
+GradCache (Gao et al., arXiv 2101.06983) makes the contrastive batch independent of
+memory. With b examples on this rank and chunks of c examples:
+
+  1. no-grad forward of each chunk, saving the RNG state first so that dropout can be
+     replayed exactly (SimCSE's only augmentation *is* dropout, arXiv 2104.08552);
+  2. the loss on the detached embeddings, gathered from all ranks; its backward fills
+     only the embedding gradients  d loss / d emb  [b*(2+n), D];
+  3. per chunk: restore the RNG, forward with grad, backward <emb_chunk, cached grad>,
+     whose parameter gradient is exactly the chunk's share of d loss / d theta.
+     Every backward but the step's last runs with gradient reduction off, so the
+     parameters' gradients are reduced once per optimizer step.
+
+Chunks group texts of similar length, each padded only to its own longest text: the
+loss does not depend on the order of texts, and padding is most of the cost on short
+texts. With c >= b there is one chunk and no caching: one forward, loss, backward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from train import dist
+from train.data import Batch
+from train.losses import Pairing, false_negative_masks
+from train.model import pad
+
+
+def plan_chunks(lengths: Sequence[int], per_chunk: int, by_length: bool = True) -> list[list[int]]:
+    """Split text indices into chunks of at most `per_chunk`; longest first when grouping by
+    length, so the chunk that needs the most memory runs first and an OOM shows at once."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i]) if by_length else list(range(len(lengths)))
+    return [order[i : i + per_chunk] for i in range(0, len(order), per_chunk)]
+
+
+def rng_state(device: torch.device):
+    return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+def set_rng_state(state, device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def make_pairing(q: torch.Tensor, p: torch.Tensor, batch: Batch, mask_duplicates: bool) -> Pairing:
+    """Local embeddings -> what the loss sees: all ranks' passages and queries, positive
+    columns, false-negative masks. q [b, D], p [b*(1+n), D]."""
+    b, dev = q.shape[0], q.device
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    q_all = dist.gather_with_grad(q)  # [W*b, D]
+    p_all = dist.gather_with_grad(p)  # [W*b*(1+n), D]
+    mask = q_mask = None
+    if mask_duplicates:
+        anchors = dist.gather(batch.anchor_hash.to(dev))  # [W*b]
+        passages = dist.gather(batch.passage_hash.to(dev))  # [W*b*(1+n)]
+        mask, q_mask = false_negative_masks(anchors, passages, rank * b, b, batch.group)
+    teacher = batch.teacher.to(dev) if batch.teacher is not None else None
+    return Pairing(q=q, q_all=q_all, p_all=p_all, row0=rank * b, group=batch.group, mask=mask,
+                   q_mask=q_mask, teacher=teacher)
+
+
+@dataclass
+class StepStats:
+    loss: float
+    chunks: int
+    texts: int
+    padded_tokens: int  # tokens the model processed per forward pass (padding included)
+    real_tokens: int
+
+
+def contrastive_step(engine, batch: Batch, loss_fn: Callable[[Pairing], torch.Tensor], chunk_size: int,
+                     group_by_length: bool = True, mask_duplicates: bool = True, scale: float = 1.0,
+                     reduce: bool = True) -> StepStats:
+    """Forward, loss and backward of one contrastive batch on this rank.
+
+    chunk_size: examples per forward pass (each example brings 1 query + group passages).
+    scale: multiplies the loss (1 / accumulated batches).  reduce: whether this batch's
+    final backward reduces gradients across ranks (the optimizer step's last batch).
+    """
+    seqs = batch.query_ids + batch.passage_ids
+    b = len(batch)
+    per_chunk = chunk_size * (1 + batch.group)
+    chunks = plan_chunks([len(s) for s in seqs], per_chunk, group_by_length)
+    dev = engine.world.device
+    padded = [pad([seqs[i] for i in c], engine.encoder.pad_id, engine.encoder.left_pad) for c in chunks]
+    stats = StepStats(0.0, len(chunks), len(seqs), sum(ids.numel() for ids, _ in padded),
+                      sum(len(s) for s in seqs))
+
+    def sync(last: bool):
+        return contextlib.nullcontext() if (reduce and last) else engine.no_sync()
+
+    if len(chunks) == 1:  # the batch fits: no caching
+        with sync(True):
+            out = engine.forward(*padded[0])  # [b*(2+n), D] in chunk order
+            emb = out[torch.argsort(torch.as_tensor(chunks[0], device=out.device))]  # text order
+            loss = loss_fn(make_pairing(emb[:b], emb[b:], batch, mask_duplicates))
+            engine.backward(loss * scale)
+        stats.loss = float(loss.detach())
+        return stats
+
+    # 1. no-grad pass, remembering the RNG state in front of every chunk
+    states, parts = [], []
+    with torch.no_grad():
+        for ids, mask in padded:
+            states.append(rng_state(dev))
+            parts.append(engine.forward(ids, mask))  # [c*(2+n), D]
+    after = rng_state(dev)
+    emb = torch.empty((len(seqs), parts[0].shape[1]), device=parts[0].device)
+    emb[torch.as_tensor([i for c in chunks for i in c], device=emb.device)] = torch.cat(parts)
+    emb.requires_grad_(True)
+
+    # 2. loss on cached embeddings: the backward stops at emb (no parameter in this graph)
+    loss = loss_fn(make_pairing(emb[:b], emb[b:], batch, mask_duplicates))
+    (loss * scale).backward()
+    grad = emb.grad  # [b*(2+n), D]
+
+    # 3. replay each chunk with its RNG and push the cached gradient into the parameters
+    for k, (c, (ids, mask)) in enumerate(zip(chunks, padded)):
+        set_rng_state(states[k], dev)
+        with sync(k == len(chunks) - 1):
+            out = engine.forward(ids, mask)
+            engine.backward((out * grad[torch.as_tensor(c, device=grad.device)]).sum())
+    set_rng_state(after, dev)
+    stats.loss = float(loss.detach())
+    return stats

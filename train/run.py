@@ -1,0 +1,164 @@
+"""The composition root: the one place that turns config into objects, then runs a job.
+
+    cfg --> checks that need no model (batch vs world, chunk vs batch)
+        --> encoder, data sources + mixture, evaluators, loss
+        --> engine (strategy wrap + optimizer + schedule) --> trainer.fit
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from hydra.utils import get_class
+from omegaconf import DictConfig, OmegaConf
+
+from train import dist
+from train.data import Mixture, read_source
+from train.errors import UserError
+from train.evaluate import build_tasks, run_tasks, side_by_side
+from train.log import Logger, say
+from train.losses import contrastive_loss
+from train.model import freeze_unused, load_encoder
+from train.optim import param_groups, schedule
+from train.trainer import FitConfig, fit, make_embed
+
+JOBS = ("train", "eval")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def use_bf16(precision: str, world: dist.World) -> bool:
+    if precision not in ("auto", "bf16", "fp32"):
+        raise UserError(f"trainer.precision={precision!r}: expected auto, bf16 or fp32")
+    if precision == "fp32":
+        return False
+    cuda_bf16 = world.device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if precision == "bf16" and world.device.type == "cuda" and not cuda_bf16:
+        raise UserError("trainer.precision=bf16, but this CUDA device has no bfloat16 support")
+    return cuda_bf16 or precision == "bf16"
+
+
+def build_encoder(cfg: DictConfig):
+    m = cfg.model
+    return load_encoder(m.path, pooling=m.pooling, normalize=m.normalize, max_length=m.max_length,
+                        prompts=OmegaConf.to_container(m.prompts) if m.prompts is not None else None,
+                        dtype=m.dtype, attn_implementation=m.attn_implementation)
+
+
+def build_optimizer(optim: DictConfig, module: torch.nn.Module) -> torch.optim.Optimizer:
+    """`optim._target_` (a torch optimizer class) over decay / no-decay parameter groups."""
+    kwargs = OmegaConf.to_container(optim)
+    cls = get_class(kwargs.pop("_target_"))
+    if "betas" in kwargs:
+        kwargs["betas"] = tuple(kwargs["betas"])
+    return cls(param_groups(module, kwargs["weight_decay"]), **kwargs)
+
+
+def build_sources(cfg: DictConfig) -> tuple[list, list]:
+    """(sources, their configs). `data.path` stands for a single source and replaces `data.sources`."""
+    d = cfg.data
+    if d.path:
+        specs = {"main": OmegaConf.structured({"path": d.path, "limit": d.limit})}
+    else:
+        specs = dict(d.sources)
+    if not specs:
+        raise UserError("no training data: set data.path=FILE or choose a data config with sources (data=...)")
+    sources = []
+    for name, s in specs.items():
+        sources.append(read_source(name, s.path, fields=dict(s.get("fields") or {}),
+                                   num_negatives=s.get("num_negatives"), limit=s.get("limit"),
+                                   subset=s.get("subset"), split=s.get("split", "train")))
+    return sources, list(specs.values())
+
+
+def check_batch(cfg: DictConfig, world_size: int) -> tuple[int, int]:
+    """(examples per rank, examples per forward): refuse impossible combinations up front."""
+    t = cfg.trainer
+    for key in ("max_steps", "batch_size", "accum_steps", "log_every"):
+        if t[key] < 1:
+            raise UserError(f"trainer.{key}={t[key]}: expected a positive integer")
+    if t.batch_size % world_size:
+        raise UserError(f"trainer.batch_size={t.batch_size} is not divisible by the world size {world_size}: "
+                        "the global batch is split evenly over the ranks")
+    per_rank = t.batch_size // world_size
+    chunk = t.chunk_size if t.chunk_size is not None else per_rank
+    if chunk < 1 or chunk > per_rank:
+        raise UserError(f"trainer.chunk_size={chunk} must be between 1 and the per-rank batch {per_rank} "
+                        f"(trainer.batch_size={t.batch_size} over {world_size} ranks)")
+    return per_rank, chunk
+
+
+def train_job(cfg: DictConfig, world: dist.World, run_dir: Path) -> dict:
+    per_rank, chunk = check_batch(cfg, world.size)
+    say(f"world size {world.size} (rank {world.rank}, device {world.device}), strategy {cfg.dist.strategy}, "
+        f"global batch {cfg.trainer.batch_size} = {world.size} x {per_rank}, "
+        f"chunk {chunk}{' (no caching)' if chunk == per_rank else ' (gradient cache)'}")
+
+    encoder = build_encoder(cfg)
+    frozen = freeze_unused(encoder)
+    if frozen and world.is_main:
+        say(f"froze {len(frozen)} parameters the embedding never uses ({', '.join(frozen[:3])}"
+            f"{', ...' if len(frozen) > 3 else ''})")
+    sources, specs = build_sources(cfg)
+    for s in sources:
+        if world.is_main:
+            say(s.describe())
+    mixture = Mixture(sizes=[len(s) for s in sources], weights=[s.get("weight") for s in specs],
+                      homogeneous=[bool(s.get("homogeneous", False)) for s in specs],
+                      batch_size=cfg.trainer.batch_size, seed=cfg.seed, temperature=cfg.data.temperature,
+                      names=[s.name for s in sources])
+    tasks = build_tasks(cfg.eval.tasks)
+    loss_fn = functools.partial(contrastive_loss, **OmegaConf.to_container(cfg.loss))
+
+    t = cfg.trainer
+    bf16 = use_bf16(t.precision, world)
+    engine = dist.wrap(
+        encoder, world, cfg.dist.strategy,
+        make_optimizer=lambda module: build_optimizer(cfg.optim, module),
+        make_scheduler=lambda opt: schedule(opt, t.max_steps, t.warmup_ratio, t.schedule),
+        max_grad_norm=t.max_grad_norm, bf16=bf16, per_rank_batch=per_rank * t.accum_steps,
+        zero_stage=cfg.dist.zero_stage, deepspeed_config_file=cfg.dist.deepspeed_config)
+    logger = Logger(run_dir, world.is_main, t.max_steps, config=OmegaConf.to_container(cfg, resolve=True),
+                    wandb=cfg.log.wandb, wandb_project=cfg.log.wandb_project, wandb_mode=cfg.log.wandb_mode,
+                    progress=t.progress)
+    try:
+        return fit(engine, mixture, sources, loss_fn, tasks, logger, FitConfig(
+            max_steps=t.max_steps, chunk_size=chunk, accum_steps=t.accum_steps, group_by_length=t.group_by_length,
+            mask_duplicates=cfg.data.mask_duplicates, log_every=t.log_every, eval_before=cfg.eval.before,
+            eval_every=cfg.eval.every_steps, eval_batch_size=cfg.eval.batch_size), run_dir)
+    finally:
+        logger.close()
+
+
+def eval_job(cfg: DictConfig, world: dist.World, run_dir: Path) -> dict:
+    tasks = build_tasks(cfg.eval.tasks)
+    if not tasks:
+        raise UserError("recipe=eval has no tasks: choose an eval config (eval=snli) or set eval.tasks")
+    encoder = build_encoder(cfg).to(world.device).eval()
+    say(f"world size {world.size}: evaluating {cfg.model.path}")
+    metrics = run_tasks(tasks, make_embed(encoder, encoder, world, cfg.eval.batch_size))
+    if world.is_main:
+        print(side_by_side(None, metrics))
+        (run_dir / "eval.json").write_text(json.dumps({"model": cfg.model.path, "metrics": metrics}, indent=2) + "\n")
+    return {"after": metrics}
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict:
+    if cfg.job not in JOBS:
+        raise UserError(f"job={cfg.job!r}: expected one of {', '.join(JOBS)}")
+    world = dist.init_world(cfg.trainer.device)
+    seed_everything(cfg.seed + world.rank)  # dropout differs per rank; data order comes from cfg.seed alone
+    if world.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    return (train_job if cfg.job == "train" else eval_job)(cfg, world, run_dir)
+

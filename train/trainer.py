@@ -1,0 +1,153 @@
+"""The training loop: read it top to bottom.
+
+    evaluate the starting model
+    for each optimizer step:
+        for each accumulated contrastive batch:
+            draw the global batch, keep this rank's slice, tokenize
+            forward + loss + backward (gradient-cached when chunk < batch)   gradcache.py
+        clip, step, schedule, zero grad                                      dist.py engine
+        log; evaluate every N steps
+    evaluate again, print before/after side by side, save the model
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from train import dist
+from train.data import Mixture, Source, collate, shard
+from train.evaluate import run_tasks, side_by_side
+from train.gradcache import contrastive_step
+from train.log import Logger
+from train.model import Encoder, pad
+
+
+def make_embed(forward: Callable, encoder: Encoder, world: dist.World, batch_size: int):
+    """An `embed(texts, side) -> [N, D]` for one round of evaluation, its work shared by all ranks.
+
+    Texts are sorted by length and dealt round-robin, so every rank gets similar lengths
+    and the same number of batches (sharded models need every rank in every forward).
+    Embeddings are kept for the round: tasks built from one test set share most texts
+    (SNLI's STS pairs and retrieval corpus are the same sentences), and each is embedded once.
+    """
+    cache: dict[tuple[str, str], torch.Tensor] = {}
+
+    @torch.no_grad()
+    def embed_new(texts: list[str], side: str | None) -> torch.Tensor:
+        ids = encoder.tokenize(texts, side)
+        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+        per = math.ceil(len(ids) / world.size)
+        mine = order[world.rank :: world.size]
+        mine += mine[-1:] * (per - len(mine))  # equal shares: repeat the last text
+        local = [forward(*pad([ids[i] for i in mine[s : s + batch_size]], encoder.pad_id, encoder.left_pad))
+                 for s in range(0, per, batch_size)]
+        gathered = dist.gather(torch.cat(local).float().to(world.device)).cpu()  # [W*per, D]
+        out = torch.empty((len(ids), gathered.shape[1]))
+        for r in range(world.size):
+            idx = order[r :: world.size]
+            out[idx] = gathered[r * per : r * per + len(idx)]
+        return out
+
+    def embed(texts: Sequence[str], side: str | None) -> torch.Tensor:
+        prompt = encoder.spec.prompts.get(side, "") if side else ""
+        new = list(dict.fromkeys(t for t in texts if (prompt, t) not in cache))
+        if new:
+            for t, e in zip(new, embed_new(new, side)):
+                cache[(prompt, t)] = e
+        return torch.stack([cache[(prompt, t)] for t in texts]) if texts else torch.empty((0, encoder.dim))
+
+    return embed
+
+
+def evaluate(engine, tasks: list, batch_size: int) -> dict[str, float]:
+    engine.module.eval()
+    try:
+        return run_tasks(tasks, make_embed(engine.forward, engine.encoder, engine.world, batch_size))
+    finally:
+        engine.module.train()
+
+
+@dataclass
+class FitConfig:
+    """What the loop needs from the trainer/eval/data configs, as plain values."""
+
+    max_steps: int
+    chunk_size: int
+    accum_steps: int
+    group_by_length: bool
+    mask_duplicates: bool
+    log_every: int
+    eval_before: bool
+    eval_every: int
+    eval_batch_size: int
+
+
+def fit(engine, mixture: Mixture, sources: Sequence[Source], loss_fn: Callable, tasks: list, logger: Logger,
+        cfg: FitConfig, run_dir: Path) -> dict:
+    world = engine.world
+    tokenize = engine.encoder.tokenize
+
+    # --- the starting point -----------------------------------------------------------------------
+    before = evaluate(engine, tasks, cfg.eval_batch_size) if tasks and cfg.eval_before else None
+    if before:
+        logger.write({"step": 0, "eval": before})
+        logger.print("eval before training:\n" + side_by_side(None, before))
+
+    # --- train ------------------------------------------------------------------------------------
+    engine.module.train()
+    logger.start()
+    t_start = time.perf_counter()
+    for step in range(1, cfg.max_steps + 1):
+        t0 = time.perf_counter()
+        if hasattr(engine, "begin_step"):
+            engine.begin_step()
+        losses, padded, real, texts = [], 0, 0, 0
+        for micro in range(cfg.accum_steps):
+            picks = shard(mixture.next_batch(), world.rank, world.size)
+            batch = collate(sources, picks, tokenize)
+            stats = contrastive_step(engine, batch, loss_fn, cfg.chunk_size, cfg.group_by_length,
+                                     cfg.mask_duplicates, scale=1.0 / cfg.accum_steps,
+                                     reduce=micro == cfg.accum_steps - 1)
+            losses.append(stats.loss)
+            padded, real, texts = padded + stats.padded_tokens, real + stats.real_tokens, texts + stats.texts
+        lr = engine.lr  # the rate this step uses
+        grad_norm = engine.step()
+
+        # --- log ------------------------------------------------------------------------------------
+        show = step % cfg.log_every == 0 or step == cfg.max_steps
+        loss = dist.mean_over_ranks(sum(losses) / len(losses), world.device)  # every rank calls it
+        seconds = time.perf_counter() - t0
+        logger.train_step(step, {
+            "step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+            "examples_per_s": len(picks) * cfg.accum_steps * world.size / seconds,
+            "padded_tokens_per_text": padded / texts, "real_tokens_per_text": real / texts,
+            "chunks": stats.chunks, "seconds": seconds,
+        }, show)
+        if cfg.eval_every and tasks and step % cfg.eval_every == 0 and step != cfg.max_steps:
+            metrics = evaluate(engine, tasks, cfg.eval_batch_size)
+            logger.write({"step": step, "eval": metrics})
+            logger.print(f"eval at step {step}:\n" + side_by_side(before, metrics))
+    train_seconds = time.perf_counter() - t_start
+
+    # --- final evaluation and save ----------------------------------------------------------------
+    after = evaluate(engine, tasks, cfg.eval_batch_size) if tasks else {}
+    if after:
+        logger.write({"step": cfg.max_steps, "eval": after})
+        logger.print("eval after training:\n" + side_by_side(before, after))
+    state = engine.full_state_dict()  # collective for sharded strategies: every rank calls it
+    out = run_dir / "model"
+    if world.is_main:
+        engine.encoder.save(out, state_dict=state or None)
+        summary = {"before": before, "after": after, "train_seconds": train_seconds, "steps": cfg.max_steps,
+                   "world_size": world.size, "model": str(out)}
+        (run_dir / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
+        logger.print(f"model saved to {out}  (train {train_seconds / 60:.1f} min)")
+    dist.barrier()
+    return {"before": before, "after": after, "model": str(out)}
