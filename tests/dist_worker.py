@@ -74,6 +74,11 @@ def main() -> None:
     world = dist.init_world("cpu")
     assert world.size == EXPECTED_WORLD == torch.distributed.get_world_size(), world
     for case in cases:
+        if case == "crash_rank1":  # rank 1 dies while rank 0 waits in a collective
+            if world.rank == 1:
+                raise SystemExit("rank 1 fails on purpose")
+            dist.gather(torch.zeros(1))
+            continue
         label, strategy, zero, batch_size, chunk, accum = case.split(":")
         result = run_case(strategy, int(zero), world, int(batch_size), int(chunk), int(accum))
         if world.is_main:

@@ -110,3 +110,10 @@ def test_two_rank_runs_share_one_run_dir_and_save_a_loadable_model(tmp_path, dis
     assert [p.name for p in runs.iterdir()] == ["run"]
     assert len((runs / "run" / "metrics.jsonl").read_text().splitlines()) == 3 + 2  # rank 0 alone writes
     assert load_encoder(str(runs / "run" / "model")).dim == 32
+
+
+def test_a_batch_the_world_size_does_not_divide_is_refused_at_start(tmp_path):
+    out = train(*TINY, "trainer.batch_size=15", f"hydra.run.dir={tmp_path}", torchrun=2, timeout=300)
+    assert out.returncode != 0
+    assert "trainer.batch_size=15 is not divisible by the world size 2" in out.stderr
+    assert "Traceback" not in out.stderr.split("error:")[0]  # the ranks' own output: one line each

@@ -20,12 +20,14 @@ WORKER = Path(__file__).parent / "dist_worker.py"
 TOL = 2e-5
 
 
-def torchrun(out: Path, *cases: str, timeout: int = 900) -> None:
+def torchrun(out: Path, *cases: str, timeout: int = 900, ok: bool = True) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(WORKER), str(out), *cases]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    if ok:
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
 
 
 def reference(batch_size: int, accum: int = 1):
@@ -77,3 +79,27 @@ def test_torch_strategies_match_the_full_batch(torch_runs, case, accum):
                                          ("zero2_accum", 2)])
 def test_deepspeed_matches_the_full_batch(deepspeed_runs, case, accum):
     check(deepspeed_runs / f"{case}.pt", accum)
+
+
+def test_a_crashed_rank_does_not_leave_the_other_hanging(tmp_path):
+    """Rank 1 exits while rank 0 waits in a collective: the launch ends well inside the
+    timeout, non-zero, with the failed rank named."""
+    proc = torchrun(tmp_path, "crash_rank1", timeout=120, ok=False)
+    assert proc.returncode != 0
+    assert "rank 1 fails on purpose" in proc.stderr
+    assert "rank: 1" in proc.stderr or "local_rank: 1" in proc.stderr
+
+
+def test_deepspeed_config_that_contradicts_the_trainer_is_refused(tmp_path):
+    from train.dist import deepspeed_config
+    from train.errors import UserError
+
+    user = tmp_path / "ds.json"
+    user.write_text('{"train_micro_batch_size_per_gpu": 8, "zero_optimization": {"overlap_comm": true}}')
+    with pytest.raises(UserError, match="train_micro_batch_size_per_gpu=8 contradicts .* need "
+                                       "train_micro_batch_size_per_gpu=16"):
+        deepspeed_config(2, per_rank_batch=16, world_size=2, max_grad_norm=1.0, bf16=False, user_file=str(user))
+    user.write_text('{"train_batch_size": "auto", "zero_optimization": {"overlap_comm": true}}')
+    merged = deepspeed_config(2, per_rank_batch=16, world_size=2, max_grad_norm=1.0, bf16=False,
+                              user_file=str(user))
+    assert merged["train_batch_size"] == 32 and merged["zero_optimization"] == {"stage": 2, "overlap_comm": True}

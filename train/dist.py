@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import sys
 from dataclasses import dataclass
 from typing import Callable
 
@@ -255,16 +256,23 @@ class DeepSpeedEngine:
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False)
         self.module = self.engine
         self.stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
-        self._block = None
+        self._block, self._coalesce = None, True
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.engine(ids.to(self.world.device), mask.to(self.world.device)).float()
 
     def begin_step(self) -> None:
         """Open the block in which every backward of this optimizer step accumulates locally."""
-        if self.stage >= 1:
-            self._block = self.engine.coalesce_grad_reduction()
-            self._block.__enter__()
+        if self.stage >= 1 and self._coalesce:
+            block = self.engine.coalesce_grad_reduction()
+            try:
+                block.__enter__()
+            except NotImplementedError as e:  # some optimizer wrappers (bf16 on ZeRO 1) lack it
+                print(f"train: DeepSpeed cannot coalesce gradient reduction here ({e}); "
+                      "gradients are reduced after every chunk instead", file=sys.stderr)
+                self._coalesce = False
+                return
+            self._block = block
 
     def no_sync(self):
         return self.engine.no_sync() if self.stage == 0 else contextlib.nullcontext()
