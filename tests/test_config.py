@@ -30,7 +30,7 @@ def test_default_is_the_quickstart(compose):
 def test_command_line_beats_recipe_beats_base(compose):
     assert compose([]).trainer.max_steps == 120  # the recipe's value over trainer/default.yaml's 100
     assert compose(["trainer.max_steps=7"]).trainer.max_steps == 7
-    assert compose(["model=tiny_bert"]).model.max_length == 48  # the recipe sets it after the group
+    assert compose(["model=tiny_bert"]).model.max_length == 32  # the recipe sets it after the group
     assert compose(["model=tiny_bert", "model.max_length=16"]).model.max_length == 16
 
 
