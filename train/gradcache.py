@@ -21,14 +21,14 @@ texts. With c >= b there is one chunk and no caching: one forward, loss, backwar
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 import torch
 
 from train import dist
 from train.data import Batch
-from train.losses import Pairing, false_negative_masks
+from train.losses import Pairing
 from train.model import pad
 
 
@@ -51,19 +51,49 @@ def set_rng_state(state, device: torch.device) -> None:
 
 def make_pairing(q: torch.Tensor, p: torch.Tensor, batch: Batch, mask_duplicates: bool) -> Pairing:
     """Local embeddings -> what the loss sees: all ranks' passages and queries, positive
-    columns, false-negative masks. q [b, D], p [b*(1+n), D]."""
+    columns, text hashes for the false-negative masks. q [b, D], p [b*(1+n), D]."""
     b, dev = q.shape[0], q.device
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     q_all = dist.gather_with_grad(q)  # [W*b, D]
     p_all = dist.gather_with_grad(p)  # [W*b*(1+n), D]
-    mask = q_mask = None
+    anchors = passages = None
     if mask_duplicates:
         anchors = dist.gather(batch.anchor_hash.to(dev))  # [W*b]
         passages = dist.gather(batch.passage_hash.to(dev))  # [W*b*(1+n)]
-        mask, q_mask = false_negative_masks(anchors, passages, rank * b, b, batch.group)
     teacher = batch.teacher.to(dev) if batch.teacher is not None else None
-    return Pairing(q=q, q_all=q_all, p_all=p_all, row0=rank * b, group=batch.group, mask=mask,
-                   q_mask=q_mask, teacher=teacher)
+    return Pairing(q=q, q_all=q_all, p_all=p_all, row0=rank * b, group=batch.group, anchor_ids=anchors,
+                   passage_ids=passages, teacher=teacher)
+
+
+# Scores per block of query rows: 2**22 floats (16 MiB) for each [rows, W*b*(1+n)] matrix
+# the loss makes, instead of all b rows at once (at b = 4096 with one hard negative, one
+# such matrix would be 128 MiB, and cross-entropy keeps several).
+BLOCK_ELEMENTS = 2**22
+
+
+def loss_backward(loss_fn: Callable[[Pairing], torch.Tensor], pair: Pairing,
+                  scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss, and its backward into the embeddings, computed a block of query rows at a time.
+
+    Valid for any loss that is a mean over query rows (losses.py). Gradients w.r.t. the local
+    and gathered embeddings are accumulated on detached copies first, then pushed through the
+    gather (one collective) and into whatever produced the embeddings with one surrogate
+    backward, which is returned for the caller to run (through the engine when the model's
+    graph is attached). Returns (surrogate, loss value).
+    """
+    tensors = [pair.q, pair.q_all, pair.p_all]
+    leaves = [t.detach().requires_grad_(True) for t in tensors]
+    base = replace(pair, q=leaves[0], q_all=leaves[1], p_all=leaves[2])
+    b = pair.q.shape[0]
+    block = max(1, BLOCK_ELEMENTS // max(pair.p_all.shape[0], pair.q_all.shape[0]))
+    total = torch.zeros((), device=pair.q.device)
+    for start in range(0, b, block):
+        part = base.rows(start, min(b, start + block))
+        loss = loss_fn(part) * (part.q.shape[0] / b)  # the mean over all b rows, in parts
+        (loss * scale).backward()
+        total += loss.detach()
+    surrogate = sum((t * leaf.grad).sum() for t, leaf in zip(tensors, leaves) if leaf.grad is not None)
+    return surrogate, total
 
 
 @dataclass
@@ -100,9 +130,9 @@ def contrastive_step(engine, batch: Batch, loss_fn: Callable[[Pairing], torch.Te
         with sync(True):
             out = engine.forward(*padded[0])  # [b*(2+n), D] in chunk order
             emb = out[torch.argsort(torch.as_tensor(chunks[0], device=out.device))]  # text order
-            loss = loss_fn(make_pairing(emb[:b], emb[b:], batch, mask_duplicates))
-            engine.backward(loss * scale)
-        stats.loss = float(loss.detach())
+            surrogate, loss = loss_backward(loss_fn, make_pairing(emb[:b], emb[b:], batch, mask_duplicates), scale)
+            engine.backward(surrogate)
+        stats.loss = float(loss)
         return stats
 
     # 1. no-grad pass, remembering the RNG state in front of every chunk
@@ -117,8 +147,8 @@ def contrastive_step(engine, batch: Batch, loss_fn: Callable[[Pairing], torch.Te
     emb.requires_grad_(True)
 
     # 2. loss on cached embeddings: the backward stops at emb (no parameter in this graph)
-    loss = loss_fn(make_pairing(emb[:b], emb[b:], batch, mask_duplicates))
-    (loss * scale).backward()
+    surrogate, loss = loss_backward(loss_fn, make_pairing(emb[:b], emb[b:], batch, mask_duplicates), scale)
+    surrogate.backward()
     grad = emb.grad  # [b*(2+n), D]
 
     # 3. replay each chunk with its RNG and push the cached gradient into the parameters
@@ -128,5 +158,5 @@ def contrastive_step(engine, batch: Batch, loss_fn: Callable[[Pairing], torch.Te
             out = engine.forward(ids, mask)
             engine.backward((out * grad[torch.as_tensor(c, device=grad.device)]).sum())
     set_rng_state(after, dev)
-    stats.loss = float(loss.detach())
+    stats.loss = float(loss)
     return stats

@@ -9,11 +9,16 @@ and the false-negative mask. Layout of the passages, per example and in rank ord
 
 so the positive of global example g sits in column g * (1 + n): no per-rank offsets
 to get wrong (the label misalignment of sentence-transformers PR #3453 cannot happen).
+
+The contract of a loss: `loss(pair)` is a mean over the pairing's query rows. The engine
+may then evaluate it on blocks of rows (`pair.rows(start, stop)`) and add the parts up,
+so the [b, W*b*(1+n)] score matrix never has to exist at once.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -21,18 +26,30 @@ import torch.nn.functional as F
 
 @dataclass
 class Pairing:
-    q: torch.Tensor  # [b, D] this rank's queries
-    q_all: torch.Tensor  # [W*b, D] all queries (for the passage -> query direction)
-    p_all: torch.Tensor  # [W*b*(1+n), D] all passages, example-major as above
-    row0: int  # global index of this rank's first query
+    q: torch.Tensor  # [b, D] this rank's queries (or a block of them)
+    q_all: torch.Tensor  # [W*B, D] all queries (for the passage -> query direction)
+    p_all: torch.Tensor  # [W*B*(1+n), D] all passages, example-major as above
+    row0: int  # global index of q's first row
     group: int  # 1 + n: passages per example
-    mask: torch.Tensor | None = None  # [b, W*b*(1+n)] True: a false negative, left out
-    q_mask: torch.Tensor | None = None  # [b, W*b] the same for the symmetric term
+    anchor_ids: torch.Tensor | None = None  # [W*B] hashes of all query texts: false negatives
+    passage_ids: torch.Tensor | None = None  # [W*B*(1+n)] hashes of all passage texts
     teacher: torch.Tensor | None = None  # [b, 1+n] teacher scores of each example's passages
 
     @property
     def labels(self) -> torch.Tensor:  # [b] column of each local query's positive
         return (self.row0 + torch.arange(self.q.shape[0], device=self.q.device)) * self.group
+
+    @functools.cached_property
+    def masks(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(mask [b, P], q_mask [b, W*B]): True where a candidate is a false negative."""
+        if self.anchor_ids is None or self.passage_ids is None:
+            return None, None
+        return false_negative_masks(self.anchor_ids, self.passage_ids, self.row0, self.q.shape[0], self.group)
+
+    def rows(self, start: int, stop: int) -> Pairing:
+        """The same pairing for query rows [start, stop) only."""
+        teacher = self.teacher[start:stop] if self.teacher is not None else None
+        return replace(self, q=self.q[start:stop], row0=self.row0 + start, teacher=teacher)
 
 
 def info_nce(q: torch.Tensor, p: torch.Tensor, labels: torch.Tensor, temperature: float,
@@ -51,10 +68,11 @@ def contrastive_loss(pair: Pairing, temperature: float = 0.05, symmetric: bool =
     """Query -> passage InfoNCE over in-batch and hard negatives, optionally averaged with the
     passage -> query direction (positives only as rows, all queries as columns)."""
     labels = pair.labels
-    loss = info_nce(pair.q, pair.p_all, labels, temperature, pair.mask)
+    mask, q_mask = pair.masks
+    loss = info_nce(pair.q, pair.p_all, labels, temperature, mask)
     if symmetric:
         rows = pair.row0 + torch.arange(pair.q.shape[0], device=pair.q.device)  # [b]
-        back = info_nce(pair.p_all[labels], pair.q_all, rows, temperature, pair.q_mask)
+        back = info_nce(pair.p_all[labels], pair.q_all, rows, temperature, q_mask)
         loss = (loss + back) / 2
     return loss
 
