@@ -169,9 +169,13 @@ class TorchEngine:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         ids = [self.world.device.index] if self.world.device.type == "cuda" else None
-        # broadcast_buffers off: position-id buffers never change, and a broadcast per
-        # forward would cost one collective per chunk.
-        return DDP(model, device_ids=ids, broadcast_buffers=False)
+        # No buffer sync per forward: position-id buffers never change, and a broadcast per
+        # forward would cost one collective per chunk (the keyword changed in torch 2.13).
+        import inspect
+
+        no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters \
+            else "broadcast_buffers"
+        return DDP(model, device_ids=ids, **{no_sync: False})
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         with _autocast(self.world, self.bf16):

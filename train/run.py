@@ -103,8 +103,8 @@ def train_job(cfg: DictConfig, world: dist.World, run_dir: Path) -> dict:
         f"global batch {cfg.trainer.batch_size} = {world.size} x {per_rank}, "
         f"chunk {chunk}{' (no caching)' if chunk == per_rank else ' (gradient cache)'}")
 
-    encoder = build_encoder(cfg)
-    frozen = freeze_unused(encoder)
+    encoder = build_encoder(cfg).to(world.device)
+    frozen = freeze_unused(encoder)  # on the device: the probe's gradients are cheap there
     if frozen and world.is_main:
         say(f"froze {len(frozen)} parameters the embedding never uses ({', '.join(frozen[:3])}"
             f"{', ...' if len(frozen) > 3 else ''})")
