@@ -1,0 +1,579 @@
+"""Benchmark of the gradient-cached contrastive step (train/gradcache.py) on a real model and real data.
+
+Setup shared by every part: all-MiniLM-L6-v2 (asset "minilm", truncated to --max-length tokens) trained
+on SNLI (premise, entailment, contradiction) triples (asset "snli"): one hard negative per example, so
+3 texts per example. Dropout is on (encoder.train()), float32, AdamW (lr 2e-5, weight decay 0.01) with
+gradient clipping at 1.0, and query -> passage InfoNCE at temperature 0.05 (symmetric=False), as the
+trainer's defaults. A "step" is one optimizer step: contrastive_step(...) + engine.step(), with duplicate
+texts masked in parts a and b (the trainer's default) and not in part c. Every configuration runs one
+warm-up step, then --steps timed steps, each on a different batch (rows k*B .. (k+1)*B of the triples);
+times are medians.
+
+Parts (--parts a,b,c):
+  a  Batch sweep at a fixed chunk (--chunk examples per forward): seconds per example of a step and the
+     step's peak memory, one fresh process per batch size.
+  b  Cached vs uncached at one batch (--compare-batch): cached with length-grouped chunks, cached without
+     grouping, and uncached (chunk = batch: one forward with grad). Reports the time ratio and the
+     "floor" 1 + t(no-grad forward) / t(forward+backward), both measured on the cached step's own
+     length-grouped chunks in the same process: the least a cached step can cost relative to an uncached
+     step on the same chunks. Also padded and real tokens per text of each variant.
+  c  Side by side, in one process, with sentence-transformers' CachedMultipleNegativesRankingLoss
+     (scale 20 = 1 / temperature 0.05, mini_batch_size = --chunk) on the same batches, model, length and
+     optimizer; our loss with symmetric=False, temperature 0.05, mask_duplicates=False to match. Also
+     ST with mini_batch_size = chunk * 3: our chunk counts examples (3 texts each), ST's counts texts,
+     so that row runs forwards of the same size as ours. Steps of the implementations are interleaved so
+     that background load hits them alike.
+
+Memory (parts a and b): on CPU, the peak RSS increase of the process over the steps: once the model and
+data are loaded, the kernel's high-water mark is reset (/proc/self/clear_refs) and VmRSS read as the
+baseline; after the steps, VmHWM - baseline. It includes AdamW's two moments (allocated at the first
+step, reported separately as adam_state_mib). On CUDA: max_memory_allocated - memory_allocated.
+
+Run:
+    python tools/bench_gradcache.py --out docs/bench_gradcache.json
+    python tools/bench_gradcache.py --quick                          # smoke test, about a minute
+    python tools/bench_gradcache.py --parts c --batches 64 --chunk 16 --steps 2
+
+Markdown tables go to stdout, raw results (with versions, CPU/GPU, thread count, load average) to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from train import assets
+from train.data import collate, read_source
+from train.dist import TorchEngine, World
+from train.gradcache import contrastive_step, make_pairing, plan_chunks
+from train.losses import contrastive_loss
+from train.model import freeze_unused, load_encoder, pad
+from train.optim import param_groups
+
+TEMPERATURE = 0.05
+LR = 2e-5
+WEIGHT_DECAY = 0.01
+MAX_GRAD_NORM = 1.0
+DEFAULT_BATCHES = [64, 128, 256, 512, 1024, 2048, 4096]
+QUICK = {"batches": [16, 32], "chunk": 8, "steps": 1}
+TEXTS_PER_EXAMPLE = 3  # SNLI triples: query, positive, one hard negative
+LOSS = functools.partial(contrastive_loss, temperature=TEMPERATURE, symmetric=False)
+
+
+# --- shared pieces ------------------------------------------------------------------------------
+
+
+def device() -> torch.device:
+    if torch.cuda.is_available():
+        torch.cuda.set_device(0)
+        return torch.device("cuda", 0)
+    return torch.device("cpu")
+
+
+def synchronize(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def timed(dev: torch.device, fn, *args):
+    """(seconds, result) of fn(*args), waiting for the GPU on both ends so that its queue is included."""
+    synchronize(dev)
+    t0 = time.perf_counter()
+    out = fn(*args)
+    synchronize(dev)
+    return time.perf_counter() - t0, out
+
+
+def median(xs: list[float]) -> float | None:
+    return statistics.median(xs) if xs else None
+
+
+def build_engine(max_length: int, dev: torch.device) -> TorchEngine:
+    """Our encoder and single-process engine, as the trainer builds them with its default optimizer."""
+    encoder = load_encoder(str(assets.path("minilm")), max_length=max_length)
+    freeze_unused(encoder)  # BERT's pooler head never gets a gradient; the trainer freezes it too
+    encoder.train()  # dropout on: it is part of the cost and the RNG replay's reason to exist
+    return TorchEngine(encoder, World(device=dev),
+                       lambda m: torch.optim.AdamW(param_groups(m, WEIGHT_DECAY), lr=LR),
+                       lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
+                       MAX_GRAD_NORM, bf16=False)
+
+
+def load_triples(n: int):
+    """At least the first n SNLI triples (the file holds about 33k; rows wrap around past its end)."""
+    source = read_source("snli", str(assets.path("snli") / "train_triples.jsonl"), limit=n)
+    assert 2 + source.num_negatives == TEXTS_PER_EXAMPLE, source.num_negatives
+    return source
+
+
+def rows(k: int, batch: int, n: int) -> list[int]:
+    """Rows of the k-th batch (0 is the warm-up): consecutive, so every step sees new texts."""
+    return [(k * batch + i) % n for i in range(batch)]
+
+
+def batches(source, tokenize, batch: int, count: int) -> list:
+    """`count` collated batches of `batch` examples, tokenized ahead of the clock (the loader's job)."""
+    return [collate([source], [(0, r) for r in rows(k, batch, len(source.anchors))], tokenize)
+            for k in range(count)]
+
+
+def adam_state_mib(engine: TorchEngine) -> float:
+    """AdamW's two float32 moments per trainable parameter: allocated by the first step."""
+    n = sum(p.numel() for p in engine.module.parameters() if p.requires_grad)
+    return 2 * 4 * n / 2**20
+
+
+class PeakMemory:
+    """Peak memory of a stretch of code, relative to what the process held when reset() ran."""
+
+    def __init__(self, dev: torch.device):
+        self.dev, self.base = dev, 0
+
+    def reset(self) -> None:
+        gc.collect()
+        if self.dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.dev)
+            self.base = torch.cuda.memory_allocated(self.dev)
+            return
+        # "5" resets the kernel's resident-set high-water mark (VmHWM) to the current RSS.
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        self.base = self._status_kib("VmRSS")
+
+    def peak_mib(self) -> float:
+        if self.dev.type == "cuda":
+            return (torch.cuda.max_memory_allocated(self.dev) - self.base) / 2**20
+        return (self._status_kib("VmHWM") - self.base) / 1024
+
+    @staticmethod
+    def _status_kib(key: str) -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])  # "VmRSS:   123456 kB"
+        raise RuntimeError(f"no {key} in /proc/self/status")
+
+
+def length_grouped_chunks(engine: TorchEngine, batch, chunk: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The padded chunks contrastive_step forms for this batch (same plan, same padding)."""
+    seqs = batch.query_ids + batch.passage_ids
+    plan = plan_chunks([len(s) for s in seqs], chunk * (1 + batch.group))
+    return [pad([seqs[i] for i in c], engine.encoder.pad_id, engine.encoder.left_pad) for c in plan]
+
+
+def tokens_per_text(stats: list) -> tuple[float, float]:
+    """(padded, real) tokens per text over several steps' StepStats."""
+    texts = sum(s.texts for s in stats)
+    return sum(s.padded_tokens for s in stats) / texts, sum(s.real_tokens for s in stats) / texts
+
+
+# --- workers: each runs in a fresh process, so that peak memory starts from a clean slate -------
+
+
+def worker_step(job: dict) -> dict:
+    """Parts a and b: our step at one (batch, chunk, grouping); the floor measurement when asked."""
+    dev = device()
+    torch.manual_seed(0)
+    engine = build_engine(job["max_length"], dev)
+    b, chunk, steps = job["batch"], job["chunk"], job["steps"]
+    data = batches(load_triples((steps + 1) * b), engine.encoder.tokenize, b, steps + 1)
+
+    def step(batch):
+        stats = contrastive_step(engine, batch, LOSS, chunk, group_by_length=job["group_by_length"],
+                                 mask_duplicates=True)  # the trainer's default
+        engine.step()
+        return stats
+
+    memory = PeakMemory(dev)
+    memory.reset()
+    times, stats = [], []
+    for k, batch in enumerate(data):
+        t, s = timed(dev, step, batch)
+        if k:  # k == 0 is the warm-up
+            times.append(t)
+            stats.append(s)
+    peak = memory.peak_mib()
+    padded, real = tokens_per_text(stats)
+    # What sets a chunk's activation memory: the padded width of the first (longest) chunk, over
+    # every step run here, the warm-up included since the peak covers it.
+    widest = max(max(len(s) for s in batch.query_ids + batch.passage_ids) for batch in data)
+    out = {
+        "batch": b, "chunk": chunk, "group_by_length": job["group_by_length"], "chunks": stats[0].chunks,
+        "texts_per_step": stats[0].texts, "step_s": times, "median_step_s": median(times),
+        "s_per_example": median(times) / b, "examples_per_s": b / median(times),
+        "padded_tokens_per_text": padded, "real_tokens_per_text": real,
+        "peak_mib": peak, "adam_state_mib": adam_state_mib(engine), "loss": [s.loss for s in stats],
+        "threads": torch.get_num_threads(), "widest_chunk_tokens": widest,
+    }
+    if job.get("floor"):
+        out["floor"] = measure_floor(engine, data[1:], chunk, dev)
+    return out
+
+
+def measure_floor(engine: TorchEngine, data: list, chunk: int, dev: torch.device) -> dict:
+    """A cached step runs a no-grad forward and a forward+backward of every chunk; an uncached step
+    on the same chunks would run only the latter. Both timed here on the cached step's chunks, the
+    loss left out (a dummy emb.sum()), so 1 + t_nograd / t_fwd_bwd is the cached step's least cost
+    relative to an uncached one."""
+    def no_grad_pass(chunks):
+        with torch.no_grad():
+            for ids, mask in chunks:
+                engine.forward(ids, mask)
+
+    def grad_pass(chunks):
+        for ids, mask in chunks:
+            engine.forward(ids, mask).sum().backward()
+
+    nograd, fwd_bwd = [], []
+    for batch in data:
+        chunks = length_grouped_chunks(engine, batch, chunk)
+        nograd.append(timed(dev, no_grad_pass, chunks)[0])
+        fwd_bwd.append(timed(dev, grad_pass, chunks)[0])
+        engine.optimizer.zero_grad(set_to_none=True)
+    t_n, t_fb = median(nograd), median(fwd_bwd)
+    return {"nograd_forward_s": nograd, "forward_backward_s": fwd_bwd, "median_nograd_forward_s": t_n,
+            "median_forward_backward_s": t_fb, "floor": 1 + t_n / t_fb}
+
+
+def st_tokens(features: list[dict], mini_batch_size: int) -> tuple[int, int]:
+    """(padded, real) tokens per forward pass of CachedMultipleNegativesRankingLoss on these columns.
+
+    As sentence-transformers 6.2 does it (base/losses/gradcache.py: _minibatch_ranges, _create_minibatch):
+    each column separately, in dataset order, cut into runs of mini_batch_size rows; each mini-batch
+    keeps the columns up to its last attended position, i.e. it is padded to its own longest text.
+    Flattened inputs (flash attention varlen, when available) carry no padding at all.
+    """
+    padded = real = 0
+    for f in features:
+        if "cu_seq_lens_q" in f:
+            n = int(f["cu_seq_lens_q"][-1])
+            padded, real = padded + n, real + n
+            continue
+        mask = f["attention_mask"]
+        real += int(mask.sum())
+        for begin in range(0, mask.shape[0], mini_batch_size):
+            part = mask[begin : begin + mini_batch_size].bool()
+            width = int(part.any(dim=0).nonzero().max()) + 1
+            padded += part.shape[0] * width
+    return padded, real
+
+
+def worker_compare(job: dict) -> dict:
+    """Part c: our step and sentence-transformers' cached MNRL, same batches, interleaved step by step."""
+    from sentence_transformers import SentenceTransformer, losses
+
+    dev = device()
+    torch.manual_seed(0)
+    b, chunk, steps, max_length = job["batch"], job["chunk"], job["steps"], job["max_length"]
+    engine = build_engine(max_length, dev)
+    source = load_triples((steps + 1) * b)
+    ours_data = batches(source, engine.encoder.tokenize, b, steps + 1)
+
+    model = SentenceTransformer(str(assets.path("minilm")), device=str(dev))
+    model.max_seq_length = max_length
+    model.train()
+    # The same optimizer and decay rule (matrices only) as our engine's.
+    optimizer = torch.optim.AdamW(param_groups(model, WEIGHT_DECAY), lr=LR)
+    st_losses = {
+        "st": losses.CachedMultipleNegativesRankingLoss(model, scale=1 / TEMPERATURE, mini_batch_size=chunk),
+        # Our chunk counts examples (1 query + 1 positive + 1 negative), ST's mini-batch counts texts:
+        # this one runs forwards of as many texts as ours.
+        "st_same_texts": losses.CachedMultipleNegativesRankingLoss(model, scale=1 / TEMPERATURE,
+                                                                   mini_batch_size=chunk * TEXTS_PER_EXAMPLE),
+    }
+
+    def st_features(k: int) -> list[dict]:
+        """One feature dict per column (anchors, positives, negatives), as ST's data collator makes them."""
+        picked = rows(k, b, len(source.anchors))
+        columns = [[source.anchors[r] for r in picked], [source.positives[r] for r in picked],
+                   [source.negatives[r][0] for r in picked]]
+        feats = [model.preprocess(texts) for texts in columns]
+        return [{key: v.to(dev) if isinstance(v, torch.Tensor) else v for key, v in f.items()} for f in feats]
+
+    st_data = [st_features(k) for k in range(steps + 1)]
+    st_flattened = any("cu_seq_lens_q" in f for f in st_data[0])
+
+    parity = loss_parity(engine, model, st_losses["st"], ours_data[0], st_data[0])
+
+    def ours_step(batch):
+        stats = contrastive_step(engine, batch, LOSS, chunk, group_by_length=True, mask_duplicates=False)
+        engine.step()
+        return stats
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def st_step(loss_fn, features):
+        loss = loss_fn(features, None)  # labels are unused: the positive is the same row of column 1
+        loss.backward()  # the loss's backward hook re-embeds each mini-batch with its cached gradient
+        torch.nn.utils.clip_grad_norm_(trainable, MAX_GRAD_NORM)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    names = ["ours", *st_losses]
+    times: dict[str, list[float]] = {n: [] for n in names}
+    loss_values: dict[str, list[float]] = {n: [] for n in names}
+    ours_stats = []
+    for k in range(steps + 1):  # interleaved: a burst of background load hits every implementation
+        for name in names:
+            if name == "ours":
+                t, stats = timed(dev, ours_step, ours_data[k])
+                loss = stats.loss
+            else:
+                t, loss = timed(dev, st_step, st_losses[name], st_data[k])
+            if k:
+                times[name].append(t)
+                loss_values[name].append(loss)
+                if name == "ours":
+                    ours_stats.append(stats)
+
+    texts = sum(s.texts for s in ours_stats)
+    tokens = {"ours": tokens_per_text(ours_stats)}
+    for name, loss_fn in st_losses.items():
+        counts = [st_tokens(f, loss_fn.mini_batch_size) for f in st_data[1:]]
+        tokens[name] = (sum(c[0] for c in counts) / texts, sum(c[1] for c in counts) / texts)
+
+    results = {}
+    for name in names:
+        t = median(times[name])
+        results[name] = {
+            "texts_per_forward": chunk if name == "st" else chunk * TEXTS_PER_EXAMPLE, "step_s": times[name],
+            "median_step_s": t, "examples_per_s": b / t, "padded_tokens_per_text": tokens[name][0],
+            "real_tokens_per_text": tokens[name][1], "loss": loss_values[name],
+        }
+    for name in names:
+        results[name]["throughput_vs_ours"] = results[name]["examples_per_s"] / results["ours"]["examples_per_s"]
+    return {"batch": b, "chunk": chunk, "max_length": max_length, "st_flattened_inputs": st_flattened,
+            "loss_parity_dropout_off": parity, "results": results, "threads": torch.get_num_threads()}
+
+
+def loss_parity(engine: TorchEngine, model, st_loss, batch, features: list[dict]) -> dict:
+    """Both losses on one batch with dropout off and the same starting weights: they should agree to
+    float rounding, which shows that the two sides compute the same objective on the same texts."""
+    engine.module.eval()
+    model.eval()
+    try:
+        with torch.no_grad():
+            seqs = batch.query_ids + batch.passage_ids  # queries, then passages example-major
+            emb = engine.forward(*pad(seqs, engine.encoder.pad_id, engine.encoder.left_pad))
+            b = len(batch)
+            ours = float(LOSS(make_pairing(emb[:b], emb[b:], batch, mask_duplicates=False)))
+            theirs = float(st_loss(features, None))
+    finally:
+        engine.module.train()
+        model.train()
+    return {"ours": ours, "st": theirs, "abs_diff": abs(ours - theirs)}
+
+
+WORKERS = {"step": worker_step, "compare": worker_compare}
+
+
+# --- the driver ---------------------------------------------------------------------------------
+
+
+def spawn(job: dict) -> dict:
+    """Run one job in a fresh interpreter (this file with --worker) and return its result."""
+    with tempfile.TemporaryDirectory() as tmp:
+        result = Path(tmp) / "result.json"
+        job = {**job, "result": str(result)}
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(job)],
+                              capture_output=True, text=True)
+        if proc.returncode != 0 or not result.exists():
+            tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
+            print(f"  worker {job['kind']} batch={job['batch']} failed (exit {proc.returncode}):\n    "
+                  + "\n    ".join(tail), file=sys.stderr)
+            return {"error": "\n".join(tail), "exit_code": proc.returncode, **{k: job[k] for k in ("batch", "chunk")}}
+        out = json.loads(result.read_text())
+        out["wall_s"] = time.perf_counter() - t0
+        return out
+
+
+def machine() -> dict:
+    from importlib.metadata import version  # not the packages themselves: importing them takes seconds
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    info = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(), "torch": torch.__version__, "transformers": version("transformers"),
+        "sentence_transformers": version("sentence-transformers"), "cpu": cpu, "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(), "device": "cpu", "load_average_start": os.getloadavg(),
+    }
+    if torch.cuda.is_available():
+        info.update(device="cuda", gpu=torch.cuda.get_device_name(0))
+    return info
+
+
+def fmt(x) -> str:
+    """Three significant digits without exponents for tables."""
+    if not isinstance(x, float):
+        return "-" if x is None else str(x)
+    if abs(x) >= 100:
+        return f"{x:.0f}"
+    if abs(x) >= 10:
+        return f"{x:.1f}"
+    if abs(x) >= 1:
+        return f"{x:.2f}"
+    return f"{x:.3g}"
+
+
+def table(header: list[str], rows_: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(c) for c in r) + " |" for r in rows_]
+    return "\n".join(lines)
+
+
+def part_a(args) -> list[dict]:
+    out = []
+    for b in args.batches:
+        print(f"  a: batch {b} ...", file=sys.stderr, flush=True)
+        out.append(spawn({"kind": "step", "batch": b, "chunk": args.chunk, "steps": args.steps,
+                          "max_length": args.max_length, "group_by_length": True}))
+    ok = [r for r in out if "error" not in r]
+    print(f"\n### a. Batch sweep (chunk {args.chunk} examples = {args.chunk * TEXTS_PER_EXAMPLE} texts per forward, "
+          f"max_length {args.max_length}, median of {args.steps} steps)\n")
+    print(table(["batch", "chunks", "s/step", "ms/example", "examples/s", "padded tok/text", "real tok/text",
+                 "longest chunk (tokens)", "peak MiB"],
+                [[r["batch"], r["chunks"], r["median_step_s"], 1000 * r["s_per_example"], r["examples_per_s"],
+                  r["padded_tokens_per_text"], r["real_tokens_per_text"], r["widest_chunk_tokens"], r["peak_mib"]]
+                 for r in ok]
+                + [[r["batch"], "failed", "-", "-", "-", "-", "-", "-", "-"] for r in out if "error" in r]))
+    if ok:
+        print(f"\npeak includes AdamW's moments ({ok[0]['adam_state_mib']:.0f} MiB, allocated by the first step)")
+    return out
+
+
+def part_b(args) -> dict:
+    b = args.compare_batch
+    base = {"kind": "step", "batch": b, "steps": args.steps, "max_length": args.max_length}
+    variants = {
+        "cached": {**base, "chunk": args.chunk, "group_by_length": True, "floor": True},
+        "cached_ungrouped": {**base, "chunk": args.chunk, "group_by_length": False},
+        "uncached": {**base, "chunk": b, "group_by_length": True},
+    }
+    out = {}
+    for name, job in variants.items():
+        print(f"  b: {name} batch {b} ...", file=sys.stderr, flush=True)
+        out[name] = spawn(job)
+    print(f"\n### b. Cached vs uncached (batch {b}, max_length {args.max_length}, median of {args.steps} steps)\n")
+    rows_ = []
+    for name, r in out.items():
+        if "error" in r:
+            rows_.append([name, r["chunk"], "failed", "-", "-", "-", "-"])
+        else:
+            rows_.append([name, r["chunk"], r["median_step_s"], r["examples_per_s"], r["padded_tokens_per_text"],
+                          r["real_tokens_per_text"], r["peak_mib"]])
+    print(table(["variant", "chunk (examples)", "s/step", "examples/s", "padded tok/text", "real tok/text",
+                 "peak MiB"], rows_))
+    cached, uncached = out["cached"], out["uncached"]
+    if "error" not in cached and "error" not in uncached:
+        ratio = cached["median_step_s"] / uncached["median_step_s"]
+        floor = cached["floor"]
+        out["ratio_cached_over_uncached"] = ratio
+        print(f"\ncached / uncached time: {ratio:.3f}; floor 1 + t_nograd / t_fwd_bwd = "
+              f"1 + {floor['median_nograd_forward_s']:.3g} s / {floor['median_forward_backward_s']:.3g} s = "
+              f"{floor['floor']:.3f} (same length-grouped chunks; a ratio under the floor means the uncached "
+              "step pays for its extra padding)")
+    return out
+
+
+def part_c(args) -> dict:
+    print(f"  c: ours vs sentence-transformers, batch {args.compare_batch} ...", file=sys.stderr, flush=True)
+    out = spawn({"kind": "compare", "batch": args.compare_batch, "chunk": args.chunk, "steps": args.steps,
+                 "max_length": args.max_length})
+    print(f"\n### c. Ours vs sentence-transformers CachedMultipleNegativesRankingLoss (batch {args.compare_batch}, "
+          f"chunk {args.chunk}, max_length {args.max_length}, median of {args.steps} steps)\n")
+    if "error" in out:
+        print("failed: see stderr")
+        return out
+    labels = {"ours": "ours (contrastive_step)", "st": f"ST mini_batch_size={args.chunk}",
+              "st_same_texts": f"ST mini_batch_size={args.chunk * TEXTS_PER_EXAMPLE}"}
+    print(table(["implementation", "texts/forward", "s/step", "examples/s", "padded tok/text", "real tok/text",
+                 "throughput vs ours"],
+                [[labels[n], r["texts_per_forward"], r["median_step_s"], r["examples_per_s"],
+                  r["padded_tokens_per_text"], r["real_tokens_per_text"], r["throughput_vs_ours"]]
+                 for n, r in out["results"].items()]))
+    p = out["loss_parity_dropout_off"]
+    print(f"\nloss on the first batch with dropout off: ours {p['ours']:.6f}, ST {p['st']:.6f} "
+          f"(|diff| {p['abs_diff']:.2g}); ST flattened inputs: {out['st_flattened_inputs']}")
+    return out
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")],
+                    help=f"part a's batch sizes, comma-separated (default {','.join(map(str, DEFAULT_BATCHES))})")
+    ap.add_argument("--chunk", type=int, help="examples per forward pass (default 32)")
+    ap.add_argument("--compare-batch", type=int,
+                    help="batch of parts b and c (default: the largest of --batches up to 256)")
+    ap.add_argument("--max-length", type=int, default=64, help="max tokens per text (default 64)")
+    ap.add_argument("--steps", type=int, help="timed steps per configuration, after one warm-up (default 3)")
+    ap.add_argument("--quick", action="store_true",
+                    help=f"smoke test: batches {QUICK['batches']}, chunk {QUICK['chunk']}, {QUICK['steps']} step "
+                         "(explicit flags win)")
+    ap.add_argument("--parts", default="a,b,c", help="which parts to run, e.g. a,c (default a,b,c)")
+    ap.add_argument("--out", help="JSON file for the raw results (default: a new file in the temp folder)")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)  # internal: one job, in a fresh process
+    args = ap.parse_args(argv)
+    defaults = QUICK if args.quick else {"batches": DEFAULT_BATCHES, "chunk": 32, "steps": 3}
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.compare_batch is None:
+        args.compare_batch = max([b for b in args.batches if b <= 256] or [min(args.batches)])
+    args.parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    if unknown := set(args.parts) - {"a", "b", "c"}:
+        ap.error(f"--parts: unknown part(s) {sorted(unknown)}; expected a, b, c")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.worker:
+        job = json.loads(args.worker)
+        result = WORKERS[job["kind"]](job)
+        Path(job["result"]).write_text(json.dumps(result))
+        return
+
+    out = args.out or os.path.join(tempfile.gettempdir(), f"bench_gradcache-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    report = {"machine": machine(), "settings": {
+        "batches": args.batches, "chunk": args.chunk, "compare_batch": args.compare_batch,
+        "max_length": args.max_length, "steps": args.steps, "parts": args.parts, "texts_per_example": TEXTS_PER_EXAMPLE,
+        "temperature": TEMPERATURE, "lr": LR, "weight_decay": WEIGHT_DECAY, "max_grad_norm": MAX_GRAD_NORM,
+        "dtype": "float32", "dropout": True, "argv": sys.argv[1:]}}
+    print(f"# gradcache benchmark: {report['machine'].get('gpu', report['machine']['cpu'])}, "
+          f"{report['machine']['torch_threads']} torch threads, torch {torch.__version__}")
+    for part, run in (("a", part_a), ("b", part_b), ("c", part_c)):
+        if part in args.parts:
+            report[part] = run(args)
+    report["machine"]["load_average_end"] = os.getloadavg()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nraw results: {out}")
+    if failed := failures(report):
+        sys.exit(f"{failed} configuration(s) failed; see above and the JSON's error fields")
+
+
+def failures(report: dict) -> int:
+    found = [r for r in report.get("a", [])]
+    found += [r for r in report.get("b", {}).values() if isinstance(r, dict)]
+    found += [report["c"]] if "c" in report else []
+    return sum("error" in r for r in found)
+
+
+if __name__ == "__main__":
+    main()
