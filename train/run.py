@@ -99,15 +99,12 @@ def check_batch(cfg: DictConfig, world_size: int) -> tuple[int, int]:
 
 def train_job(cfg: DictConfig, world: dist.World, run_dir: Path) -> dict:
     per_rank, chunk = check_batch(cfg, world.size)
-    say(f"world size {world.size} (rank {world.rank}, device {world.device}), strategy {cfg.dist.strategy}, "
+    strategy = cfg.dist.strategy if cfg.dist.strategy != "auto" else ("ddp" if world.size > 1 else "single process")
+    say(f"world size {world.size} (rank {world.rank}, device {world.device}), strategy {strategy}, "
         f"global batch {cfg.trainer.batch_size} = {world.size} x {per_rank}, "
         f"chunk {chunk}{' (no caching)' if chunk == per_rank else ' (gradient cache)'}")
 
-    encoder = build_encoder(cfg).to(world.device)
-    frozen = freeze_unused(encoder)  # on the device: the probe's gradients are cheap there
-    if frozen and world.is_main:
-        say(f"froze {len(frozen)} parameters the embedding never uses ({', '.join(frozen[:3])}"
-            f"{', ...' if len(frozen) > 3 else ''})")
+    # Data and evaluation sets first: their errors should not wait for a model to load.
     sources, specs = build_sources(cfg)
     for s in sources:
         if world.is_main:
@@ -117,6 +114,12 @@ def train_job(cfg: DictConfig, world: dist.World, run_dir: Path) -> dict:
                       batch_size=cfg.trainer.batch_size, seed=cfg.seed, temperature=cfg.data.temperature,
                       names=[s.name for s in sources])
     tasks = build_tasks(cfg.eval.tasks)
+
+    encoder = build_encoder(cfg).to(world.device)
+    frozen = freeze_unused(encoder)  # on the device: the probe's gradients are cheap there
+    if frozen and world.is_main:
+        say(f"froze {len(frozen)} parameters the embedding never uses ({', '.join(frozen[:3])}"
+            f"{', ...' if len(frozen) > 3 else ''})")
     loss_fn = functools.partial(contrastive_loss, **OmegaConf.to_container(cfg.loss))
 
     t = cfg.trainer
