@@ -383,6 +383,15 @@ WORKERS = {"step": worker_step, "compare": worker_compare}
 # --- the driver ---------------------------------------------------------------------------------
 
 
+# glibc's malloc raises its mmap threshold after large frees and then keeps freed activation
+# memory in its heap: the peak RSS of a CPU run grows with the number of differently shaped
+# chunks (more at large batches), though the live tensors do not. A fixed threshold returns
+# large blocks to the kernel at once, so VmHWM follows what the step really holds.
+# --allocator-default measures without it.
+FIXED_MMAP_THRESHOLD = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+ALLOCATOR_ENV: dict[str, str] = dict(FIXED_MMAP_THRESHOLD)
+
+
 def spawn(job: dict) -> dict:
     """Run one job in a fresh interpreter (this file with --worker) and return its result."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -390,7 +399,7 @@ def spawn(job: dict) -> dict:
         job = {**job, "result": str(result)}
         t0 = time.perf_counter()
         proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(job)],
-                              capture_output=True, text=True)
+                              capture_output=True, text=True, env={**os.environ, **ALLOCATOR_ENV})
         if proc.returncode != 0 or not result.exists():
             tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
             print(f"  worker {job['kind']} batch={job['batch']} failed (exit {proc.returncode}):\n    "
@@ -527,6 +536,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "(explicit flags win)")
     ap.add_argument("--parts", default="a,b,c", help="which parts to run, e.g. a,c (default a,b,c)")
     ap.add_argument("--out", help="JSON file for the raw results (default: a new file in the temp folder)")
+    ap.add_argument("--allocator-default", action="store_true",
+                    help="on CPU, leave glibc's dynamic mmap threshold on (peak RSS then includes freed memory "
+                         "malloc keeps; by default workers run with MALLOC_MMAP_THRESHOLD_=1048576)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)  # internal: one job, in a fresh process
     args = ap.parse_args(argv)
     defaults = QUICK if args.quick else {"batches": DEFAULT_BATCHES, "chunk": 32, "steps": 3}
@@ -549,8 +561,11 @@ def main(argv=None) -> None:
         Path(job["result"]).write_text(json.dumps(result))
         return
 
+    if args.allocator_default:
+        ALLOCATOR_ENV.clear()
     out = args.out or os.path.join(tempfile.gettempdir(), f"bench_gradcache-{time.strftime('%Y%m%d-%H%M%S')}.json")
     report = {"machine": machine(), "settings": {
+        "worker_env": dict(ALLOCATOR_ENV),
         "batches": args.batches, "chunk": args.chunk, "compare_batch": args.compare_batch,
         "max_length": args.max_length, "steps": args.steps, "parts": args.parts, "texts_per_example": TEXTS_PER_EXAMPLE,
         "temperature": TEMPERATURE, "lr": LR, "weight_decay": WEIGHT_DECAY, "max_grad_norm": MAX_GRAD_NORM,
