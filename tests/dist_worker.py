@@ -43,7 +43,7 @@ def labels_aligned(batch, world) -> bool:
     return bool(torch.equal(pair.p_all[pair.labels], own_positives)) and pair.row0 == world.rank * len(batch)
 
 
-def run_case(strategy: str, zero: int, world, batch_size: int, chunk: int, accum: int):
+def run_case(strategy: str, zero: int, world, batch_size: int, chunk: int, accum: int, coalesce: bool = True):
     from train import assets
 
     torch.manual_seed(0)
@@ -53,7 +53,8 @@ def run_case(strategy: str, zero: int, world, batch_size: int, chunk: int, accum
     engine = dist.wrap(encoder, world, strategy,
                        make_optimizer=lambda m: torch.optim.SGD(param_groups(m, 0.0), lr=0.1),
                        make_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0),
-                       max_grad_norm=None, bf16=False, per_rank_batch=per_rank * accum, zero_stage=zero)
+                       max_grad_norm=None, bf16=False, per_rank_batch=per_rank * accum, zero_stage=zero,
+                       coalesce_reduction=coalesce)
     engine.module.eval()
     source = snli_source(batch_size * accum)
     if hasattr(engine, "begin_step"):
@@ -80,7 +81,8 @@ def main() -> None:
             dist.gather(torch.zeros(1))
             continue
         label, strategy, zero, batch_size, chunk, accum = case.split(":")
-        result = run_case(strategy, int(zero), world, int(batch_size), int(chunk), int(accum))
+        result = run_case(strategy, int(zero), world, int(batch_size), int(chunk), int(accum),
+                          coalesce="per_chunk" not in label)
         if world.is_main:
             torch.save(result, out / f"{label}.pt")
         dist.barrier()

@@ -56,7 +56,8 @@ def deepspeed_runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("deepspeed")
     # The first DeepSpeed use on a machine compiles its CPU communication extension (1-2 min).
     torchrun(out, "zero0:deepspeed:0:32:4:1", "zero1:deepspeed:1:32:4:1", "zero2:deepspeed:2:32:4:1",
-             "zero3:deepspeed:3:32:4:1", "zero2_accum:deepspeed:2:32:4:2", timeout=1200)
+             "zero3:deepspeed:3:32:4:1", "zero2_accum:deepspeed:2:32:4:2", "zero2_per_chunk:deepspeed:2:32:4:1",
+             "zero3_per_chunk:deepspeed:3:32:4:1", timeout=1200)
     return out
 
 
@@ -76,7 +77,7 @@ def test_torch_strategies_match_the_full_batch(torch_runs, case, accum):
 
 
 @pytest.mark.parametrize("case, accum", [("zero0", 1), ("zero1", 1), ("zero2", 1), ("zero3", 1),
-                                         ("zero2_accum", 2)])
+                                         ("zero2_accum", 2), ("zero2_per_chunk", 1), ("zero3_per_chunk", 1)])
 def test_deepspeed_matches_the_full_batch(deepspeed_runs, case, accum):
     check(deepspeed_runs / f"{case}.pt", accum)
 

@@ -103,6 +103,9 @@ class DistConfig:
     strategy: str = "auto"  # auto (ddp when launched on several processes) | ddp | fsdp2 | deepspeed
     zero_stage: int = 2  # deepspeed only
     deepspeed_config: Optional[str] = None  # a JSON file merged over the generated config
+    # deepspeed ZeRO 1-3: one gradient reduction per optimizer step, gradients held whole on each
+    # rank until then; false: a reduce-scatter after every chunk, gradients partitioned (ZeRO 2/3 memory)
+    coalesce_reduction: bool = True
 
 
 @dataclass

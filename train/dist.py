@@ -244,13 +244,15 @@ class DeepSpeedEngine:
 
     Gradient reduction once per optimizer step: ZeRO 1-3 through the engine's
     `coalesce_grad_reduction` (gradients accumulate locally across chunks and one
-    reduction runs when the block ends), ZeRO 0 through `no_sync`. The contrastive
+    reduction runs when the block ends), ZeRO 0 through `no_sync`. The local accumulation
+    holds full-size gradients until the step; `coalesce=False` (dist.coalesce_reduction)
+    gives ZeRO 2/3 their gradient partitioning back, at one reduce-scatter per chunk. The contrastive
     step is one DeepSpeed micro-batch (gradient_accumulation_steps 1): the chunks and
     accumulated batches are our own and their losses are already scaled.
     """
 
     def __init__(self, model: nn.Module, world: World, make_optimizer: Callable, make_scheduler: Callable,
-                 ds_config: dict):
+                 ds_config: dict, coalesce: bool = True):
         import deepspeed
 
         self.world, self.encoder = world, model
@@ -260,7 +262,7 @@ class DeepSpeedEngine:
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False)
         self.module = self.engine
         self.stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
-        self._block, self._coalesce = None, True
+        self._block, self._coalesce = None, coalesce
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.engine(ids.to(self.world.device), mask.to(self.world.device)).float()
@@ -279,7 +281,21 @@ class DeepSpeedEngine:
             self._block = block
 
     def no_sync(self):
-        return self.engine.no_sync() if self.stage == 0 else contextlib.nullcontext()
+        if self.stage == 0:
+            return self.engine.no_sync()
+        if self._block is not None:  # coalescing: nothing is reduced before the block ends
+            return contextlib.nullcontext()
+        return self._inside_accumulation()
+
+    @contextlib.contextmanager
+    def _inside_accumulation(self):
+        """Per-chunk reduction: these backwards accumulate into the partitioned gradients; the
+        step's last backward (outside this context) is the accumulation boundary."""
+        self.engine.set_gradient_accumulation_boundary(False)
+        try:
+            yield
+        finally:
+            self.engine.set_gradient_accumulation_boundary(True)
 
     def backward(self, t: torch.Tensor) -> None:
         self.engine.backward(t, scale_wrt_gas=False)
@@ -391,7 +407,7 @@ def _single_process_group(world: World) -> None:
 
 def wrap(model: nn.Module, world: World, strategy: str, make_optimizer: Callable, make_scheduler: Callable,
          max_grad_norm: float | None, bf16: bool, per_rank_batch: int, zero_stage: int = 2,
-         deepspeed_config_file: str | None = None):
+         deepspeed_config_file: str | None = None, coalesce_reduction: bool = True):
     """The engine for `strategy`; `make_optimizer(module)` runs after any sharding."""
     if strategy == "auto":
         strategy = "ddp"
@@ -405,5 +421,6 @@ def wrap(model: nn.Module, world: World, strategy: str, make_optimizer: Callable
         if zero_stage not in (0, 1, 2, 3):
             raise UserError(f"dist.zero_stage={zero_stage}: expected 0, 1, 2 or 3")
         cfg = deepspeed_config(zero_stage, per_rank_batch, world.size, max_grad_norm, bf16, deepspeed_config_file)
-        return DeepSpeedEngine(model.to(world.device), world, make_optimizer, make_scheduler, cfg)
+        return DeepSpeedEngine(model.to(world.device), world, make_optimizer, make_scheduler, cfg,
+                               coalesce=coalesce_reduction)
     raise UserError(f"dist.strategy={strategy!r}: expected one of auto, ddp, fsdp2, deepspeed")

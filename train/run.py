@@ -129,7 +129,8 @@ def train_job(cfg: DictConfig, world: dist.World, run_dir: Path) -> dict:
         make_optimizer=lambda module: build_optimizer(cfg.optim, module),
         make_scheduler=lambda opt: schedule(opt, t.max_steps, t.warmup_ratio, t.schedule),
         max_grad_norm=t.max_grad_norm, bf16=bf16, per_rank_batch=per_rank * t.accum_steps,
-        zero_stage=cfg.dist.zero_stage, deepspeed_config_file=cfg.dist.deepspeed_config)
+        zero_stage=cfg.dist.zero_stage, deepspeed_config_file=cfg.dist.deepspeed_config,
+        coalesce_reduction=cfg.dist.coalesce_reduction)
     logger = Logger(run_dir, world.is_main, t.max_steps, config=OmegaConf.to_container(cfg, resolve=True),
                     wandb=cfg.log.wandb, wandb_project=cfg.log.wandb_project, wandb_mode=cfg.log.wandb_mode,
                     progress=t.progress)
