@@ -43,11 +43,11 @@ def main() -> None:
         docs = F.normalize(encode(encoder, encoder, corpus, "passage"), dim=-1)
         qs = F.normalize(encode(encoder, encoder, queries, "query"), dim=-1)
         top = (qs @ docs.T).argmax(dim=1).tolist()
-        kinds = [own[q].get(corpus[t], "another premise's hypothesis") for q, t in zip(queries, top)]
+        kinds = [own[q].get(corpus[t], "no label for this query") for q, t in zip(queries, top)]
         counts = collections.Counter(kinds)
         print(f"{path}: rank-1 hit of {len(queries)} queries: " +
               ", ".join(f"{k} {v}" for k, v in counts.most_common()))
-        others = [i for i, k in enumerate(kinds) if k == "another premise's hypothesis"]
+        others = [i for i, k in enumerate(kinds) if k == "no label for this query"]
         for i in random.Random(0).sample(others, min(args.examples, len(others))):
             print(f"  query: {queries[i]}\n    top: {corpus[top[i]]}")
 
