@@ -67,7 +67,8 @@ class Source:
 # --- reading ------------------------------------------------------------------------------------
 
 
-def _iter_jsonl(path: Path) -> Iterable[tuple[int, dict]]:
+def iter_jsonl(path: Path) -> Iterable[tuple[int, dict]]:
+    """(line number, object) of every non-blank line; a bad line is an error naming file:line."""
     with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
@@ -124,7 +125,7 @@ def iter_rows(path: str, subset: str | None = None, split: str = "train") -> tup
     suffix = p.suffix.lower()
     if p.is_file():
         if suffix == ".jsonl":
-            return str(p), _iter_jsonl(p)
+            return str(p), iter_jsonl(p)
         if suffix == ".json":
             return str(p), _iter_json(p)
         if suffix in (".csv", ".tsv"):

@@ -10,7 +10,6 @@ nothing of models or processes.
 
 from __future__ import annotations
 
-import json
 import math
 from collections import defaultdict
 from pathlib import Path
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from train.data import iter_jsonl
 from train.errors import UserError, at
 from train.retrieval import topk
 
@@ -30,19 +30,12 @@ def _read_jsonl(path: Path, required: tuple[str, ...], what: str) -> list[dict]:
     if not path.is_file():
         raise UserError(f"{path}: no such {what} file")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{at(path, line_no)}: invalid JSON ({e.msg})") from None
-            missing = [k for k in required if k not in row]
-            if missing:
-                raise UserError(f'{at(path, line_no)}: missing field "{missing[0]}" (a {what} record needs '
-                                f"{', '.join(required)})")
-            rows.append(row)
+    for line_no, row in iter_jsonl(path):
+        missing = [k for k in required if k not in row]
+        if missing:
+            raise UserError(f'{at(path, line_no)}: missing field "{missing[0]}" (a {what} record needs '
+                            f"{', '.join(required)})")
+        rows.append(row)
     if not rows:
         raise UserError(f"{path}: the {what} file is empty")
     return rows
