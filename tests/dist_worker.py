@@ -57,8 +57,7 @@ def run_case(strategy: str, zero: int, world, batch_size: int, chunk: int, accum
                        coalesce_reduction=coalesce)
     engine.module.eval()
     source = snli_source(batch_size * accum)
-    if hasattr(engine, "begin_step"):
-        engine.begin_step()
+    engine.begin_step()
     losses, aligned = [], True
     for micro in range(accum):
         rows = [(0, r) for r in range(micro * batch_size, (micro + 1) * batch_size)]

@@ -7,6 +7,7 @@ one small class each: DDP (also used alone, on one process), FSDP2 (`fully_shard
 DeepSpeed ZeRO 0-3. An Engine offers what a gradient-cached step needs:
 
     forward(ids, mask)        the wrapped model's forward, under autocast when asked
+    begin_step()              an optimizer step starts (DeepSpeed opens its reduction block)
     no_sync()                 gradient reduction off (every chunk but the last)
     backward(t)               backward through the strategy
     step()                    clip, optimizer step, schedule step, zero grad -> grad norm
@@ -180,6 +181,9 @@ class TorchEngine:
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         with _autocast(self.world, self.bf16):
             return self.module(ids.to(self.world.device), mask.to(self.world.device)).float()
+
+    def begin_step(self) -> None:
+        """Nothing to open: DDP reduces under the last backward outside no_sync()."""
 
     def no_sync(self):
         return self.module.no_sync() if self.world.size > 1 else contextlib.nullcontext()

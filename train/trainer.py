@@ -106,8 +106,7 @@ def fit(engine, mixture: Mixture, sources: Sequence[Source], loss_fn: Callable, 
     t_start = time.perf_counter()
     for step in range(1, cfg.max_steps + 1):
         t0 = time.perf_counter()
-        if hasattr(engine, "begin_step"):
-            engine.begin_step()
+        engine.begin_step()
         losses, padded, real, texts = [], 0, 0, 0
         for micro in range(cfg.accum_steps):
             picks = shard(mixture.next_batch(), world.rank, world.size)
