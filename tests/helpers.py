@@ -22,7 +22,7 @@ def tiny_encoder():
     return load_encoder(str(assets.path("tiny-bert")), pooling="mean", max_length=32).eval()
 
 
-def reference_grads(encoder, batch, chunks=None):
+def reference_grads(encoder, batch, chunks=None, loss_fn=LOSS):
     """Full-batch gradient by plain autograd on one process: every chunk's graph kept, one
     backward. Independent of contrastive_step and of torch.distributed."""
     seqs = batch.query_ids + batch.passage_ids
@@ -32,7 +32,7 @@ def reference_grads(encoder, batch, chunks=None):
     emb = torch.empty((len(seqs), parts[0].shape[1]))
     emb = emb.index_put((torch.tensor([i for c in chunks for i in c]),), torch.cat(parts))
     b = len(batch)
-    loss = LOSS(make_pairing(emb[:b], emb[b:], batch, mask_duplicates=True))
+    loss = loss_fn(make_pairing(emb[:b], emb[b:], batch, mask_duplicates=True))
     loss.backward()
     return float(loss.detach()), grads(encoder)
 

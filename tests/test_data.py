@@ -66,9 +66,15 @@ def test_bad_records_name_file_and_line(tmp_path, content, message):
 def test_missing_file_and_unknown_format(tmp_path):
     with pytest.raises(UserError, match="nope.jsonl: no such data file"):
         read_source("d", str(tmp_path / "nope.jsonl"))
-    (tmp_path / "x.txt").write_text("hello")
-    with pytest.raises(UserError, match="unknown data format '.txt'"):
-        read_source("d", str(tmp_path / "x.txt"))
+    (tmp_path / "x.xml").write_text("<hello/>")
+    with pytest.raises(UserError, match="unknown data format '.xml'"):
+        read_source("d", str(tmp_path / "x.xml"))
+
+
+def test_text_file_is_one_single_text_per_line(tmp_path):
+    (tmp_path / "wiki.txt").write_text("First sentence.\n\nSecond one here.\n")
+    src = read_source("w", str(tmp_path / "wiki.txt"))
+    assert src.anchors == ["First sentence.", "Second one here."] and src.positives is None
 
 
 def test_hub_name_offline_is_one_clear_error(monkeypatch):

@@ -12,7 +12,7 @@ import torch
 from scipy.stats import spearmanr
 
 from train.errors import UserError
-from train.evaluate import RetrievalTask, StsTask, spearman
+from train.evaluate import RetrievalTask, StsTask, run_tasks, spearman
 from train.retrieval import topk
 
 
@@ -68,3 +68,21 @@ def test_sts_task_and_bad_files(tmp_path):
     write(tmp_path / "bad.jsonl", [{"sentence1": "a", "score": 1.0}])
     with pytest.raises(UserError, match='bad.jsonl:1: missing field "sentence2"'):
         StsTask("s", str(tmp_path / "bad.jsonl"))
+
+
+def test_truncated_dims_are_evaluated_on_renormalised_prefixes():
+    vecs = {"a": [1.0, 0.0, 0.0, 1.0], "b": [1.0, 0.0, 0.0, -1.0], "c": [0.0, 1.0, 1.0, 0.0]}
+
+    class Probe:  # a task that records what it is given
+        name = "probe"
+
+        def __call__(self, embed):
+            e = embed(["a", "b", "c"], None)
+            return {"cos_ab": float(e[0] @ e[1]), "norm": float(e[0].norm())}
+
+    def embed(texts, side):
+        return torch.tensor([vecs[t] for t in texts])
+
+    out = run_tasks([Probe()], embed, dims=[2])
+    assert out["probe/cos_ab"] == 0.0 and out["probe@2/cos_ab"] == 1.0  # a and b agree on the first 2 dims
+    assert abs(out["probe@2/norm"] - 1.0) < 1e-6

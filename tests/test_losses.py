@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from train.losses import Pairing, contrastive_loss, false_negative_masks, info_nce
+from train.losses import Pairing, contrastive_loss, distill_loss, embedding_loss, false_negative_masks, info_nce
 
 
 def test_info_nce_matches_hand_computation():
@@ -67,3 +67,42 @@ def test_false_negative_masks_on_a_hand_made_batch():
     expected_q = torch.zeros(3, 3, dtype=torch.bool)
     expected_q[0, 2] = expected_q[2, 0] = True  # the same query text twice
     assert torch.equal(q_mask, expected_q)
+
+
+def test_distill_loss_matches_hand_computed_kl():
+    torch.manual_seed(1)
+    q = F.normalize(torch.randn(2, 4), dim=-1)
+    p = F.normalize(torch.randn(6, 4), dim=-1)  # group 3: [pos, neg, neg] per example
+    teacher = torch.tensor([[5.0, 1.0, -2.0], [0.5, 3.0, 0.0]])
+    pair = Pairing(q=q, q_all=q, p_all=p, row0=0, group=3, teacher=teacher)
+    t, tt = 0.1, 2.0
+    expected = 0.0
+    for i in range(2):
+        s = [float(q[i] @ p[3 * i + j]) / t for j in range(3)]
+        log_z_s = math.log(sum(math.exp(x) for x in s))
+        log_z_t = math.log(sum(math.exp(float(x) / tt) for x in teacher[i]))
+        for j in range(3):
+            log_pt = float(teacher[i, j]) / tt - log_z_t
+            expected += math.exp(log_pt) * (log_pt - (s[j] - log_z_s))
+    assert abs(float(distill_loss(pair, t, tt)) - expected / 2) < 1e-5
+
+
+def test_matryoshka_adds_the_loss_of_each_renormalised_prefix():
+    torch.manual_seed(2)
+    q = F.normalize(torch.randn(4, 8), dim=-1)
+    p = F.normalize(torch.randn(8, 8), dim=-1)
+    teacher = torch.randn(4, 2)
+    pair = Pairing(q=q, q_all=q, p_all=p, row0=0, group=2, teacher=teacher)
+
+    def at(d):  # the prefix, re-normalised by hand
+        qd, pd = F.normalize(q[:, :d], dim=-1), F.normalize(p[:, :d], dim=-1)
+        return Pairing(q=qd, q_all=qd, p_all=pd, row0=0, group=2, teacher=teacher)
+
+    def one(pr):
+        return 0.2 * contrastive_loss(pr, 0.05) + 1.0 * distill_loss(pr, 0.05, 1.0)
+
+    got = embedding_loss(pair, 0.05, infonce_weight=0.2, distill_weight=1.0, matryoshka_dims=[8, 4, 2],
+                         matryoshka_weights=[1.0, 0.5, 0.25])
+    expected = one(pair) + 0.5 * one(at(4)) + 0.25 * one(at(2))
+    assert torch.allclose(got, expected, atol=1e-6)
+    assert torch.allclose(embedding_loss(pair, 0.05), contrastive_loss(pair, 0.05))  # the defaults: InfoNCE

@@ -50,6 +50,35 @@ def test_saved_model_loads_everywhere_with_the_same_embeddings(tiny_encoder_fact
     assert torch.allclose(encode(again, again, texts, "query"), ours_q, atol=1e-6)
 
 
+def test_matryoshka_prefix_loads_truncated_here_and_in_sentence_transformers(tiny_encoder_factory, tmp_path):
+    import torch.nn.functional as F
+    from sentence_transformers import SentenceTransformer
+
+    encoder = tiny_encoder_factory().eval()
+    texts = ["A man plays a guitar.", "Two dogs run through the snow after a red ball."]
+    full = encode(encoder, encoder, texts, None)  # [2, 32]
+    folder = encoder.save(tmp_path / "model")
+
+    short = load_encoder(str(folder), truncate_dim=8).eval()
+    assert short.dim == 8
+    ours = encode(short, short, texts, None)  # [2, 8]: the prefix, re-normalised
+    assert torch.allclose(ours, F.normalize(full[:, :8], dim=-1), atol=1e-6)
+    st = SentenceTransformer(str(folder), device="cpu", truncate_dim=8)
+    theirs = st.encode(texts, convert_to_tensor=True, normalize_embeddings=True)
+    assert theirs.shape == (2, 8) and torch.allclose(theirs, ours, atol=1e-5)
+
+    saved = short.save(tmp_path / "short")  # a truncated model stays truncated, in both
+    assert load_encoder(str(saved)).dim == 8
+    assert SentenceTransformer(str(saved), device="cpu").encode(texts).shape == (2, 8)
+    with pytest.raises(UserError, match="model.truncate_dim=64: expected 1 .. 32"):
+        load_encoder(str(folder), truncate_dim=64)
+
+
+def test_a_run_dir_stands_for_its_model(tiny_encoder_factory, tmp_path):
+    tiny_encoder_factory().save(tmp_path / "run" / "model")
+    assert load_encoder(str(tmp_path / "run")).dim == 32
+
+
 def test_explicit_config_overrides_the_folder(tiny_encoder_factory, tmp_path):
     folder = tiny_encoder_factory(pooling="cls").save(tmp_path / "m")
     assert read_st_config(folder)["pooling"] == "cls"

@@ -38,7 +38,7 @@ ALIASES = {
     "negatives": ("negatives", "negative", "neg", "hard_negatives", "hard_negative", "sent2", "contradiction"),
     "scores": ("scores", "teacher_scores", "ce_scores"),
 }
-LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
+LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".txt")
 
 
 @dataclass
@@ -108,18 +108,31 @@ def _iter_parquet(path: Path) -> Iterable[tuple[int, dict]]:
     yield from enumerate(pq.read_table(path).to_pylist(), 1)
 
 
-def _iter_hub(name: str, subset: str | None, split: str) -> Iterable[tuple[int, dict]]:
+def _iter_text(path: Path) -> Iterable[tuple[int, dict]]:
+    """One text per line (SimCSE's wiki1m_for_simcse.txt); blank lines are skipped."""
+    with open(path, encoding="utf-8") as f:
+        for line, text in enumerate(f, 1):
+            if text.strip():
+                yield line, {"text": text.rstrip("\n")}
+
+
+def _iter_hub(name: str, subset: str | None, split: str, data_files: str | None) -> Iterable[tuple[int, dict]]:
     import datasets
 
     try:
-        ds = datasets.load_dataset(name, subset, split=split)
+        if data_files and data_files.endswith(".txt"):  # the text builder: one record per line
+            ds = datasets.load_dataset("text", data_files=f"hf://datasets/{name}/{data_files}", split=split)
+        else:
+            ds = datasets.load_dataset(name, subset, split=split, data_files=data_files)
     except Exception as e:  # offline, unknown name, bad split: one line with the cause
-        raise UserError(f"dataset {name!r} (split {split!r}): could not be loaded from the Hugging Face Hub: "
+        what = f"{name}/{data_files}" if data_files else name
+        raise UserError(f"dataset {what!r} (split {split!r}): could not be loaded from the Hugging Face Hub: "
                         f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from e
     yield from enumerate(ds, 1)
 
 
-def iter_rows(path: str, subset: str | None = None, split: str = "train") -> tuple[str, Iterable[tuple[int, dict]]]:
+def iter_rows(path: str, subset: str | None = None, split: str = "train",
+              data_files: str | None = None) -> tuple[str, Iterable[tuple[int, dict]]]:
     """(origin, rows with their line or row number) of a local file or a hub dataset name."""
     p = Path(path).expanduser()
     suffix = p.suffix.lower()
@@ -132,12 +145,14 @@ def iter_rows(path: str, subset: str | None = None, split: str = "train") -> tup
             return str(p), _iter_csv(p, "\t" if suffix == ".tsv" else ",")
         if suffix == ".parquet":
             return str(p), _iter_parquet(p)
+        if suffix == ".txt":
+            return str(p), _iter_text(p)
         raise UserError(f"{p}: unknown data format {suffix!r}; expected one of {', '.join(LOCAL_SUFFIXES)}")
     if p.exists():
         raise UserError(f"{p}: is a folder, expected a data file ({', '.join(LOCAL_SUFFIXES)})")
     if suffix in LOCAL_SUFFIXES or path.startswith((".", "/", "~")):
         raise UserError(f"{path}: no such data file")
-    return f"hub:{path}", _iter_hub(path, subset, split)
+    return f"hub:{path}" + (f"/{data_files}" if data_files else ""), _iter_hub(path, subset, split, data_files)
 
 
 def _pick(row: dict, role: str, mapping: dict[str, str]) -> str | None:
@@ -155,9 +170,10 @@ def _negative_columns(row: dict, mapping: dict[str, str]) -> list[str]:
 
 
 def read_source(name: str, path: str, fields: dict[str, str] | None = None, num_negatives: int | None = None,
-                limit: int | None = None, subset: str | None = None, split: str = "train") -> Source:
+                limit: int | None = None, subset: str | None = None, split: str = "train",
+                data_files: str | None = None) -> Source:
     """Read and validate every record of one source."""
-    origin, rows = iter_rows(path, subset, split)
+    origin, rows = iter_rows(path, subset, split, data_files)
     mapping = dict(fields or {})
     anchors: list[str] = []
     positives: list[str] = []

@@ -140,13 +140,24 @@ def build_tasks(tasks_cfg: dict) -> list:
     return tasks
 
 
-def run_tasks(tasks: list, embed: Embed) -> dict[str, float]:
-    """Flat metrics: {"snli_sts/spearman": 0.81, "snli_ir/ndcg@10": 0.70, ...}."""
+def run_tasks(tasks: list, embed: Embed, dims: list[int] | None = None) -> dict[str, float]:
+    """Flat metrics: {"snli_sts/spearman": 0.81, "snli_ir/ndcg@10": 0.70, ...}; with `dims`, also
+    each task on the first d dimensions, re-normalised ("snli_sts@64/spearman"): how a
+    Matryoshka-trained embedding holds up when truncated. `embed` caches, so every dim
+    reuses one encoding."""
     out: dict[str, float] = {}
-    for task in tasks:
-        for metric, value in task(embed).items():
-            out[f"{task.name}/{metric}"] = value
+    for dim in [None, *(dims or [])]:
+        use = embed if dim is None else _truncating(embed, dim)
+        for task in tasks:
+            for metric, value in task(use).items():
+                out[f"{task.name}{'' if dim is None else f'@{dim}'}/{metric}"] = value
     return out
+
+
+def _truncating(embed: Embed, dim: int) -> Embed:
+    def cut(texts: list[str], side: str | None) -> torch.Tensor:
+        return F.normalize(embed(texts, side)[:, :dim], dim=-1)
+    return cut
 
 
 def side_by_side(before: dict[str, float] | None, after: dict[str, float]) -> str:

@@ -77,6 +77,54 @@ def contrastive_loss(pair: Pairing, temperature: float = 0.05, symmetric: bool =
     return loss
 
 
+def distill_loss(pair: Pairing, temperature: float = 0.05, teacher_temperature: float = 1.0) -> torch.Tensor:
+    """KL(teacher || student) over each query's own candidate list [positive, its hard negatives].
+
+    E5 fine-tuning (arXiv 2212.03533, after RocketQAv2) distils a cross-encoder this way:
+    the teacher's scores, softened by `teacher_temperature`, are a distribution over the
+    1 + n candidates; the student's is the softmax of its cosines / `temperature`.
+    """
+    if pair.teacher is None:
+        raise ValueError("distill_loss needs teacher scores in the batch")
+    idx = pair.labels[:, None] + torch.arange(pair.group, device=pair.q.device)  # [b, 1+n] columns
+    student = torch.einsum("bd,bgd->bg", pair.q, pair.p_all[idx]) / temperature  # [b, 1+n]
+    target = F.log_softmax(pair.teacher.float() / teacher_temperature, dim=-1)  # [b, 1+n]
+    return F.kl_div(F.log_softmax(student, dim=-1), target, log_target=True, reduction="batchmean")
+
+
+def truncated(pair: Pairing, dim: int) -> Pairing:
+    """The pairing on the first `dim` coordinates, re-normalised (Matryoshka, arXiv 2205.13147):
+    a prefix of the embedding must work as an embedding by itself."""
+    def cut(x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x[:, :dim], dim=-1)
+    return replace(pair, q=cut(pair.q), q_all=cut(pair.q_all), p_all=cut(pair.p_all))
+
+
+def embedding_loss(pair: Pairing, temperature: float = 0.05, symmetric: bool = False,
+                   infonce_weight: float = 1.0, distill_weight: float = 0.0, teacher_temperature: float = 1.0,
+                   matryoshka_dims: list[int] | None = None,
+                   matryoshka_weights: list[float] | None = None) -> torch.Tensor:
+    """What the trainer optimises: weighted InfoNCE + distillation, at the full dimension or
+    summed over Matryoshka prefixes. Still a mean over query rows, so the engine may take it
+    a block of rows at a time, and still a function of the embeddings alone, so gradient
+    caching applies unchanged (a Matryoshka loss needs no second graph, unlike ST #3107).
+
+    E5 fine-tuning: infonce_weight 0.2, distill_weight 1.0.
+    """
+    dims = list(matryoshka_dims) if matryoshka_dims else [None]
+    weights = list(matryoshka_weights) if matryoshka_weights else [1.0] * len(dims)
+    total = pair.q.new_zeros(())
+    for dim, weight in zip(dims, weights):
+        p = pair if dim is None else truncated(pair, dim)
+        part = p.q.new_zeros(())
+        if infonce_weight:
+            part = part + infonce_weight * contrastive_loss(p, temperature, symmetric)
+        if distill_weight:
+            part = part + distill_weight * distill_loss(p, temperature, teacher_temperature)
+        total = total + weight * part
+    return total
+
+
 def false_negative_masks(anchor_all: torch.Tensor, passage_all: torch.Tensor, row0: int, b: int,
                          group: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Masks of in-batch candidates that are really positives, from text hashes.

@@ -38,6 +38,7 @@ class EncoderSpec:
     normalize: bool = True
     max_length: int = 128
     prompts: dict[str, str] = field(default_factory=dict)  # side ("query", "passage") -> prefix
+    truncate_dim: int | None = None  # keep the first N dimensions (Matryoshka), re-normalised
 
     def __post_init__(self) -> None:
         if self.pooling not in POOLINGS:
@@ -87,10 +88,13 @@ class Encoder(nn.Module):
         self.spec = spec
         if tokenizer.pad_token_id is None:
             raise UserError("the tokenizer has no pad token; set one before training")
+        full = int(self.backbone.config.hidden_size)
+        if spec.truncate_dim is not None and not 0 < spec.truncate_dim <= full:
+            raise UserError(f"model.truncate_dim={spec.truncate_dim}: expected 1 .. {full} (the model's dimension)")
 
     @property
     def dim(self) -> int:
-        return int(self.backbone.config.hidden_size)
+        return self.spec.truncate_dim or int(self.backbone.config.hidden_size)
 
     @property
     def pad_id(self) -> int:
@@ -111,6 +115,8 @@ class Encoder(nn.Module):
         # input_ids, attention_mask: [N, L] -> [N, D]
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         emb = pool(hidden, attention_mask, self.spec.pooling).float()
+        if self.spec.truncate_dim:
+            emb = emb[:, : self.spec.truncate_dim]  # normalised after the cut, as Matryoshka training saw it
         return F.normalize(emb, dim=-1) if self.spec.normalize else emb
 
     # --- saving --------------------------------------------------------------------------------
@@ -126,7 +132,7 @@ class Encoder(nn.Module):
         try:
             self.backbone.save_pretrained(tmp, state_dict=state_dict)
             self.tokenizer.save_pretrained(tmp)
-            write_st_config(tmp, self.spec, self.dim)
+            write_st_config(tmp, self.spec, int(self.backbone.config.hidden_size))  # pooling sees all dims
             if out.exists():  # replace an older model only once the new one is complete
                 old = out.with_name(f".{out.name}.old-{os.getpid()}")
                 os.replace(out, old)
@@ -161,10 +167,11 @@ def write_st_config(folder: Path, spec: EncoderSpec, dim: int) -> None:
     })
     _dump(folder / "modules.json", modules)
     _dump(folder / "sentence_bert_config.json", {"max_seq_length": spec.max_length, "do_lower_case": False})
-    _dump(folder / "config_sentence_transformers.json", {
-        "prompts": dict(spec.prompts), "default_prompt_name": None, "similarity_fn_name": "cosine",
-        "train_encoder_spec": asdict(spec),
-    })
+    st_config = {"prompts": dict(spec.prompts), "default_prompt_name": None, "similarity_fn_name": "cosine",
+                 "train_encoder_spec": asdict(spec)}
+    if spec.truncate_dim:  # sentence-transformers reads it back (its cosine similarity makes the scale moot)
+        st_config["truncate_dim"] = spec.truncate_dim
+    _dump(folder / "config_sentence_transformers.json", st_config)
 
 
 def _dump(path: Path, obj) -> None:
@@ -197,18 +204,24 @@ def read_st_config(folder: Path) -> dict:
         found["max_length"] = int(json.loads(sbert.read_text())["max_seq_length"])
     cst = folder / "config_sentence_transformers.json"
     if cst.exists():
-        prompts = json.loads(cst.read_text()).get("prompts") or {}
-        found["prompts"] = {k: v for k, v in prompts.items() if v}
+        st_config = json.loads(cst.read_text())
+        found["prompts"] = {k: v for k, v in (st_config.get("prompts") or {}).items() if v}
+        if st_config.get("truncate_dim"):
+            found["truncate_dim"] = int(st_config["truncate_dim"])
     return found
 
 
 def resolve_model_dir(name_or_path: str) -> Path:
-    """A local folder as is; otherwise a Hugging Face Hub name, downloaded (or taken from cache)."""
+    """A local folder as is (a run dir stands for its saved `model/`, so one stage starts from
+    another's run dir); otherwise a Hugging Face Hub name, downloaded (or taken from cache)."""
     p = Path(name_or_path).expanduser()
+    if p.is_dir() and not (p / "config.json").exists() and (p / "model" / "config.json").exists():
+        return p / "model"
     if p.is_dir():
         return p
     if p.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
-        raise UserError(f"model.path={name_or_path}: no such model folder")
+        raise UserError(f"model.path={name_or_path}: no such model folder (a stage's run dir works too: "
+                        "its model is at <run dir>/model)")
     try:
         from huggingface_hub import snapshot_download
 
@@ -222,7 +235,8 @@ def resolve_model_dir(name_or_path: str) -> Path:
 
 def load_encoder(path: str, pooling: str | None = None, normalize: bool | None = None,
                  max_length: int | None = None, prompts: dict[str, str] | None = None,
-                 dtype: str = "float32", attn_implementation: str | None = None) -> Encoder:
+                 dtype: str = "float32", attn_implementation: str | None = None,
+                 truncate_dim: int | None = None) -> Encoder:
     """Load a model folder or hub name; explicit arguments override what the folder says."""
     from transformers import AutoModel, AutoTokenizer
 
@@ -233,6 +247,7 @@ def load_encoder(path: str, pooling: str | None = None, normalize: bool | None =
         normalize=normalize if normalize is not None else saved.get("normalize", True),
         max_length=max_length if max_length is not None else saved.get("max_length", 128),
         prompts=dict(prompts) if prompts is not None else saved.get("prompts", {}),
+        truncate_dim=truncate_dim if truncate_dim is not None else saved.get("truncate_dim"),
     )
     if dtype not in DTYPES:
         raise UserError(f"model.dtype={dtype!r}: expected one of {', '.join(DTYPES)}")

@@ -66,10 +66,10 @@ def make_embed(forward: Callable, encoder: Encoder, world: dist.World, batch_siz
     return embed
 
 
-def evaluate(engine, tasks: list, batch_size: int) -> dict[str, float]:
+def evaluate(engine, tasks: list, batch_size: int, dims: list[int] | None = None) -> dict[str, float]:
     engine.module.eval()
     try:
-        return run_tasks(tasks, make_embed(engine.forward, engine.encoder, engine.world, batch_size))
+        return run_tasks(tasks, make_embed(engine.forward, engine.encoder, engine.world, batch_size), dims)
     finally:
         engine.module.train()
 
@@ -87,6 +87,7 @@ class FitConfig:
     eval_before: bool
     eval_every: int
     eval_batch_size: int
+    eval_dims: list[int] | None = None  # Matryoshka prefixes also evaluated
 
 
 def fit(engine, mixture: Mixture, sources: Sequence[Source], loss_fn: Callable, tasks: list, logger: Logger,
@@ -95,7 +96,7 @@ def fit(engine, mixture: Mixture, sources: Sequence[Source], loss_fn: Callable, 
     tokenize = engine.encoder.tokenize
 
     # --- the starting point -----------------------------------------------------------------------
-    before = evaluate(engine, tasks, cfg.eval_batch_size) if tasks and cfg.eval_before else None
+    before = evaluate(engine, tasks, cfg.eval_batch_size, cfg.eval_dims) if tasks and cfg.eval_before else None
     if before:
         logger.write({"step": 0, "eval": before})
         logger.print("eval before training:\n" + side_by_side(None, before))
@@ -130,13 +131,13 @@ def fit(engine, mixture: Mixture, sources: Sequence[Source], loss_fn: Callable, 
             "chunks": stats.chunks, "seconds": seconds,
         }, show)
         if cfg.eval_every and tasks and step % cfg.eval_every == 0 and step != cfg.max_steps:
-            metrics = evaluate(engine, tasks, cfg.eval_batch_size)
+            metrics = evaluate(engine, tasks, cfg.eval_batch_size, cfg.eval_dims)
             logger.write({"step": step, "eval": metrics})
             logger.print(f"eval at step {step}:\n" + side_by_side(before, metrics))
     train_seconds = time.perf_counter() - t_start
 
     # --- final evaluation and save ----------------------------------------------------------------
-    after = evaluate(engine, tasks, cfg.eval_batch_size) if tasks else {}
+    after = evaluate(engine, tasks, cfg.eval_batch_size, cfg.eval_dims) if tasks else {}
     if after:
         logger.write({"step": cfg.max_steps, "eval": after})
         logger.print("eval after training:\n" + side_by_side(before, after))
