@@ -28,10 +28,11 @@ def compose():
 
     config.register()
 
-    def _compose(overrides=()):
+    def _compose(overrides=(), hydra: bool = False):
+        """hydra=True: with the `hydra` node (runtime choices), for HydraConfig.set_config."""
         GlobalHydra.instance().clear()
         with initialize_config_dir(config_dir=str(config.CONF_DIR), version_base="1.3"):
-            return hydra_compose(config_name="config", overrides=list(overrides))
+            return hydra_compose(config_name="config", overrides=list(overrides), return_hydra_config=hydra)
 
     return _compose
 

@@ -1,37 +1,107 @@
-"""Every recipe builds and runs a few steps with a tiny model, in process, through `run()`."""
+"""Every recipe composes and runs a few steps with a tiny model on the offline data, in
+process, through `run()`; and the recipes' bad-input refusals name recipe, field and file."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
+import torch
+import yaml
 
-from train.config import recipe_files
+from train import assets
+from train.config import CONF_DIR, recipe_files
+from train.errors import UserError
 from train.run import run
 
 TINY = ["model=tiny_bert", "trainer.max_steps=2", "trainer.batch_size=8", "trainer.chunk_size=4", "trainer.log_every=1"]
+# Recipes whose job is not train/eval (mining) are tested with their job (tests/test_mine.py).
+RECIPES = sorted(n for n, p in recipe_files().items() if (yaml.safe_load(p.read_text()) or {}).get("job", "train")
+                 in ("train", "eval"))
 
 
-def tiny_overrides(compose, name: str) -> list[str]:
-    """The recipe with a tiny model, a few steps, and every evaluation task cut short."""
-    cfg = compose([f"recipe={name}", *TINY])
+def scored_triples(path, n: int = 64) -> str:
+    """A small file of the shape E5 fine-tuning reads: SNLI triples with made-up teacher scores."""
+    rows = [json.loads(line) for line in (assets.path("snli") / "train_triples.jsonl").read_text().splitlines()[:n]]
+    g = torch.Generator().manual_seed(0)
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps({"query": r["anchor"], "positive": r["positive"], "negatives": [r["negative"]],
+                                "scores": torch.randn(2, generator=g).tolist()}) + "\n")
+    return str(path)
+
+
+def tiny_overrides(compose, name: str, tmp_path) -> list[str]:
+    """The recipe on its offline data (`data=<recipe>_offline` where the default is the paper's
+    Hub data) with a tiny model, a few steps, and every evaluation task cut short."""
+    base = [f"recipe={name}"]
+    if (CONF_DIR / "data" / f"{name}_offline.yaml").exists():
+        base.append(f"data={name}_offline")
+    base += [*TINY, f"model.path={assets.path('tiny-bert')}"]
+    if name == "e5_finetune":  # its offline data is the mining stage's output: stand in a small one
+        base.append(f"data.path={scored_triples(tmp_path / 'mined.jsonl')}")
+    cfg = compose(base)
     extra = [f"eval.tasks.{task}.limit=40" for task in cfg.eval.tasks]
+    if cfg.loss.matryoshka_dims:  # the tiny model is 32-d
+        extra += ["loss.matryoshka_dims=[32,16,8]", "eval.dims=[16,8]"]
     if cfg.data.path:
         extra.append("data.limit=64")
     extra += [f"data.sources.{s}.limit=64" for s in cfg.data.sources]
-    return [f"recipe={name}", *TINY, *extra]
+    return [*base, *extra]
 
 
-@pytest.mark.parametrize("name", sorted(recipe_files()))
+@pytest.mark.parametrize("name", RECIPES)
 def test_recipe_runs_a_few_steps(compose, tmp_path, name):
-    cfg = compose(tiny_overrides(compose, name))
+    cfg = compose(tiny_overrides(compose, name, tmp_path))
     result = run(cfg, tmp_path)
     assert result["after"] and all(v == v for v in result["after"].values()), "no evaluation figures"
     assert (tmp_path / "config.yaml").exists()
+    if cfg.eval.dims:
+        assert {f"snli_sts@{d}/spearman" for d in cfg.eval.dims} <= set(result["after"])
     if cfg.job == "train":
         records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in records if "loss" in r] == [1, 2]
         assert (tmp_path / "model" / "modules.json").exists()
+
+
+def test_paper_recipes_default_to_the_papers_data(compose):
+    """Without the offline switch a recipe is the paper's setup on the paper's data (Hub)."""
+    cfg = compose(["recipe=simcse_unsup"])
+    assert cfg.data.sources.wiki1m.data_files == "wiki1m_for_simcse.txt" and cfg.model.pooling == "cls"
+    assert cfg.trainer.batch_size == 64 and cfg.loss.temperature == 0.05
+    cfg = compose(["recipe=simcse_sup"])
+    assert cfg.trainer.batch_size == 512 and cfg.optim.lr == 5e-5 and list(cfg.data.require) == ["negatives"]
+    cfg = compose(["recipe=e5_pretrain"])
+    assert cfg.trainer.batch_size == 32768 and cfg.loss.temperature == 0.01
+    assert all(s.homogeneous for s in cfg.data.sources.values()) and cfg.model.prompts.query == "query: "
+    cfg = compose(["recipe=e5_finetune", "data=e5_finetune_offline"])
+    assert cfg.loss.infonce_weight == 0.2 and cfg.loss.distill_weight == 1.0 and cfg.model.path == "./runs/e5_pretrain"
+
+
+@pytest.mark.parametrize("recipe, overrides, message", [
+    ("simcse_sup", ["data.path={pairs}"],
+     "recipe simcse_sup needs negatives (data.require), but source 'main' ({pairs})"),
+    ("e5_finetune", ["data.path={triples}"], "recipe e5_finetune needs scores (loss.distill_weight=1.0), but source "
+                                             "'main' ({triples})"),
+    ("e5_finetune", ["data.path={scored}", "model.path=/nonexistent/e5_pretrain"],
+     "recipe e5_finetune: model.path=/nonexistent/e5_pretrain: no such model folder"),
+])
+def test_recipes_refuse_data_they_cannot_train_on(compose, tmp_path, recipe, overrides, message):
+    from hydra.core.hydra_config import HydraConfig
+
+    files = {"pairs": str(assets.path("snli") / "train_pairs.jsonl"),
+             "triples": str(assets.path("snli") / "train_triples.jsonl"),
+             "scored": scored_triples(tmp_path / "scored.jsonl")}
+    overrides = [o.format(**files) for o in overrides]
+    cfg = compose([f"recipe={recipe}", f"data={recipe}_offline", *TINY, f"model.path={assets.path('tiny-bert')}",
+                   "eval=none", "data.limit=32", *overrides])
+    HydraConfig.instance().set_config(compose([f"recipe={recipe}"], hydra=True))  # the recipe name, as a run has it
+    try:
+        with pytest.raises(UserError, match=message.format(**files).replace("(", r"\(").replace(")", r"\)")):
+            run(cfg, tmp_path)
+    finally:
+        HydraConfig.instance().cfg = None
+    assert not (tmp_path / "model").exists()
 
 
 def test_wandb_offline_needs_no_network(compose, tmp_path):

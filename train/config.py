@@ -28,12 +28,14 @@ class ModelConfig:
     prompts: Optional[Dict[str, str]] = None  # {query: "query: ", passage: "passage: "}; None: the folder's
     dtype: str = "float32"  # weights: float32 | bfloat16 | float16
     attn_implementation: Optional[str] = None  # sdpa | eager | flash_attention_2; None: transformers' default
+    truncate_dim: Optional[int] = None  # keep the first N dimensions (a Matryoshka-trained model), re-normalised
 
 
 @dataclass
 class SourceConfig:
     path: str = MISSING  # local .jsonl/.json/.csv/.tsv/.parquet, or a hub dataset name
     subset: Optional[str] = None  # hub dataset configuration
+    data_files: Optional[str] = None  # hub: one file inside the dataset repo (SimCSE's wiki1m_for_simcse.txt)
     split: str = "train"
     fields: Dict[str, str] = field(default_factory=dict)  # role -> column: anchor, positive, negatives, scores
     weight: Optional[float] = None  # sampling weight; None: the number of examples
@@ -49,12 +51,18 @@ class DataConfig:
     temperature: float = 1.0  # source sampling: p_i ~ size_i ** (1 / temperature)
     mask_duplicates: bool = True  # drop in-batch candidates that are copies of a positive
     limit: Optional[int] = None  # with `path`: read at most this many records
+    require: List[str] = field(default_factory=list)  # fields every source must have: negatives, scores
 
 
 @dataclass
 class LossConfig:
     temperature: float = 0.05  # SimCSE (arXiv 2104.08552): 0.05
     symmetric: bool = False  # add the passage -> query direction
+    infonce_weight: float = 1.0
+    distill_weight: float = 0.0  # KL to teacher scores over each query's candidates (E5: 1.0, InfoNCE 0.2)
+    teacher_temperature: float = 1.0  # softens the teacher's scores (cross-encoder logits: 1; cosines: ~0.05)
+    matryoshka_dims: Optional[List[int]] = None  # also train these prefixes of the embedding, e.g. [384, 128, 64]
+    matryoshka_weights: Optional[List[float]] = None  # one per dim; None: all 1
 
 
 @dataclass
@@ -96,6 +104,7 @@ class EvalConfig:
     before: bool = True  # evaluate the starting model too, for a before/after table
     every_steps: int = 0  # also evaluate every N steps; 0: before and after only
     batch_size: int = 256
+    dims: Optional[List[int]] = None  # also evaluate these embedding prefixes (Matryoshka)
 
 
 @dataclass
@@ -116,8 +125,32 @@ class LogConfig:
 
 
 @dataclass
+class MineConfig:
+    """Hard-negative mining (recipe=mine_hard_negatives, train/mine.py); presets in conf/mine/."""
+
+    corpus: Optional[str] = None  # passages to mine from (a text field, optional id); None: the data's own texts
+    text_field: Optional[str] = None  # corpus text column; None: text, passage, document, contents, ...
+    id_field: Optional[str] = None  # corpus id column; None: id, _id, doc_id, ... when there is one
+    skip: int = 0  # rank window: skip the r best candidates (known positives not counted) ...
+    window: int = 10  # ... and consider the next w, ranks r .. r+w-1
+    num_negatives: int = 4  # per record; a record left with fewer is skipped (training needs the same number)
+    sample: bool = False  # draw num_negatives at random (seeded) from the window instead of the best ones
+    max_score: Optional[float] = None  # TopK-Abs: drop candidates scoring above this
+    margin_pos: Optional[float] = None  # TopK-MarginPos: drop candidates scoring above positive - margin
+    perc_pos: Optional[float] = None  # TopK-PercPos: drop candidates above perc x positive (NV-Retriever: 0.95)
+    teacher: Optional[str] = None  # cross-encoder or bi-encoder: writes scores [positive, negatives...]
+    teacher_batch_size: int = 32
+    teacher_max_length: int = 256  # cross-encoder: tokens per (query, passage) pair
+    batch_size: int = 128  # texts per encoder forward on a rank
+    query_chunk: int = 1024  # exact search in blocks of query_chunk x doc_chunk scores ...
+    doc_chunk: int = 16384  # ... memory O(query_chunk x (doc_chunk + k)), never the whole matrix
+    faiss: bool = False  # search with faiss (exact inner product index); needs faiss-cpu or faiss-gpu
+    format: str = "jsonl"  # jsonl | parquet | datasets (a datasets.save_to_disk folder)
+
+
+@dataclass
 class Config:
-    job: str = "train"  # train | eval
+    job: str = "train"  # train | eval | mine
     seed: int = 42
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -127,6 +160,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    mine: MineConfig = field(default_factory=MineConfig)
 
 
 def recipe_files() -> dict[str, Path]:
@@ -155,6 +189,16 @@ def register() -> None:
         cs.store(group="recipe", name=name, node=OmegaConf.load(path), package="_global_")
     if not OmegaConf.has_resolver("asset"):
         OmegaConf.register_new_resolver("asset", lambda name: str(assets.path(name)), use_cache=True)
+
+
+def recipe_name() -> str:
+    """The recipe this run was composed from (for error messages); "-" outside a Hydra run."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return HydraConfig.get().runtime.choices.get("recipe") or "-"
+    except ValueError:  # HydraConfig not set: called from Python, not from `python -m train`
+        return "-"
 
 
 def to_plain(cfg: Any) -> Any:

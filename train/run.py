@@ -18,16 +18,18 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from train import dist
-from train.data import Mixture, read_source
+from train.config import recipe_name
+from train.data import ALIASES, Mixture, read_source
 from train.errors import UserError
 from train.evaluate import build_tasks, run_tasks, side_by_side
 from train.log import Logger, say
-from train.losses import contrastive_loss
+from train.losses import embedding_loss
+from train.mine import mine_job
 from train.model import freeze_unused, load_encoder
 from train.optim import param_groups, schedule
 from train.trainer import FitConfig, fit, make_embed
 
-JOBS = ("train", "eval")
+JOBS = ("train", "eval", "mine")
 
 
 def seed_everything(seed: int) -> None:
@@ -49,9 +51,12 @@ def use_bf16(precision: str, world: dist.World) -> bool:
 
 def build_encoder(cfg: DictConfig):
     m = cfg.model
-    return load_encoder(m.path, pooling=m.pooling, normalize=m.normalize, max_length=m.max_length,
-                        prompts=OmegaConf.to_container(m.prompts) if m.prompts is not None else None,
-                        dtype=m.dtype, attn_implementation=m.attn_implementation)
+    try:
+        return load_encoder(m.path, pooling=m.pooling, normalize=m.normalize, max_length=m.max_length,
+                            prompts=OmegaConf.to_container(m.prompts) if m.prompts is not None else None,
+                            dtype=m.dtype, attn_implementation=m.attn_implementation, truncate_dim=m.truncate_dim)
+    except UserError as e:  # name the recipe: a later stage often points at an earlier stage's run
+        raise UserError(f"recipe {recipe_name()}: {e}") from e
 
 
 def build_optimizer(optim: DictConfig, module: torch.nn.Module) -> torch.optim.Optimizer:
@@ -76,8 +81,40 @@ def build_sources(cfg: DictConfig) -> tuple[list, list]:
     for name, s in specs.items():
         sources.append(read_source(name, s.path, fields=dict(s.get("fields") or {}),
                                    num_negatives=s.get("num_negatives"), limit=s.get("limit"),
-                                   subset=s.get("subset"), split=s.get("split", "train")))
+                                   subset=s.get("subset"), split=s.get("split", "train"),
+                                   data_files=s.get("data_files")))
+    check_fields(cfg, sources)
     return sources, list(specs.values())
+
+
+def check_fields(cfg: DictConfig, sources: list) -> None:
+    """Refuse data that lacks what the recipe trains on: hard negatives where `data.require`
+    lists them (supervised SimCSE), teacher scores when distillation is on."""
+    need = {role: "data.require" for role in cfg.data.require}
+    if cfg.loss.distill_weight:
+        need["scores"] = f"loss.distill_weight={cfg.loss.distill_weight}"
+    for role, why in need.items():
+        if role not in ("negatives", "scores"):
+            raise UserError(f"data.require: unknown field {role!r}; expected negatives or scores")
+        for s in sources:
+            if (s.num_negatives if role == "negatives" else s.scores is not None):
+                continue
+            raise UserError(f"recipe {recipe_name()} needs {role} ({why}), but source {s.name!r} ({s.origin}) "
+                            f"has none: expected a field named one of {', '.join(ALIASES[role])} "
+                            f"(or set the source's fields.{role})")
+
+
+def check_loss(cfg: DictConfig, dim: int) -> None:
+    dims, weights = cfg.loss.matryoshka_dims, cfg.loss.matryoshka_weights
+    for d in dims or []:
+        if not 0 < d <= dim:
+            raise UserError(f"loss.matryoshka_dims: {d} is not between 1 and the model's dimension {dim}")
+    if weights is not None and len(weights) != len(dims or []):
+        raise UserError(f"loss.matryoshka_weights has {len(weights)} values for "
+                        f"{len(dims or [])} loss.matryoshka_dims; expected one weight per dimension")
+    for d in cfg.eval.dims or []:
+        if not 0 < d <= dim:
+            raise UserError(f"eval.dims: {d} is not between 1 and the model's dimension {dim}")
 
 
 def check_batch(cfg: DictConfig, world_size: int) -> tuple[int, int]:
@@ -120,7 +157,8 @@ def train_job(cfg: DictConfig, world: dist.World, run_dir: Path) -> dict:
     if frozen and world.is_main:
         say(f"froze {len(frozen)} parameters the embedding never uses ({', '.join(frozen[:3])}"
             f"{', ...' if len(frozen) > 3 else ''})")
-    loss_fn = functools.partial(contrastive_loss, **OmegaConf.to_container(cfg.loss))
+    check_loss(cfg, encoder.dim)
+    loss_fn = functools.partial(embedding_loss, **OmegaConf.to_container(cfg.loss))
 
     t = cfg.trainer
     bf16 = use_bf16(t.precision, world)
@@ -138,7 +176,8 @@ def train_job(cfg: DictConfig, world: dist.World, run_dir: Path) -> dict:
         return fit(engine, mixture, sources, loss_fn, tasks, logger, FitConfig(
             max_steps=t.max_steps, chunk_size=chunk, accum_steps=t.accum_steps, group_by_length=t.group_by_length,
             mask_duplicates=cfg.data.mask_duplicates, log_every=t.log_every, eval_before=cfg.eval.before,
-            eval_every=cfg.eval.every_steps, eval_batch_size=cfg.eval.batch_size), run_dir)
+            eval_every=cfg.eval.every_steps, eval_batch_size=cfg.eval.batch_size,
+            eval_dims=list(cfg.eval.dims) if cfg.eval.dims else None), run_dir)
     finally:
         logger.close()
 
@@ -149,7 +188,9 @@ def eval_job(cfg: DictConfig, world: dist.World, run_dir: Path) -> dict:
         raise UserError("recipe=eval has no tasks: choose an eval config (eval=snli) or set eval.tasks")
     encoder = build_encoder(cfg).to(world.device).eval()
     say(f"world size {world.size}: evaluating {cfg.model.path}")
-    metrics = run_tasks(tasks, make_embed(encoder, encoder, world, cfg.eval.batch_size))
+    check_loss(cfg, encoder.dim)
+    metrics = run_tasks(tasks, make_embed(encoder, encoder, world, cfg.eval.batch_size),
+                        list(cfg.eval.dims) if cfg.eval.dims else None)
     if world.is_main:
         print(side_by_side(None, metrics))
         (run_dir / "eval.json").write_text(json.dumps({"model": cfg.model.path, "metrics": metrics}, indent=2) + "\n")
@@ -164,5 +205,5 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     if world.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    return (train_job if cfg.job == "train" else eval_job)(cfg, world, run_dir)
+    return {"train": train_job, "eval": eval_job, "mine": mine_job}[cfg.job](cfg, world, run_dir)
 
