@@ -63,12 +63,12 @@ class Logger:
         self.write(record)
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
+            self.bar.set_postfix(loss=f"{record['loss']:.4g}", refresh=False)
         if show:
             elapsed = time.perf_counter() - self.t0
             eta = elapsed / step * (self.total - step)
-            self.print(f"step {step}/{self.total}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
-                       f"grad_norm {record['grad_norm']:.3f}  {record['examples_per_s']:.1f} ex/s  "
+            self.print(f"step {step}/{self.total}  loss {record['loss']:.4g}  lr {record['lr']:.2e}  "
+                       f"grad_norm {record['grad_norm']:.3g}  {record['examples_per_s']:.1f} ex/s  "
                        f"{record['padded_tokens_per_text']:.1f} tok/text ({record['real_tokens_per_text']:.1f} real)  "
                        f"ETA {eta / 60:.1f} min")
 
