@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 
 import torch
 
@@ -40,6 +41,16 @@ def reference_grads(encoder, batch, chunks=None, loss_fn=LOSS):
 def snli_source(n: int = 64, negatives: bool = True) -> Source:
     name = "train_triples.jsonl" if negatives else "train_pairs.jsonl"
     return read_source("snli", str(assets.path("snli") / name), limit=n)
+
+
+def scored_triples(path, n: int = 64) -> str:
+    """A file of the shape E5 fine-tuning reads: n SNLI triples with made-up (seeded) teacher scores."""
+    src, g = snli_source(n), torch.Generator().manual_seed(0)
+    with open(path, "w") as f:
+        for a, p, negs in zip(src.anchors, src.positives, src.negatives):
+            f.write(json.dumps({"query": a, "positive": p, "negatives": negs,
+                                "scores": torch.randn(1 + len(negs), generator=g).tolist()}) + "\n")
+    return str(path)
 
 
 def snli_batch(encoder, rows: range, source: Source | None = None):

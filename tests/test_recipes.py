@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 import yaml
+from helpers import scored_triples
 
 from train import assets
 from train.config import CONF_DIR, recipe_files
@@ -18,17 +18,6 @@ TINY = ["model=tiny_bert", "trainer.max_steps=2", "trainer.batch_size=8", "train
 # Recipes whose job is not train/eval (mining) are tested with their job (tests/test_mine.py).
 RECIPES = sorted(n for n, p in recipe_files().items() if (yaml.safe_load(p.read_text()) or {}).get("job", "train")
                  in ("train", "eval"))
-
-
-def scored_triples(path, n: int = 64) -> str:
-    """A small file of the shape E5 fine-tuning reads: SNLI triples with made-up teacher scores."""
-    rows = [json.loads(line) for line in (assets.path("snli") / "train_triples.jsonl").read_text().splitlines()[:n]]
-    g = torch.Generator().manual_seed(0)
-    with open(path, "w") as f:
-        for r in rows:
-            f.write(json.dumps({"query": r["anchor"], "positive": r["positive"], "negatives": [r["negative"]],
-                                "scores": torch.randn(2, generator=g).tolist()}) + "\n")
-    return str(path)
 
 
 def tiny_overrides(compose, name: str, tmp_path) -> list[str]:

@@ -40,20 +40,18 @@ Markdown tables go to stdout, raw results (with versions, CPU/GPU, thread count,
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
 import gc
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from benchlib import FIXED_MMAP_THRESHOLD, machine, reset_peak_kib, run_worker, status_kib
 
 from train import assets
 from train.data import collate, read_source
@@ -143,27 +141,17 @@ class PeakMemory:
         self.dev, self.base = dev, 0
 
     def reset(self) -> None:
-        gc.collect()
         if self.dev.type == "cuda":
+            gc.collect()
             torch.cuda.reset_peak_memory_stats(self.dev)
             self.base = torch.cuda.memory_allocated(self.dev)
             return
-        # "5" resets the kernel's resident-set high-water mark (VmHWM) to the current RSS.
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        self.base = self._status_kib("VmRSS")
+        self.base = reset_peak_kib()
 
     def peak_mib(self) -> float:
         if self.dev.type == "cuda":
             return (torch.cuda.max_memory_allocated(self.dev) - self.base) / 2**20
-        return (self._status_kib("VmHWM") - self.base) / 1024
-
-    @staticmethod
-    def _status_kib(key: str) -> int:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1])  # "VmRSS:   123456 kB"
-        raise RuntimeError(f"no {key} in /proc/self/status")
+        return (status_kib("VmHWM") - self.base) / 1024
 
 
 def length_grouped_chunks(engine: TorchEngine, batch, chunk: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -383,47 +371,22 @@ WORKERS = {"step": worker_step, "compare": worker_compare}
 # --- the driver ---------------------------------------------------------------------------------
 
 
-# glibc's malloc raises its mmap threshold after large frees and then keeps freed activation
-# memory in its heap: the peak RSS of a CPU run grows with the number of differently shaped
-# chunks (more at large batches), though the live tensors do not. A fixed threshold returns
-# large blocks to the kernel at once, so VmHWM follows what the step really holds.
-# --allocator-default measures without it.
-FIXED_MMAP_THRESHOLD = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+# benchlib.FIXED_MMAP_THRESHOLD: without it glibc keeps freed activation memory, and the peak RSS
+# grows with the number of differently shaped chunks (more at large batches) though the live
+# tensors do not. --allocator-default measures without it.
 ALLOCATOR_ENV: dict[str, str] = dict(FIXED_MMAP_THRESHOLD)
 
 
 def spawn(job: dict) -> dict:
     """Run one job in a fresh interpreter (this file with --worker) and return its result."""
-    with tempfile.TemporaryDirectory() as tmp:
-        result = Path(tmp) / "result.json"
-        job = {**job, "result": str(result)}
-        t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(job)],
-                              capture_output=True, text=True, env={**os.environ, **ALLOCATOR_ENV})
-        if proc.returncode != 0 or not result.exists():
-            tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
-            print(f"  worker {job['kind']} batch={job['batch']} failed (exit {proc.returncode}):\n    "
-                  + "\n    ".join(tail), file=sys.stderr)
-            return {"error": "\n".join(tail), "exit_code": proc.returncode, **{k: job[k] for k in ("batch", "chunk")}}
-        out = json.loads(result.read_text())
-        out["wall_s"] = time.perf_counter() - t0
-        return out
-
-
-def machine() -> dict:
-    from importlib.metadata import version  # not the packages themselves: importing them takes seconds
-
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    info = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "python": platform.python_version(), "torch": torch.__version__, "transformers": version("transformers"),
-        "sentence_transformers": version("sentence-transformers"), "cpu": cpu, "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(), "device": "cpu", "load_average_start": os.getloadavg(),
-    }
-    if torch.cuda.is_available():
-        info.update(device="cuda", gpu=torch.cuda.get_device_name(0))
-    return info
+    t0 = time.perf_counter()
+    out, tail, code = run_worker(__file__, job, ALLOCATOR_ENV)
+    if out is None:
+        print(f"  worker {job['kind']} batch={job['batch']} failed (exit {code}):\n    " + "\n    ".join(tail),
+              file=sys.stderr)
+        return {"error": "\n".join(tail), "exit_code": code, **{k: job[k] for k in ("batch", "chunk")}}
+    out["wall_s"] = time.perf_counter() - t0
+    return out
 
 
 def fmt(x) -> str:

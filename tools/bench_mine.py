@@ -36,12 +36,8 @@ Markdown tables go to stdout, raw results (versions, CPU, load average) to --out
 from __future__ import annotations
 
 import argparse
-import datetime
-import gc
 import json
 import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -50,18 +46,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-FIXED_MMAP_THRESHOLD = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+from benchlib import FIXED_MMAP_THRESHOLD, machine, reset_peak_kib, run_worker, status_kib  # noqa: E402
+
 PERC_POS, WINDOW, NUM_NEGATIVES = 0.95, 10, 4
 
 
 # --- memory -------------------------------------------------------------------------------------
-
-
-def status_kib(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])  # "VmRSS:   123456 kB"
-    raise RuntimeError(f"no {key} in /proc/self/status")
 
 
 def cpu_seconds() -> float:
@@ -71,14 +61,6 @@ def cpu_seconds() -> float:
 
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
-
-
-def reset_peak() -> int:
-    """Reset the kernel's RSS high-water mark to the current RSS; return that RSS in KiB."""
-    gc.collect()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return status_kib("VmRSS")
 
 
 # --- data ---------------------------------------------------------------------------------------
@@ -143,22 +125,21 @@ def worker_ours(job: dict) -> dict:
             f"model.max_length={job['max_length']}", f"mine.batch_size={job['batch_size']}",
             f"mine.perc_pos={PERC_POS}", f"mine.window={WINDOW}", f"mine.num_negatives={NUM_NEGATIVES}",
             "mine.skip=0", "mine.sample=false", "trainer.device=cpu"])
-    out_dir = Path(job["out_dir"])
+    out_dir = Path(job["tmp"]) / "run"
     out_dir.mkdir(parents=True, exist_ok=True)
     import_transformers()
-    base = reset_peak()
+    base = reset_peak_kib()
     t0, c0 = time.perf_counter(), cpu_seconds()
     result = run(cfg, out_dir)
     wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
     peak = status_kib("VmHWM")
     summary = result["summary"]
-    negatives = [json.loads(line)["negatives"] for line in (out_dir / "mined.jsonl").read_text().splitlines()]
-    queries = [json.loads(line)["query"] for line in (out_dir / "mined.jsonl").read_text().splitlines()]
+    mined = [json.loads(line) for line in (out_dir / "mined.jsonl").read_text().splitlines()]
     return {"impl": "ours", "wall_s": wall, "cpu_s": cpu, "peak_rss_mib": peak / 1024, "rise_mib": (peak - base) / 1024,
             "baseline_rss_mib": base / 1024, "stages_s": summary["seconds"], "written": summary["counts"]["written"],
             "records": summary["counts"]["records"], "corpus": summary["counts"]["corpus"],
             "removed": summary["removed"], "kept_mean": summary["scores"]["kept"]["mean"],
-            "chosen": [[q, n] for q, n in zip(queries, negatives)]}
+            "chosen": [[r["query"], r["negatives"]] for r in mined]}
 
 
 def worker_st(job: dict) -> dict:
@@ -171,7 +152,7 @@ def worker_st(job: dict) -> dict:
     records = [json.loads(line) for line in Path(job["pairs"]).read_text().splitlines()]
     corpus = [json.loads(line)["text"] for line in Path(job["corpus"]).read_text().splitlines()]
     import_transformers()
-    base = reset_peak()
+    base = reset_peak_kib()
     t0, c0 = time.perf_counter(), cpu_seconds()
     model = SentenceTransformer(job["model"], device="cpu")
     model.max_seq_length = job["max_length"]
@@ -195,23 +176,16 @@ WORKERS = {"ours": worker_ours, "st": worker_st}
 
 
 def spawn(job: dict) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        result = Path(tmp) / "result.json"
-        job = {**job, "result": str(result), "out_dir": str(Path(tmp) / "run")}
-        env = {**os.environ, **FIXED_MMAP_THRESHOLD, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-        load = os.getloadavg()
-        t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(job)],
-                              capture_output=True, text=True, env=env)
-        if proc.returncode != 0 or not result.exists():
-            tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
-            print(f"  worker {job['kind']} failed (exit {proc.returncode}):\n    " + "\n    ".join(tail),
-                  file=sys.stderr)
-            return {"error": "\n".join(tail), "kind": job["kind"]}
-        out = json.loads(result.read_text())
-        out.update({"process_s": time.perf_counter() - t0, "load_average_start": load,
-                    "load_average_end": os.getloadavg(), "queries_in": job["queries"], "passages_in": job["passages"]})
-        return out
+    env = {**FIXED_MMAP_THRESHOLD, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    load = os.getloadavg()
+    t0 = time.perf_counter()
+    out, tail, code = run_worker(__file__, job, env)
+    if out is None:
+        print(f"  worker {job['kind']} failed (exit {code}):\n    " + "\n    ".join(tail), file=sys.stderr)
+        return {"error": "\n".join(tail), "kind": job["kind"]}
+    out.update({"process_s": time.perf_counter() - t0, "load_average_start": load,
+                "load_average_end": os.getloadavg(), "queries_in": job["queries"], "passages_in": job["passages"]})
+    return out
 
 
 # --- parts --------------------------------------------------------------------------------------
@@ -300,25 +274,6 @@ def tables(report: dict) -> str:
             lines.append(f"| {r['passages_in']:,} | {r['queries_in']:,} | {r['embeddings_mib']:.0f} MiB | "
                          f"{r['peak_rss_mib']:,.0f} MiB | {r['rise_mib']:,.0f} MiB | {r['wall_s']:.0f} s |")
     return "\n".join(lines)
-
-
-def machine() -> dict:
-    from importlib.metadata import version
-
-    import torch
-
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": version("transformers"), "sentence_transformers": version("sentence-transformers"),
-            "cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "mem_total_gib": status_meminfo_gib(), "load_average_start": os.getloadavg()}
-
-
-def status_meminfo_gib() -> float:
-    line = next(x for x in Path("/proc/meminfo").read_text().splitlines() if x.startswith("MemTotal:"))
-    return int(line.split()[1]) / 2**20
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -299,14 +299,10 @@ def encode_both(encoder, world, queries: list[str], passages: list[str], batch_s
     """Queries (query prompt) and passages (passage prompt), each rank encoding its share; the
     encoder is dropped on return, before a teacher loads."""
     encoder = encoder.to(world.device).eval()
-    dev = world.device
-
-    def forward(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return encoder(ids.to(dev), mask.to(dev))
 
     def embed_block(texts: list[str], side: str) -> torch.Tensor:
         # A fresh make_embed per block: its cache then holds one block, not the whole corpus.
-        return make_embed(forward, encoder, world, batch_size)(texts, side)
+        return make_embed(encoder, encoder, world, batch_size)(texts, side)
 
     return (embed_all(embed_block, queries, "query", world.size, log),
             embed_all(embed_block, passages, "passage", world.size, log))

@@ -105,16 +105,15 @@ def check_fields(cfg: DictConfig, sources: list) -> None:
 
 
 def check_loss(cfg: DictConfig, dim: int) -> None:
-    dims, weights = cfg.loss.matryoshka_dims, cfg.loss.matryoshka_weights
-    for d in dims or []:
-        if not 0 < d <= dim:
-            raise UserError(f"loss.matryoshka_dims: {d} is not between 1 and the model's dimension {dim}")
-    if weights is not None and len(weights) != len(dims or []):
+    """Matryoshka prefixes (trained and evaluated) must fit the model's dimension."""
+    dims, weights = cfg.loss.matryoshka_dims or [], cfg.loss.matryoshka_weights
+    for key, values in (("loss.matryoshka_dims", dims), ("eval.dims", cfg.eval.dims or [])):
+        for d in values:
+            if not 0 < d <= dim:
+                raise UserError(f"{key}: {d} is not between 1 and the model's dimension {dim}")
+    if weights is not None and len(weights) != len(dims):
         raise UserError(f"loss.matryoshka_weights has {len(weights)} values for "
-                        f"{len(dims or [])} loss.matryoshka_dims; expected one weight per dimension")
-    for d in cfg.eval.dims or []:
-        if not 0 < d <= dim:
-            raise UserError(f"eval.dims: {d} is not between 1 and the model's dimension {dim}")
+                        f"{len(dims)} loss.matryoshka_dims; expected one weight per dimension")
 
 
 def check_batch(cfg: DictConfig, world_size: int) -> tuple[int, int]:

@@ -46,7 +46,8 @@ def make_embed(forward: Callable, encoder: Encoder, world: dist.World, batch_siz
         per = math.ceil(len(ids) / world.size)
         mine = order[world.rank :: world.size]
         mine += mine[-1:] * (per - len(mine))  # equal shares: repeat the last text
-        local = [forward(*pad([ids[i] for i in mine[s : s + batch_size]], encoder.pad_id, encoder.left_pad))
+        local = [forward(*(t.to(world.device) for t in pad([ids[i] for i in mine[s : s + batch_size]],
+                                                           encoder.pad_id, encoder.left_pad)))
                  for s in range(0, per, batch_size)]
         gathered = dist.gather(torch.cat(local).float().to(world.device)).cpu()  # [W*per, D]
         out = torch.empty((len(ids), gathered.shape[1]))
