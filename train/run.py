@@ -204,5 +204,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     if world.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    return {"train": train_job, "eval": eval_job, "mine": mine_job}[cfg.job](cfg, world, run_dir)
+    result = {"train": train_job, "eval": eval_job, "mine": mine_job}[cfg.job](cfg, world, run_dir)
+    # Every rank leaves together: a rank that is done early (the others while rank 0 writes) would
+    # otherwise tear its end of the process group down under rank 0, which can abort the launch.
+    dist.barrier()
+    return result
 

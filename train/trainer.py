@@ -150,5 +150,4 @@ def fit(engine, mixture: Mixture, sources: Sequence[Source], loss_fn: Callable, 
                    "world_size": world.size, "model": str(out)}
         (run_dir / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
         logger.print(f"model saved to {out}  (train {train_seconds / 60:.1f} min)")
-    dist.barrier()
     return {"before": before, "after": after, "model": str(out)}
