@@ -54,11 +54,22 @@ def main() -> None:
     def task(cfg: DictConfig) -> None:
         from transformers.utils import logging as hf_logging
 
+        from train.preempt import Preempted, hand_on
         from train.run import run
 
         hf_logging.disable_progress_bar()
         try:
             run(cfg, Path(HydraConfig.get().runtime.output_dir))
+        except Preempted as p:
+            # Checkpoint complete on every rank: leave the group, let a launcher's own handler act
+            # (submitit requeues from rank 0), and exit with the code the SLURM script requeues on.
+            print(f"train: {p}; exiting with {cfg.trainer.preempt_exit_code} to be requeued", file=sys.stderr,
+                  flush=True)
+            from train import dist
+
+            dist.shutdown()
+            hand_on(p.signum, p.previous)
+            sys.exit(cfg.trainer.preempt_exit_code)
         except Exception as e:
             user_error = _user_error(e, UserError)
             if user_error is None or os.environ.get("TRAIN_DEBUG"):

@@ -21,6 +21,7 @@ import datetime
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -126,6 +127,24 @@ def mean_over_ranks(value: float, device: torch.device) -> float:
     return float(t.item()) / dist.get_world_size()
 
 
+def any_rank(flag: int, device: torch.device) -> int:
+    """The largest of every rank's `flag` (a caught signal number, 0 for none): all ranks stop together."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([flag], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's `obj`, in rank order ([obj] on one process)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def broadcast_object(obj):
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return obj
@@ -213,6 +232,18 @@ class TorchEngine:
         """Every parameter's whole, reduced gradient (for inspection and tests; collective)."""
         return {n: _full(p.grad) for n, p in self.encoder.named_parameters() if p.grad is not None}
 
+    def save_state(self, folder: Path) -> None:
+        """Model, optimizer and schedule into `folder` (collective; replicas are equal, rank 0 writes)."""
+        if self.world.is_main:
+            torch.save({"model": self.encoder.state_dict(), "optimizer": self.optimizer.state_dict(),
+                        "scheduler": self.scheduler.state_dict()}, folder / "state.pt")
+
+    def load_state(self, folder: Path) -> None:
+        state = torch.load(folder / "state.pt", map_location=self.world.device, weights_only=True)
+        self.encoder.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
 
 class FSDP2Engine(TorchEngine):
     """FSDP2 (`fully_shard`): each transformer block and then the whole model sharded."""
@@ -241,6 +272,26 @@ class FSDP2Engine(TorchEngine):
 
         sd = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return _backbone_keys(sd) if self.world.is_main else {}
+
+    def save_state(self, folder: Path) -> None:
+        """Each rank writes its own shards of model and optimizer (torch.distributed.checkpoint)."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.module, self.optimizer)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(folder / "dcp"))
+        if self.world.is_main:
+            torch.save({"scheduler": self.scheduler.state_dict()}, folder / "state.pt")
+
+    def load_state(self, folder: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.module, self.optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=str(folder / "dcp"))
+        set_state_dict(self.module, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        self.scheduler.load_state_dict(torch.load(folder / "state.pt", weights_only=True)["scheduler"])
 
 
 class DeepSpeedEngine:
@@ -326,6 +377,16 @@ class DeepSpeedEngine:
     @property
     def lr(self) -> float:
         return float(self.engine.get_lr()[0])
+
+    def save_state(self, folder: Path) -> None:
+        """DeepSpeed's own checkpoint: module, ZeRO optimizer partitions per rank, schedule."""
+        self.engine.save_checkpoint(str(folder / "deepspeed"), tag="state", save_latest=False)
+
+    def load_state(self, folder: Path) -> None:
+        path, _ = self.engine.load_checkpoint(str(folder / "deepspeed"), tag="state", load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
+        if path is None:
+            raise ValueError(f"DeepSpeed found no checkpoint in {folder / 'deepspeed'}")
 
     def full_state_dict(self) -> dict | None:
         if self.stage < 3:

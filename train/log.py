@@ -32,11 +32,27 @@ class Logger:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total_steps, desc="train", dynamic_ncols=True)
-        self.t0 = time.perf_counter()
+        self.t0, self.first = time.perf_counter(), 0
 
-    def start(self) -> None:
-        """Training starts now: the ETA counts from here, not from model loading or evaluation."""
-        self.t0 = time.perf_counter()
+    def start(self, step: int = 0) -> None:
+        """Training starts now, after `step` steps (a resumed run): the ETA counts from here, not from
+        model loading or evaluation."""
+        self.t0, self.first = time.perf_counter(), step
+        if self.bar is not None:
+            self.bar.update(step)
+
+    def rewind(self, step: int) -> None:
+        """A run resumed after `step`: drop the records the stopped run wrote past it (they are redone)."""
+        if not self.enabled:
+            return
+        self.file.close()
+        path = Path(self.file.name)
+        kept = [line for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        tmp.replace(path)
+        self.file = open(path, "a", encoding="utf-8")
 
     def write(self, record: dict) -> None:
         if not self.enabled:
@@ -66,7 +82,7 @@ class Logger:
             self.bar.set_postfix(loss=f"{record['loss']:.4g}", refresh=False)
         if show:
             elapsed = time.perf_counter() - self.t0
-            eta = elapsed / step * (self.total - step)
+            eta = elapsed / max(1, step - self.first) * (self.total - step)
             self.print(f"step {step}/{self.total}  loss {record['loss']:.4g}  lr {record['lr']:.2e}  "
                        f"grad_norm {record['grad_norm']:.3g}  {record['examples_per_s']:.1f} ex/s  "
                        f"{record['padded_tokens_per_text']:.1f} tok/text ({record['real_tokens_per_text']:.1f} real)  "

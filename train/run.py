@@ -17,7 +17,7 @@ import torch
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
-from train import dist
+from train import checkpoint, dist, record
 from train.config import recipe_name
 from train.data import ALIASES, Mixture, read_source
 from train.errors import UserError
@@ -150,6 +150,16 @@ def train_job(cfg: DictConfig, world: dist.World, run_dir: Path) -> dict:
                       batch_size=cfg.trainer.batch_size, seed=cfg.seed, temperature=cfg.data.temperature,
                       names=[s.name for s in sources])
     tasks = build_tasks(cfg.eval.tasks)
+    t = cfg.trainer
+    for key in ("save_every", "keep_last"):
+        if t[key] < 0:
+            raise UserError(f"trainer.{key}={t[key]}: expected 0 or a positive integer")
+    resume_from = checkpoint.candidates(t.resume, run_dir)
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    run_record = None
+    if world.is_main:
+        run_record = record.write(run_dir, record.data_fingerprints(sources, specs), world.size,
+                                  str(resume_from[0]) if resume_from else None)
 
     encoder = build_encoder(cfg).to(world.device)
     frozen = freeze_unused(encoder)  # on the device: the probe's gradients are cheap there
@@ -159,7 +169,6 @@ def train_job(cfg: DictConfig, world: dist.World, run_dir: Path) -> dict:
     check_loss(cfg, encoder.dim)
     loss_fn = functools.partial(embedding_loss, **OmegaConf.to_container(cfg.loss))
 
-    t = cfg.trainer
     bf16 = use_bf16(t.precision, world)
     engine = dist.wrap(
         encoder, world, cfg.dist.strategy,
@@ -168,7 +177,7 @@ def train_job(cfg: DictConfig, world: dist.World, run_dir: Path) -> dict:
         max_grad_norm=t.max_grad_norm, bf16=bf16, per_rank_batch=per_rank * t.accum_steps,
         zero_stage=cfg.dist.zero_stage, deepspeed_config_file=cfg.dist.deepspeed_config,
         coalesce_reduction=cfg.dist.coalesce_reduction)
-    logger = Logger(run_dir, world.is_main, t.max_steps, config=OmegaConf.to_container(cfg, resolve=True),
+    logger = Logger(run_dir, world.is_main, t.max_steps, config={**plain, "run": run_record},
                     wandb=cfg.log.wandb, wandb_project=cfg.log.wandb_project, wandb_mode=cfg.log.wandb_mode,
                     progress=t.progress)
     try:
@@ -176,7 +185,9 @@ def train_job(cfg: DictConfig, world: dist.World, run_dir: Path) -> dict:
             max_steps=t.max_steps, chunk_size=chunk, accum_steps=t.accum_steps, group_by_length=t.group_by_length,
             mask_duplicates=cfg.data.mask_duplicates, log_every=t.log_every, eval_before=cfg.eval.before,
             eval_every=cfg.eval.every_steps, eval_batch_size=cfg.eval.batch_size,
-            eval_dims=list(cfg.eval.dims) if cfg.eval.dims else None), run_dir)
+            eval_dims=list(cfg.eval.dims) if cfg.eval.dims else None, save_every=t.save_every,
+            keep_last=t.keep_last, resume_from=resume_from, identity=checkpoint.identity(plain, world.size),
+            preempt_signals=list(t.preempt_signals)), run_dir)
     finally:
         logger.close()
 
@@ -201,9 +212,16 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         raise UserError(f"job={cfg.job!r}: expected one of {', '.join(JOBS)}")
     world = dist.init_world(cfg.trainer.device)
     seed_everything(cfg.seed + world.rank)  # dropout differs per rank; data order comes from cfg.seed alone
+    problem = None
     if world.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        except OSError as e:
+            problem = f"run dir {run_dir} is not writable: {e.strerror or e}"
+    problem = dist.broadcast_object(problem)  # every rank stops, not just the one that found it
+    if problem:
+        raise UserError(problem)
     result = {"train": train_job, "eval": eval_job, "mine": mine_job}[cfg.job](cfg, world, run_dir)
     # Every rank leaves together: a rank that is done early (the others while rank 0 writes) would
     # otherwise tear its end of the process group down under rank 0, which can abort the launch.

@@ -1,0 +1,184 @@
+"""Checkpoints, exact resume and preemption, on real `python -m train` processes.
+
+The reference is the same run never interrupted: a resumed run must log the same loss at every step
+and save bit-identical weights (CPU), with two sources mixed, the gradient cache on (chunk 4 of 16)
+and dropout on (its RNG replayed per chunk).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from train import checkpoint
+
+STEPS = 90
+RUN = ["model=tiny_bert", "trainer.batch_size=16", "trainer.chunk_size=4", "trainer.log_every=10",
+       "data=snli_mix", "data.sources.pairs.limit=300", "data.sources.triples.limit=300", "eval=none",
+       f"trainer.max_steps={STEPS}", "trainer.save_every=30", "trainer.keep_last=2", "trainer.progress=false"]
+
+
+def start(*args: str) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "train", *RUN, *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def train(*args: str) -> subprocess.CompletedProcess:
+    p = start(*args)
+    out, err = p.communicate(timeout=600)
+    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
+
+
+def losses(run: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if "loss" in r]
+    assert len(steps) == len(set(steps)), "a step logged twice"
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / "model" / "model.safetensors")
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    different = [k for k in wa if not torch.equal(wa[k], wb[k])]
+    assert different == [], different[:5]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("reference") / "run"
+    out = train(f"hydra.run.dir={run}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    return run
+
+
+def test_checkpoints_are_complete_and_only_the_last_n_kept(reference):
+    kept = [step for step, _ in checkpoint.listed(reference / "checkpoints")]
+    assert kept == [30, 60]  # saved at 30 and 60 (not at the last step: the model is saved then); keep_last=2
+    folder = reference / "checkpoints" / "step-00000060"
+    meta = checkpoint.verify(folder)
+    assert meta["step"] == 60 and meta["mixture"]["step"] == 60
+    assert {"state.pt", "rng-rank0.pt", "trainer.json"} <= {p.name for p in folder.iterdir()}
+    assert not list((reference / "checkpoints").glob(".tmp-*"))
+
+
+def test_signal_stops_at_a_step_boundary_and_the_resumed_run_is_bit_identical(reference, tmp_path):
+    run = tmp_path / "run"
+    p = start(f"hydra.run.dir={run}")
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and p.poll() is None:  # send the signal once training is under way
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.02)
+    p.send_signal(signal.SIGUSR1)
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 143, err[-3000:]
+    stopped = checkpoint.listed(run / "checkpoints")[-1][0]
+    assert 3 <= stopped < STEPS and f"stopped by SIGUSR1 after step {stopped}" in err
+    assert max(losses(run)) == stopped
+
+    again = train(f"hydra.run.dir={run}", "trainer.resume=auto")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resumed from {run / 'checkpoints'}" in again.stderr
+    assert losses(run) == losses(reference)  # every step's loss, exactly
+    assert_same_weights(run, reference)
+    starts = json.loads((run / "run.json").read_text())["starts"]
+    assert len(starts) == 2 and starts[1]["resumed_from"].endswith(f"step-{stopped:08d}")
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_one_before(reference, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    shutil.rmtree(run / "model")
+    state = run / "checkpoints" / "step-00000060" / "state.pt"
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])  # a truncated write
+    out = train(f"hydra.run.dir={run}", "trainer.resume=auto")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "step-00000060 is incomplete or corrupt (state.pt has" in out.stderr
+    assert f"resumed from {run / 'checkpoints' / 'step-00000030'} at step 30" in out.stderr
+    assert losses(run) == losses(reference)
+    assert_same_weights(run, reference)
+
+
+def test_resume_with_another_batch_size_or_without_asking_is_refused(reference, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(reference / "checkpoints", run / "checkpoints")
+    other = train(f"hydra.run.dir={run}", "trainer.resume=auto", "trainer.batch_size=32")
+    assert other.returncode == 2
+    assert "trainer.batch_size=16, this run has trainer.batch_size=32" in other.stderr.strip().splitlines()[-1]
+    fresh = train(f"hydra.run.dir={run}")
+    assert fresh.returncode == 2 and "already holds checkpoints (step-00000060)" in fresh.stderr
+    assert not (run / "model").exists()
+
+
+def test_run_record_names_commit_versions_and_data_hashes(reference):
+    record = json.loads((reference / "run.json").read_text())
+    assert record["versions"]["torch"] == torch.__version__
+    assert record["git"] is None or len(record["git"]["commit"]) == 40
+    pairs = record["data"]["pairs"]
+    assert pairs["records"] == 300
+    assert pairs["sha256"] == hashlib.sha256(Path(pairs["origin"]).read_bytes()).hexdigest()
+    assert "trainer.save_every=30" in record["command"] and (reference / "config.yaml").exists()
+
+
+class FailingEngine:
+    """Writes half a file, then fails the way a full disk does."""
+
+    def __init__(self, world):
+        self.world = world
+
+    def save_state(self, folder: Path) -> None:
+        (folder / "state.pt").write_bytes(b"\0" * 100)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_failed_save_leaves_the_previous_checkpoint_and_nothing_that_looks_valid(reference, tmp_path):
+    from train.data import Mixture
+    from train.dist import World
+    from train.errors import UserError
+    from train.trainer import FitConfig, save_checkpoint
+
+    run = tmp_path / "run"
+    shutil.copytree(reference / "checkpoints", run / "checkpoints")
+    cfg = FitConfig(max_steps=90, chunk_size=4, accum_steps=1, group_by_length=True, mask_duplicates=True,
+                    log_every=1, eval_before=False, eval_every=0, eval_batch_size=8, keep_last=1)
+    mixture = Mixture(sizes=[100], weights=[None], homogeneous=[False], batch_size=16)
+    with pytest.raises(UserError, match="No space left on device"):
+        save_checkpoint(FailingEngine(World()), mixture, 75, cfg, run, None)
+    assert [s for s, _ in checkpoint.listed(run / "checkpoints")] == [30, 60]  # keep_last=1 not applied
+    checkpoint.verify(run / "checkpoints" / "step-00000060")  # intact
+    assert not (run / "checkpoints" / "step-00000075").exists()  # the half-written one is a .tmp- folder
+
+
+def test_a_signal_is_handed_on_to_the_handler_installed_before():
+    from train.preempt import Watch, hand_on
+
+    seen = []
+    old = signal.signal(signal.SIGUSR2, lambda s, f: seen.append(s))
+    try:
+        with Watch(["SIGUSR2"]) as watch:
+            os.kill(os.getpid(), signal.SIGUSR2)
+            time.sleep(0.05)
+            assert watch.signum == signal.SIGUSR2 and seen == []  # ours only raised the flag
+            previous = watch.previous[signal.SIGUSR2]
+        hand_on(watch.signum, previous)
+        assert seen == [signal.SIGUSR2]  # submitit's requeue handler would run here
+    finally:
+        signal.signal(signal.SIGUSR2, old)
