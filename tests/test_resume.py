@@ -182,3 +182,51 @@ def test_a_signal_is_handed_on_to_the_handler_installed_before():
         assert seen == [signal.SIGUSR2]  # submitit's requeue handler would run here
     finally:
         signal.signal(signal.SIGUSR2, old)
+
+
+# --- two ranks --------------------------------------------------------------------------------------
+
+TWO = [*RUN[:-4], "trainer.max_steps=12", "trainer.save_every=4", "trainer.progress=false"]
+
+
+def torchrun(*args: str) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "-m", "train", *TWO, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def finish(p: subprocess.Popen) -> subprocess.CompletedProcess:
+    out, err = p.communicate(timeout=600)
+    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2", "deepspeed_zero3"])
+def test_two_ranks_resume_bit_identical(strategy, tmp_path):
+    """2 gloo ranks: the run resumed from the reference's step-4 checkpoint (DDP: from a run that
+    torchrun's SIGTERM stopped, both ranks at the same step) ends with the reference's losses and weights."""
+    ref = tmp_path / "ref"
+    out = finish(torchrun(f"dist={strategy}", f"hydra.run.dir={ref}"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "world size 2 (rank 1" in out.stderr
+    run = tmp_path / "run"
+    if strategy == "ddp":
+        p = torchrun(f"dist={strategy}", f"hydra.run.dir={run}", "trainer.save_every=0", "trainer.log_every=1")
+        deadline = time.time() + 300
+        while time.time() < deadline and p.poll() is None:
+            if (run / "metrics.jsonl").exists() and len((run / "metrics.jsonl").read_text().splitlines()) >= 2:
+                break
+            time.sleep(0.02)
+        p.send_signal(signal.SIGTERM)  # to torchrun, which passes it on to both ranks
+        stopped = finish(p)
+        k = checkpoint.listed(run / "checkpoints")[-1][0]
+        assert 2 <= k < 12 and stopped.stderr.count(f"stopped by SIGTERM after step {k}") == 1, stopped.stderr[-3000:]
+        assert {f.name for f in (run / "checkpoints" / f"step-{k:08d}").iterdir()} >= {"rng-rank0.pt", "rng-rank1.pt"}
+    else:
+        shutil.copytree(ref / "checkpoints" / "step-00000004", run / "checkpoints" / "step-00000004")
+    out = finish(torchrun(f"dist={strategy}", f"hydra.run.dir={run}", "trainer.resume=auto"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "resumed from" in out.stderr
+    resumed = losses(run)
+    assert resumed == {s: v for s, v in losses(ref).items() if s in resumed} and max(resumed) == 12
+    assert_same_weights(run, ref)

@@ -63,8 +63,9 @@ def main() -> None:
         except Preempted as p:
             # Checkpoint complete on every rank: leave the group, let a launcher's own handler act
             # (submitit requeues from rank 0), and exit with the code the SLURM script requeues on.
-            print(f"train: {p}; exiting with {cfg.trainer.preempt_exit_code} to be requeued", file=sys.stderr,
-                  flush=True)
+            if os.environ.get("RANK", "0") == "0":
+                print(f"train: {p}; exiting with {cfg.trainer.preempt_exit_code} to be requeued", file=sys.stderr,
+                      flush=True)
             from train import dist
 
             dist.shutdown()
