@@ -43,7 +43,28 @@ class World:
         return self.rank == 0
 
 
+def from_slurm() -> None:
+    """Tasks started by srun itself, one per GPU (launch/slurm.sbatch, the submitit launcher): torch's
+    RANK / WORLD_SIZE / LOCAL_RANK / MASTER_* from SLURM's variables. Only with TRAIN_FROM_SLURM=1, so an
+    interactive `python -m train` inside an allocation stays one process."""
+    env = os.environ
+    if env.get("TRAIN_FROM_SLURM") != "1" or "RANK" in env:
+        return
+    try:
+        env.update(RANK=env["SLURM_PROCID"], WORLD_SIZE=env["SLURM_NTASKS"], LOCAL_RANK=env["SLURM_LOCALID"])
+    except KeyError as e:
+        raise UserError(f"TRAIN_FROM_SLURM=1 but {e.args[0]} is not set: start the processes with srun") from None
+    if "MASTER_ADDR" not in env:
+        import subprocess
+
+        hosts = subprocess.run(["scontrol", "show", "hostnames", env.get("SLURM_JOB_NODELIST", "")],
+                               capture_output=True, text=True, check=True).stdout.split()
+        env["MASTER_ADDR"] = hosts[0]
+    env.setdefault("MASTER_PORT", str(29500 + int(env.get("SLURM_JOB_ID", "0")) % 1000))
+
+
 def env_world_size() -> int:
+    from_slurm()
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
