@@ -230,3 +230,11 @@ def test_two_ranks_resume_bit_identical(strategy, tmp_path):
     resumed = losses(run)
     assert resumed == {s: v for s, v in losses(ref).items() if s in resumed} and max(resumed) == 12
     assert_same_weights(run, ref)
+
+
+def test_a_run_dir_that_cannot_be_written_is_one_error_line(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    out = train(f"hydra.run.dir={blocker / 'run'}")
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [f"error: run dir {blocker / 'run'} is not writable: Not a directory"]

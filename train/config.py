@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from hydra.experimental.callback import Callback
 from omegaconf import MISSING, OmegaConf
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -167,6 +168,29 @@ class Config:
     dist: DistConfig = field(default_factory=DistConfig)
     log: LogConfig = field(default_factory=LogConfig)
     mine: MineConfig = field(default_factory=MineConfig)
+
+
+class RunDirCheck(Callback):
+    """Hydra callback (conf/config.yaml `hydra.callbacks`): a run or sweep dir that cannot be written is
+    one `error:` line and exit 2 before anything starts, instead of Hydra's traceback from its mkdir."""
+
+    def _check(self, folder: str) -> None:
+        import sys
+        import tempfile
+
+        try:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
+                pass
+        except OSError as e:
+            print(f"error: run dir {folder} is not writable: {e.strerror or e}", file=sys.stderr, flush=True)
+            sys.exit(2)
+
+    def on_run_start(self, config, **kwargs) -> None:
+        self._check(str(config.hydra.run.dir))
+
+    def on_multirun_start(self, config, **kwargs) -> None:
+        self._check(str(config.hydra.sweep.dir))
 
 
 def recipe_files() -> dict[str, Path]:

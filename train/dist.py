@@ -12,6 +12,8 @@ DeepSpeed ZeRO 0-3. An Engine offers what a gradient-cached step needs:
     backward(t)               backward through the strategy
     step()                    clip, optimizer step, schedule step, zero grad -> grad norm
     full_state_dict()         the whole model's weights on rank 0 (sharded strategies gather)
+    save_state(folder)        model + optimizer + schedule for a checkpoint (collective)
+    load_state(folder)        the same, read back
 """
 
 from __future__ import annotations
