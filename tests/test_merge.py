@@ -218,12 +218,11 @@ def train(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_cli_grid_search_reports_every_candidate_and_writes_the_best(tiny_models, tmp_path):
+    from train import assets
     from train.evaluate import StsTask, run_tasks
     from train.model import encode, load_encoder
 
     sts = tmp_path / "sts.jsonl"
-    from train import assets
-
     lines = (assets.path("snli") / "test_sts.jsonl").read_text().splitlines()[:60]
     sts.write_text("\n".join(lines) + "\n")
     a, b = str(tiny_models["a"]), str(tiny_models["b"])
@@ -270,6 +269,38 @@ def test_cli_gradient_search_moves_the_coefficients_and_writes_task_arithmetic(t
     for k in base:
         want = base[k] + sum(c * (w[k] - base[k]) for c, w in zip(best, ws))
         assert torch.allclose(got[k], want, atol=1e-5), k
+
+
+def test_coefficient_gradient_equals_the_chain_rule_through_materialised_weights(tiny_models):
+    """d loss / d c_i = <d loss / d theta, tau_i>, with the gradient wrt theta taken the plain way:
+    the merged weights loaded into an ordinary encoder, forward, backward."""
+    import functools
+
+    from train import assets
+    from train.data import collate, read_source
+    from train.losses import Pairing, embedding_loss
+    from train.merge_search import coefficient_loss, task_vector_params
+    from train.model import load_encoder, pad
+
+    source = read_source("snli", str(assets.path("snli") / "train_triples.jsonl"), limit=8)
+    enc = load_encoder(str(tiny_models["a"])).eval()
+    batch = collate([source], [(0, r) for r in range(8)], enc.tokenize)
+    loss_fn = functools.partial(embedding_loss, temperature=0.05)
+    base, taus = task_vector_params(enc, tiny_models["base"], [tiny_models["a"], tiny_models["b"]], "cpu")
+    coef = torch.tensor([0.3, 0.9], requires_grad=True)
+    coefficient_loss(enc, base, taus, coef, batch, loss_fn, mask_duplicates=True).backward()
+
+    plain = load_encoder(str(tiny_models["a"])).eval()
+    with torch.no_grad():
+        for k, p in plain.named_parameters():
+            p.copy_(base[k] + 0.3 * taus[0][k] + 0.9 * taus[1][k])
+    q = plain(*pad(batch.query_ids, plain.pad_id))
+    p = plain(*pad(batch.passage_ids, plain.pad_id))
+    loss_fn(Pairing(q=q, q_all=q, p_all=p, row0=0, group=batch.group, anchor_ids=batch.anchor_hash,
+                    passage_ids=batch.passage_hash)).backward()
+    want = [sum((p.grad * tau[k]).sum() for k, p in plain.named_parameters() if p.grad is not None) for tau in taus]
+    assert coef.grad.abs().min() > 0
+    assert torch.allclose(coef.grad, torch.stack(want), rtol=1e-4, atol=1e-7)
 
 
 @pytest.mark.parametrize("args, message", [

@@ -181,13 +181,36 @@ def merge_job(cfg: DictConfig, world, run_dir: Path) -> dict:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def gradient_search(cfg: DictConfig, plan: Plan, cands: Candidates, world) -> None:
-    """Self Positioning: learn task-vector coefficients on the contrastive loss, let the evaluators rank."""
+def coefficient_loss(encoder, base: dict, taus: list[dict], coef: torch.Tensor, batch, loss_fn,
+                     mask_duplicates: bool) -> torch.Tensor:
+    """The contrastive loss of one batch at theta(c) = base + sum_i c_i tau_i, differentiable in c
+    alone: functional_call runs the encoder on theta(c) without touching its own parameters."""
     from torch.func import functional_call
 
-    from train.data import Mixture, collate
-    from train.losses import Pairing, embedding_loss
+    from train.losses import Pairing
     from train.model import pad
+
+    device = coef.device
+    params = {k: base[k] + sum(coef[i] * tau[k] for i, tau in enumerate(taus)) for k in base}
+
+    def forward(ids: list[list[int]]) -> torch.Tensor:
+        input_ids, mask = pad(ids, encoder.pad_id, encoder.left_pad)
+        return functional_call(encoder, params, (input_ids.to(device), mask.to(device)))
+
+    q, p = forward(batch.query_ids), forward(batch.passage_ids)  # [b, D], [b*(1+n), D]
+    pair = Pairing(q=q, q_all=q, p_all=p, row0=0, group=batch.group,
+                   anchor_ids=batch.anchor_hash.to(device) if mask_duplicates else None,
+                   passage_ids=batch.passage_hash.to(device) if mask_duplicates else None,
+                   teacher=batch.teacher.to(device) if batch.teacher is not None else None)
+    return loss_fn(pair)
+
+
+def gradient_search(cfg: DictConfig, plan: Plan, cands: Candidates, world) -> None:
+    """Self Positioning: learn task-vector coefficients on the contrastive loss, let the evaluators rank."""
+    import functools
+
+    from train.data import Mixture, collate
+    from train.losses import embedding_loss
     from train.run import build_sources  # the composition root's builder (it imports us)
 
     m = cfg.merge
@@ -205,32 +228,16 @@ def gradient_search(cfg: DictConfig, plan: Plan, cands: Candidates, world) -> No
 
     # theta(c) = base + sum_i c_i tau_i, parameter by parameter (names as the encoder has them)
     encoder = load_encoder(str(plan.ref.path)).to(world.device).eval()  # dropout off: a deterministic loss
-    base = {k: v.detach().float() for k, v in load_encoder(str(plan.base.path)).named_parameters()}
-    names = [k for k, _ in encoder.named_parameters()]
-    taus = []
-    for folder in plan.models:
-        params = dict(load_encoder(str(folder.path)).named_parameters())
-        taus.append({k: (params[k].detach().float() - base[k]).to(world.device) for k in names})
-    base = {k: base[k].to(world.device) for k in names}
+    base, taus = task_vector_params(encoder, plan.base.path, [f.path for f in plan.models], world.device)
     n = len(taus)
     coef = torch.full((n,), 1.0 / n, device=world.device, requires_grad=True)
     opt = torch.optim.Adam([coef], lr=m.search_lr)
-    loss_cfg = OmegaConf.to_container(cfg.loss)
-
-    def forward(ids: list[list[int]]) -> torch.Tensor:
-        params = {k: base[k] + sum(coef[i] * taus[i][k] for i in range(n)) for k in names}
-        input_ids, mask = pad(ids, encoder.pad_id, encoder.left_pad)
-        return functional_call(encoder, params, (input_ids.to(world.device), mask.to(world.device)))
+    loss_fn = functools.partial(embedding_loss, **OmegaConf.to_container(cfg.loss))
 
     cands.try_weights(coef.tolist(), "(start: uniform)")
     for step in range(1, m.search_steps + 1):
         batch = collate(sources, mixture.next_batch(), encoder.tokenize)
-        q, p = forward(batch.query_ids), forward(batch.passage_ids)  # [b, D], [b*(1+n), D]
-        dup = cfg.data.mask_duplicates
-        pair = Pairing(q=q, q_all=q, p_all=p, row0=0, group=batch.group,
-                       anchor_ids=batch.anchor_hash if dup else None, passage_ids=batch.passage_hash if dup else None,
-                       teacher=batch.teacher)
-        loss = embedding_loss(pair, **loss_cfg)
+        loss = coefficient_loss(encoder, base, taus, coef, batch, loss_fn, cfg.data.mask_duplicates)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -238,3 +245,14 @@ def gradient_search(cfg: DictConfig, plan: Plan, cands: Candidates, world) -> No
             f"[{', '.join(f'{c:.3f}' for c in coef.tolist())}]")
         if step % m.search_eval_every == 0 or step == m.search_steps:
             cands.try_weights(coef.tolist(), f"(step {step})")
+
+
+def task_vector_params(encoder, base_path: Path, model_paths: list[Path], device) -> tuple[dict, list[dict]]:
+    """(base parameters, [theta_i - base]) keyed as encoder.named_parameters(); (n + 1) models' worth."""
+    names = [k for k, _ in encoder.named_parameters()]
+    base = {k: v.detach().float() for k, v in load_encoder(str(base_path)).named_parameters()}
+    taus = []
+    for path in model_paths:
+        params = dict(load_encoder(str(path)).named_parameters())
+        taus.append({k: (params[k].detach().float() - base[k]).to(device) for k in names})
+    return {k: base[k].to(device) for k in names}, taus
