@@ -67,10 +67,10 @@ def test_dare_with_drop_rate_zero_equals_linear_and_drops_at_the_given_rate():
     base, x, y = (torch.randn(50, generator=gen) for _ in range(3))
     recipe = merge.make_recipe("dare_linear", 2, [0.3, 0.7], has_base=True, drop_rate=0.0)
     want = merge.weighted_average([x, y], [0.3, 0.7])  # weights summing to 1: task arithmetic = average
-    assert torch.allclose(recipe.merge("w", [x, y], base), want, atol=1e-6)
+    assert torch.allclose(recipe.merge("w", [x, y].__getitem__, 2, base), want, atol=1e-6)
     recipe = merge.make_recipe("dare_linear", 2, [1.0, 2.0], has_base=True, drop_rate=0.0, scale=0.5)
     want = base + 0.5 * (1.0 * (x - base) + 2.0 * (y - base))  # task arithmetic by hand
-    assert torch.allclose(recipe.merge("w", [x, y], base), want, atol=1e-6)
+    assert torch.allclose(recipe.merge("w", [x, y].__getitem__, 2, base), want, atol=1e-6)
     dropped = merge.dare(torch.ones(100_000), 0.9, torch.Generator().manual_seed(2))
     assert dropped.unique().tolist() == pytest.approx([0.0, 10.0])  # survivors rescaled by 1 / (1 - p)
     assert abs((dropped == 0).float().mean().item() - 0.9) < 0.01

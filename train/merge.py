@@ -33,7 +33,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -52,24 +52,20 @@ CONFIG_META = {"_name_or_path", "transformers_version", "architectures", "dtype"
 # --- methods: pure functions over the tensors of one name -------------------------------------------
 
 
-def weighted_average(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
-    """sum_i w_i t_i / sum_i w_i."""
+def weighted_average(tensors: Iterable[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """sum_i w_i t_i / sum_i w_i; `tensors` may be a generator (one tensor in memory at a time)."""
     total = float(sum(weights))
     if total == 0:
         raise UserError("merge.weights sum to 0: a weighted average needs a non-zero total")
-    out = torch.zeros_like(tensors[0], dtype=torch.float32)
+    out = None
     for t, w in zip(tensors, weights):
-        out.add_(t.float(), alpha=w / total)
+        out = t.float() * (w / total) if out is None else out.add_(t.float(), alpha=w / total)
     return out
 
 
-def task_vectors(base: torch.Tensor, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    return [t.float() - base.float() for t in tensors]
-
-
-def task_arithmetic(base: torch.Tensor, taus: Sequence[torch.Tensor], weights: Sequence[float],
+def task_arithmetic(base: torch.Tensor, taus: Iterable[torch.Tensor], weights: Sequence[float],
                     scale: float = 1.0) -> torch.Tensor:
-    """base + scale * sum_i w_i tau_i (taus: task vectors, theta_i - base)."""
+    """base + scale * sum_i w_i tau_i (taus: task vectors, theta_i - base; may be a generator)."""
     out = torch.zeros_like(base, dtype=torch.float32)
     for tau, w in zip(taus, weights):
         out.add_(tau, alpha=w)
@@ -89,19 +85,19 @@ def trim(tau: torch.Tensor, density: float) -> torch.Tensor:
     return torch.where(keep, flat, torch.zeros_like(flat)).view_as(tau)
 
 
-def elect_sign(taus: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+def elect_sign(taus: Iterable[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
     """TIES step 2: per entry, the sign of the (weighted) total mass, sign(sum_i w_i tau_i)."""
-    total = torch.zeros_like(taus[0])
+    total = None
     for tau, w in zip(taus, weights):
-        total.add_(tau, alpha=w)
+        total = tau * w if total is None else total.add_(tau, alpha=w)
     return torch.sign(total)
 
 
-def disjoint_mean(taus: Sequence[torch.Tensor], weights: Sequence[float], sign: torch.Tensor) -> torch.Tensor:
+def disjoint_mean(taus: Iterable[torch.Tensor], weights: Sequence[float], sign: torch.Tensor) -> torch.Tensor:
     """TIES step 3: per entry, the weighted mean over the task vectors whose entry is non-zero and
     has the elected sign; entries nobody agrees on stay 0."""
-    num = torch.zeros_like(taus[0])
-    den = torch.zeros_like(taus[0])
+    num = torch.zeros_like(sign)
+    den = torch.zeros_like(sign)
     for tau, w in zip(taus, weights):
         agree = (torch.sign(tau) == sign) & (tau != 0)
         num += torch.where(agree, w * tau, 0.0)
@@ -109,11 +105,17 @@ def disjoint_mean(taus: Sequence[torch.Tensor], weights: Sequence[float], sign: 
     return torch.where(den != 0, num / den.where(den != 0, torch.ones_like(den)), 0.0)
 
 
-def ties(base: torch.Tensor, taus: Sequence[torch.Tensor], weights: Sequence[float], density: float | None,
-         scale: float = 1.0) -> torch.Tensor:
-    """TIES-merging; density=None skips trimming (DARE has already sparsified the task vectors)."""
-    trimmed = [trim(t, density) if density is not None else t for t in taus]
-    return base.float() + scale * disjoint_mean(trimmed, weights, elect_sign(trimmed, weights))
+def ties(base: torch.Tensor, taus: Sequence[torch.Tensor] | Callable[[], Iterable[torch.Tensor]],
+         weights: Sequence[float], density: float | None, scale: float = 1.0) -> torch.Tensor:
+    """TIES-merging; density=None skips trimming (DARE has already sparsified the task vectors).
+    `taus` may be a function returning a fresh generator: the sign election and the mean then
+    make two passes over the task vectors, each holding one at a time."""
+    fresh = taus if callable(taus) else (lambda: iter(taus))
+
+    def trimmed() -> Iterator[torch.Tensor]:
+        return (trim(t, density) if density is not None else t for t in fresh())
+
+    return base.float() + scale * disjoint_mean(trimmed(), weights, elect_sign(trimmed(), weights))
 
 
 def dare(tau: torch.Tensor, drop_rate: float, generator: torch.Generator) -> torch.Tensor:
@@ -165,18 +167,23 @@ class Recipe:
     drop_rate: float = 0.9
     seed: int = 0
 
-    def merge(self, name: str, tensors: list[torch.Tensor], base: torch.Tensor | None) -> torch.Tensor:
-        """The merged tensor of one name; tensors [n x shape], base shape or None."""
+    def merge(self, name: str, load: Callable[[int], torch.Tensor], n: int,
+              base: torch.Tensor | None) -> torch.Tensor:
+        """The merged tensor of one name. load(i): model i's tensor, read when asked, so at most
+        one input tensor (two for slerp) is held beside the base and the accumulators."""
         m, w = self.method, self.weights
         if m == "linear":
-            return weighted_average(tensors, w)
+            return weighted_average((load(i) for i in range(n)), w)
         if m == "slerp":
-            return slerp(tensors[0], tensors[1], w[1] / (w[0] + w[1]))
-        taus = task_vectors(base, tensors)
-        if m.startswith("dare"):
-            taus = [dare(tau, self.drop_rate, dare_generator(self.seed, i, name)) for i, tau in enumerate(taus)]
+            return slerp(load(0), load(1), w[1] / (w[0] + w[1]))
+
+        def taus() -> Iterator[torch.Tensor]:  # a fresh pass; DARE's masks are seeded per (model, name)
+            for i in range(n):
+                tau = load(i).float() - base.float()
+                yield dare(tau, self.drop_rate, dare_generator(self.seed, i, name)) if m.startswith("dare") else tau
+
         if m in ("task_arithmetic", "dare_linear"):
-            return task_arithmetic(base, taus, w, self.scale)
+            return task_arithmetic(base, taus(), w, self.scale)
         return ties(base, taus, w, self.density if m == "ties" else None, self.scale)
 
 
@@ -417,8 +424,8 @@ def merged_tensors(ref: Folder, models: list[Folder], base: Folder | None, recip
                 for adapter, w in zip(adapters, recipe.weights):
                     out = adapter.apply(key, out, w)
             else:
-                tensors = [ref_t if m is ref else readers.get(m, key) for m in models]  # [n x shape]
-                out = recipe.merge(_name(key), tensors, readers.get(base, key) if base is not None else None)
+                out = recipe.merge(_name(key), lambda i, k=key: readers.get(models[i], k), len(models),
+                                   readers.get(base, key) if base is not None else None)
             yield key, out.to(ref_t.dtype).contiguous()
 
 
