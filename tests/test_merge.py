@@ -169,6 +169,14 @@ def test_mismatches_are_refused_naming_the_first_difference(tiny_models, tiny_en
     (wide / "model.safetensors").write_bytes(b"\x00" * 10)  # a truncated download
     with pytest.raises(UserError, match=r"merge.models\[1\].*cannot read"):
         merge.plan_merge([a, str(wide)], "linear")
+    (wide / "model.safetensors").unlink()
+    shard = "model-00001-of-00002.safetensors"
+    (wide / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": shard}}))
+    with pytest.raises(UserError, match=r"shard .*model-00001-of-00002.safetensors .* is missing"):
+        merge.plan_merge([a, str(wide)], "linear")
+    (wide / "config.json").unlink()
+    with pytest.raises(UserError, match=r"merge.models\[1\] .*config.json is missing"):
+        merge.plan_merge([a, str(wide)], "linear")
     with pytest.raises(UserError, match="needs merge.base"):
         merge.plan_merge([a, a], "ties")
     with pytest.raises(UserError, match="merge.weights has 3 values for 2"):
