@@ -38,6 +38,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import torch
 
 from train.errors import UserError
+from train.model import replace_folder
 
 METHODS = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp", "lora")
 NEEDS_BASE = ("task_arithmetic", "ties", "dare_linear", "dare_ties", "lora")
@@ -477,13 +478,7 @@ def write_folder(ref: Folder, stream: Iterator[tuple[tuple[str, str], torch.Tens
             total = sum((folder / f).stat().st_size for f in set(weight_map.values()))
             (folder / "model.safetensors.index.json").write_text(json.dumps(
                 {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
-        if out.exists():  # replace an older folder only once the new one is complete
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        replace_folder(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
