@@ -177,6 +177,14 @@ def test_mismatches_are_refused_naming_the_first_difference(tiny_models, tiny_en
     (wide / "config.json").unlink()
     with pytest.raises(UserError, match=r"merge.models\[1\] .*config.json is missing"):
         merge.plan_merge([a, str(wide)], "linear")
+    tok = json.loads((tiny_models["b"] / "tokenizer.json").read_text())
+    tok["model"]["vocab"]["[unused0]"] = len(tok["model"]["vocab"])
+    (wide / "config.json").write_text(json.dumps(config))
+    (wide / "model.safetensors.index.json").unlink()
+    (wide / "model.safetensors").write_bytes((tiny_models["b"] / "model.safetensors").read_bytes())
+    (wide / "tokenizer.json").write_text(json.dumps(tok))
+    with pytest.raises(UserError, match=r"merge.models\[1\] .* in its tokenizer: tokenizer.json: model is"):
+        merge.plan_merge([a, str(wide)], "linear")
     with pytest.raises(UserError, match="needs merge.base"):
         merge.plan_merge([a, a], "ties")
     with pytest.raises(UserError, match="merge.weights has 3 values for 2"):
@@ -317,6 +325,8 @@ def test_coefficient_gradient_equals_the_chain_rule_through_materialised_weights
     (lambda t, m: [f"merge.models=[{m['a']},{m['b']}]", "merge.weights=[1,2,3]"],
      "merge.weights has 3 values for 2 merge.models"),
     (lambda t, m: [f"merge.models=[{m['a']},{m['b']}]", "merge.method=ties"], "merge.method=ties needs merge.base"),
+    (lambda t, m: [f"merge.models=[{m['a']},{m['b']}]", "merge.method=lora"],
+     "merge.method=lora needs merge.base"),
 ])
 def test_cli_bad_input_exits_2_with_one_line_and_writes_nothing(tiny_models, tmp_path, args, message):
     out_dir = tmp_path / "merged"
@@ -325,3 +335,13 @@ def test_cli_bad_input_exits_2_with_one_line_and_writes_nothing(tiny_models, tmp
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], out.stderr
     assert not out_dir.exists() and not list(tmp_path.glob(".merged*"))
+
+
+def test_cli_refuses_to_replace_a_folder_that_is_not_a_model(tiny_models, tmp_path):
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    out = train(f"merge.models=[{tiny_models['a']},{tiny_models['b']}]", f"merge.out={precious}",
+                f"hydra.run.dir={tmp_path / 'run'}")
+    assert out.returncode == 2 and "exists and is not a model folder" in out.stderr, out.stderr[-2000:]
+    assert [p.name for p in precious.iterdir()] == ["notes.txt"]

@@ -139,6 +139,9 @@ def merge_job(cfg: DictConfig, world, run_dir: Path) -> dict:
     plan = plan_merge(list(m.models), m.method, list(m.weights) if m.weights is not None else None, m.base,
                       m.spec_from, m.scale, m.density, m.drop_rate, cfg.seed, m.check_adapter_base)
     out = Path(m.out).expanduser() if m.out else run_dir / "model"
+    if out.exists() and not (out / "config.json").is_file() and (out.is_file() or any(out.iterdir())):
+        raise UserError(f"merge.out={out}: exists and is not a model folder; refusing to replace it "
+                        "(expected a new folder, an empty one or an earlier model)")
     tasks = build_tasks(cfg.eval.tasks)
     n = len(plan.models) if plan.adapters is None else len(plan.adapters)
     say(f"merging {n} {'adapters into ' + str(plan.base.path) if plan.adapters else 'models'} by "
