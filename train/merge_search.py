@@ -35,7 +35,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from train.errors import UserError
-from train.evaluate import build_tasks, run_tasks
+from train.evaluate import build_tasks, run_tasks, side_by_side
 from train.log import say
 from train.merge import Plan, plan_merge, run_plan
 from train.model import load_encoder
@@ -155,7 +155,7 @@ def merge_job(cfg: DictConfig, world, run_dir: Path) -> dict:
         result = {"out": str(out), "weights": plan.recipe.weights}
         if tasks:
             metrics = evaluate_folder(out, tasks, world, cfg.eval.batch_size)
-            print("\n".join(f"{k}  {v:.4f}" for k, v in metrics.items()), flush=True)
+            print(side_by_side(None, metrics), flush=True)
             (run_dir / "eval.json").write_text(json.dumps({"model": str(out), "metrics": metrics}, indent=2) + "\n")
             result["metrics"] = metrics
         return result
