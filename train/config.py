@@ -156,8 +156,32 @@ class MineConfig:
 
 
 @dataclass
+class MergeConfig:
+    """Model merging (recipe=merge, train/merge.py; the weight search in train/merge_search.py)."""
+
+    models: List[str] = field(default_factory=list)  # model folders (run dirs work); method=lora: adapter folders
+    method: str = "linear"  # linear | task_arithmetic | ties | dare_linear | dare_ties | slerp | lora
+    weights: Optional[List[float]] = None  # one per model; None: 1/n (lora: 1). slerp: t = w[1] / (w[0] + w[1])
+    base: Optional[str] = None  # task_arithmetic, ties, dare_*: the models' common starting point; lora: the base
+    scale: float = 1.0  # lambda: multiplies the merged task vector
+    density: float = 0.2  # ties: fraction of each task vector kept (largest magnitudes, per tensor)
+    drop_rate: float = 0.9  # dare_*: probability of dropping a task-vector entry
+    spec_from: Optional[int] = None  # take pooling/normalisation/prompts from models[i]; None: all must agree
+    check_adapter_base: bool = True  # lora: refuse an adapter whose base_model_name_or_path is not merge.base
+    out: Optional[str] = None  # output folder; None: <run dir>/model
+    shard_mb: int = 4096  # output shards of at most this many MiB
+    search: str = "none"  # none | grid (2-3 models) | gradient (task-vector coefficients, Self Positioning)
+    grid_points: int = 5  # grid: points per edge of the weight simplex (5: 0, .25, .5, .75, 1)
+    objective: Dict[str, float] = field(default_factory=dict)  # metric -> weight; {}: each task's main metric
+    search_steps: int = 30  # gradient: optimizer steps on the coefficients
+    search_lr: float = 0.05
+    search_batch_size: int = 32
+    search_eval_every: int = 10  # gradient: also evaluate the coefficients every N steps
+
+
+@dataclass
 class Config:
-    job: str = "train"  # train | eval | mine
+    job: str = "train"  # train | eval | mine | merge
     seed: int = 42
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -168,6 +192,7 @@ class Config:
     dist: DistConfig = field(default_factory=DistConfig)
     log: LogConfig = field(default_factory=LogConfig)
     mine: MineConfig = field(default_factory=MineConfig)
+    merge: MergeConfig = field(default_factory=MergeConfig)
 
 
 class RunDirCheck(Callback):

@@ -133,16 +133,21 @@ class Encoder(nn.Module):
             self.backbone.save_pretrained(tmp, state_dict=state_dict)
             self.tokenizer.save_pretrained(tmp)
             write_st_config(tmp, self.spec, int(self.backbone.config.hidden_size))  # pooling sees all dims
-            if out.exists():  # replace an older model only once the new one is complete
-                old = out.with_name(f".{out.name}.old-{os.getpid()}")
-                os.replace(out, old)
-                os.replace(tmp, out)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, out)
+            replace_folder(tmp, out)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return out
+
+
+def replace_folder(tmp: Path, out: Path) -> None:
+    """Move a finished temp folder to `out`; an older `out` is replaced only once the new one is complete."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
 
 
 def write_st_config(folder: Path, spec: EncoderSpec, dim: int) -> None:

@@ -24,12 +24,13 @@ from train.errors import UserError
 from train.evaluate import build_tasks, run_tasks, side_by_side
 from train.log import Logger, say
 from train.losses import embedding_loss
+from train.merge_search import merge_job
 from train.mine import mine_job
 from train.model import freeze_unused, load_encoder
 from train.optim import param_groups, schedule
 from train.trainer import FitConfig, fit, make_embed
 
-JOBS = ("train", "eval", "mine")
+JOBS = ("train", "eval", "mine", "merge")
 
 
 def seed_everything(seed: int) -> None:
@@ -222,7 +223,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     problem = dist.broadcast_object(problem)  # every rank stops, not just the one that found it
     if problem:
         raise UserError(problem)
-    result = {"train": train_job, "eval": eval_job, "mine": mine_job}[cfg.job](cfg, world, run_dir)
+    result = {"train": train_job, "eval": eval_job, "mine": mine_job, "merge": merge_job}[cfg.job](cfg, world, run_dir)
     # Every rank leaves together: a rank that is done early (the others while rank 0 writes) would
     # otherwise tear its end of the process group down under rank 0, which can abort the launch.
     dist.barrier()

@@ -1,0 +1,652 @@
+"""Model merging: whole sentence-transformers pipelines, weights streamed one tensor at a time.
+
+    model folders --> inspect (files, architecture, tokenizer, pipeline, tensor names/shapes)
+                  --> for each tensor name: read it from every model, merge, write to a shard
+                  --> temp folder with the reference model's other files --> rename
+
+Methods (pure functions over the n tensors that share one name; float32 arithmetic):
+  linear           weighted average (model soups, LM-Cocktail)
+  task_arithmetic  base + scale * sum_i w_i (theta_i - base)            (Ilharco et al., arXiv 2212.04089)
+  ties             trim each task vector to its largest `density` fraction, elect a sign per
+                   parameter, average the agreeing values                (Yadav et al., arXiv 2306.01708)
+  dare_linear /    drop each task-vector entry with probability p, rescale the rest by 1/(1-p),
+  dare_ties        then task arithmetic or TIES                            (Yu et al., arXiv 2311.03099)
+  slerp            spherical interpolation of two models, per tensor     (Shoemake 1985)
+  lora             peft LoRA adapters folded into their base: W + (alpha/r) B A
+
+Only the pieces that decide an embedding besides weights travel as files (pooling,
+normalisation, prompts, max length, dense modules' configs, tokenizer): they are taken from
+one model and must agree across the models, or the merge is refused naming the first
+difference. Memory: the n tensors of one name plus one output shard (`shard_mb`), never n
+models. The weight search is in merge_search.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
+
+import torch
+
+from train.errors import UserError
+from train.model import replace_folder
+
+METHODS = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp", "lora")
+NEEDS_BASE = ("task_arithmetic", "ties", "dare_linear", "dare_ties", "lora")
+WEIGHT_FILES = re.compile(r"^(model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json|"
+                          r"pytorch_model.*\.bin(\.index\.json)?)$")
+# config.json keys that describe where a model came from, not what it computes
+CONFIG_META = {"_name_or_path", "transformers_version", "architectures", "dtype", "torch_dtype", "use_cache",
+               "gradient_checkpointing", "_attn_implementation_autoset", "_commit_hash", "return_dict",
+               "output_attentions", "output_hidden_states"}
+
+
+# --- methods: pure functions over the tensors of one name -------------------------------------------
+
+
+def weighted_average(tensors: Iterable[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """sum_i w_i t_i / sum_i w_i; `tensors` may be a generator (one tensor in memory at a time)."""
+    total = float(sum(weights))
+    if total == 0:
+        raise UserError("merge.weights sum to 0: a weighted average needs a non-zero total")
+    out = None
+    for t, w in zip(tensors, weights):
+        out = t.float() * (w / total) if out is None else out.add_(t.float(), alpha=w / total)
+    return out
+
+
+def task_arithmetic(base: torch.Tensor, taus: Iterable[torch.Tensor], weights: Sequence[float],
+                    scale: float = 1.0) -> torch.Tensor:
+    """base + scale * sum_i w_i tau_i (taus: task vectors, theta_i - base; may be a generator)."""
+    out = torch.zeros_like(base, dtype=torch.float32)
+    for tau, w in zip(taus, weights):
+        out.add_(tau, alpha=w)
+    return base.float() + scale * out
+
+
+def trim(tau: torch.Tensor, density: float) -> torch.Tensor:
+    """TIES step 1: keep the ceil(density * numel) entries of largest magnitude, zero the rest."""
+    k = math.ceil(density * tau.numel())
+    if k >= tau.numel():
+        return tau
+    if k == 0:
+        return torch.zeros_like(tau)
+    flat = tau.flatten()
+    keep = torch.zeros_like(flat, dtype=torch.bool)
+    keep[flat.abs().topk(k).indices] = True
+    return torch.where(keep, flat, torch.zeros_like(flat)).view_as(tau)
+
+
+def elect_sign(taus: Iterable[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """TIES step 2: per entry, the sign of the (weighted) total mass, sign(sum_i w_i tau_i)."""
+    total = None
+    for tau, w in zip(taus, weights):
+        total = tau * w if total is None else total.add_(tau, alpha=w)
+    return torch.sign(total)
+
+
+def disjoint_mean(taus: Iterable[torch.Tensor], weights: Sequence[float], sign: torch.Tensor) -> torch.Tensor:
+    """TIES step 3: per entry, the weighted mean over the task vectors whose entry is non-zero and
+    has the elected sign; entries nobody agrees on stay 0."""
+    num = torch.zeros_like(sign)
+    den = torch.zeros_like(sign)
+    for tau, w in zip(taus, weights):
+        agree = (torch.sign(tau) == sign) & (tau != 0)
+        num += torch.where(agree, w * tau, 0.0)
+        den += agree.float() * w
+    return torch.where(den != 0, num / den.where(den != 0, torch.ones_like(den)), 0.0)
+
+
+def ties(base: torch.Tensor, taus: Sequence[torch.Tensor] | Callable[[], Iterable[torch.Tensor]],
+         weights: Sequence[float], density: float | None, scale: float = 1.0) -> torch.Tensor:
+    """TIES-merging; density=None skips trimming (DARE has already sparsified the task vectors).
+    `taus` may be a function returning a fresh generator: the sign election and the mean then
+    make two passes over the task vectors, each holding one at a time."""
+    fresh = taus if callable(taus) else (lambda: iter(taus))
+
+    def trimmed() -> Iterator[torch.Tensor]:
+        return (trim(t, density) if density is not None else t for t in fresh())
+
+    return base.float() + scale * disjoint_mean(trimmed(), weights, elect_sign(trimmed(), weights))
+
+
+def dare(tau: torch.Tensor, drop_rate: float, generator: torch.Generator) -> torch.Tensor:
+    """DARE: zero each entry with probability p, multiply the survivors by 1/(1-p) (expectation kept)."""
+    if drop_rate == 0:
+        return tau
+    keep = torch.rand(tau.shape, generator=generator) >= drop_rate
+    return torch.where(keep, tau / (1 - drop_rate), torch.zeros_like(tau))
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, t: float, eps: float = 1e-6) -> torch.Tensor:
+    """Spherical interpolation between a and b (flattened, angle from their directions); nearly
+    parallel tensors (or zeros) fall back to linear interpolation, where slerp's formula divides
+    by sin(angle) ~ 0."""
+    a32, b32 = a.float(), b.float()
+    na, nb = a32.norm(), b32.norm()
+    if na < eps or nb < eps:
+        return (1 - t) * a32 + t * b32
+    cos = torch.clamp((a32.flatten() @ b32.flatten()) / (na * nb), -1.0, 1.0)
+    theta = torch.arccos(cos)
+    if theta.abs() < 1e-4:
+        return (1 - t) * a32 + t * b32
+    s = torch.sin(theta)
+    return (torch.sin((1 - t) * theta) / s) * a32 + (torch.sin(t * theta) / s) * b32
+
+
+def lora_delta(a: torch.Tensor, b: torch.Tensor, scaling: float, transpose: bool) -> torch.Tensor:
+    """The weight change of a LoRA module: scaling * B @ A  ([out, r] @ [r, in] -> [out, in]),
+    transposed for fan_in_fan_out layers (GPT-2 Conv1D) and for embeddings (peft stores them
+    as A [r, num_embeddings], B [dim, r])."""
+    delta = b.float() @ a.float()
+    return scaling * (delta.T if transpose else delta)
+
+
+def dare_generator(seed: int, model: int, name: str) -> torch.Generator:
+    """One generator per (model, tensor): the drop mask does not depend on reading order."""
+    digest = hashlib.sha256(f"{seed}/{model}/{name}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+
+
+@dataclass
+class Recipe:
+    """How to merge: the method and its values, checked and filled in by `make_recipe`."""
+
+    method: str
+    weights: list[float]
+    scale: float = 1.0
+    density: float = 0.2
+    drop_rate: float = 0.9
+    seed: int = 0
+
+    def merge(self, name: str, load: Callable[[int], torch.Tensor], n: int,
+              base: torch.Tensor | None) -> torch.Tensor:
+        """The merged tensor of one name. load(i): model i's tensor, read when asked, so at most
+        one input tensor (two for slerp) is held beside the base and the accumulators."""
+        m, w = self.method, self.weights
+        if m == "linear":
+            return weighted_average((load(i) for i in range(n)), w)
+        if m == "slerp":
+            return slerp(load(0), load(1), w[1] / (w[0] + w[1]))
+
+        def taus() -> Iterator[torch.Tensor]:  # a fresh pass; DARE's masks are seeded per (model, name)
+            for i in range(n):
+                tau = load(i).float() - base.float()
+                yield dare(tau, self.drop_rate, dare_generator(self.seed, i, name)) if m.startswith("dare") else tau
+
+        if m in ("task_arithmetic", "dare_linear"):
+            return task_arithmetic(base, taus(), w, self.scale)
+        return ties(base, taus, w, self.density if m == "ties" else None, self.scale)
+
+
+def make_recipe(method: str, n: int, weights: Sequence[float] | None, has_base: bool, scale: float = 1.0,
+                density: float = 0.2, drop_rate: float = 0.9, seed: int = 0) -> Recipe:
+    if method not in METHODS:
+        raise UserError(f"merge.method={method!r}: expected one of {', '.join(METHODS)}")
+    if method in NEEDS_BASE and not has_base:
+        what = "the adapters' base model" if method == "lora" else "the model the inputs were fine-tuned from"
+        raise UserError(f"merge.method={method} needs merge.base: {what}")
+    if n < (1 if method == "lora" else 2):
+        raise UserError(f"merge.models has {n} model(s); merge.method={method} needs at least "
+                        f"{1 if method == 'lora' else 2}")
+    if method == "slerp" and n != 2:
+        raise UserError(f"merge.method=slerp interpolates two models; merge.models has {n}")
+    if weights is None:
+        weights = [1.0] * n if method == "lora" else [1.0 / n] * n
+    weights = [float(w) for w in weights]
+    if len(weights) != n:
+        raise UserError(f"merge.weights has {len(weights)} values for {n} merge.models; expected one per model")
+    if method in ("linear", "slerp") and (any(w < 0 for w in weights) or sum(weights) <= 0):
+        raise UserError(f"merge.weights={weights}: merge.method={method} needs non-negative weights "
+                        "with a positive sum")
+    if not 0 < density <= 1:
+        raise UserError(f"merge.density={density}: expected a fraction in (0, 1]")
+    if not 0 <= drop_rate < 1:
+        raise UserError(f"merge.drop_rate={drop_rate}: expected a probability in [0, 1)")
+    return Recipe(method, weights, scale, density, drop_rate, seed)
+
+
+# --- model folders ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Folder:
+    """A model folder's weights as (group, name) -> (file, key); group "" is the transformer at the
+    root, others are module folders with weights of their own (a sentence-transformers `2_Dense`)."""
+
+    path: Path
+    label: str  # how errors name it: "merge.models[1] (/path)"
+    tensors: dict[tuple[str, str], tuple[Path, str]] = field(default_factory=dict)
+    shapes: dict[tuple[str, str], tuple[tuple[int, ...], str]] = field(default_factory=dict)
+
+
+def _weight_files(folder: Path, label: str) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError) as e:
+            raise UserError(f"{label}: {index} is not a safetensors index (expected a weight_map): {e}") from e
+        missing = [f for f in files if not (folder / f).is_file()]
+        if missing:
+            raise UserError(f"{label}: shard {folder / missing[0]} listed in {index.name} is missing "
+                            "(a partial download or copy?)")
+        return [folder / f for f in files]
+    if (folder / "model.safetensors").is_file():
+        return [folder / "model.safetensors"]
+    if any(folder.glob("pytorch_model*.bin")):
+        raise UserError(f"{label}: only pytorch_model.bin weights in {folder}; merging streams safetensors "
+                        "(load it and save_pretrained(safe_serialization=True) first)")
+    return []
+
+
+def open_folder(path: str | Path, label: str, need_tokenizer: bool = True) -> Folder:
+    """Index a model folder (a run dir stands for its model/), refusing missing or partial ones."""
+    from safetensors import safe_open
+
+    p = Path(path).expanduser()
+    if p.is_dir() and not (p / "config.json").exists() and (p / "model" / "config.json").exists():
+        p = p / "model"
+    if not p.is_dir():
+        raise UserError(f"{label}: no such model folder (expected a folder with config.json and model.safetensors)")
+    if not (p / "config.json").is_file():
+        raise UserError(f"{label}: {p / 'config.json'} is missing (expected a transformers model folder)")
+    if need_tokenizer and not any((p / f).is_file() for f in ("tokenizer.json", "vocab.txt", "vocab.json",
+                                                               "tokenizer.model", "spiece.model")):
+        raise UserError(f"{label}: no tokenizer files in {p} (expected tokenizer.json or a vocabulary file)")
+    folder = Folder(p, label)
+    groups = [""] + [m["path"] for m in _modules(p, label) if m.get("path") and (p / m["path"]).is_dir()]
+    for group in groups:
+        files = _weight_files(p / group if group else p, label)
+        if group == "" and not files:
+            raise UserError(f"{label}: no weights in {p} (expected model.safetensors or model.safetensors.index.json)")
+        for f in files:
+            try:
+                with safe_open(str(f), "pt") as st:
+                    for key in st.keys():
+                        sl = st.get_slice(key)
+                        folder.tensors[(group, key)] = (f, key)
+                        folder.shapes[(group, key)] = (tuple(sl.get_shape()), sl.get_dtype())
+            except Exception as e:  # a truncated or corrupt file: safetensors' own error, one line
+                raise UserError(f"{label}: cannot read {f}: {str(e).splitlines()[0][:200]}") from e
+    return folder
+
+
+def _modules(folder: Path, label: str) -> list[dict]:
+    f = folder / "modules.json"
+    if not f.is_file():
+        return []
+    modules = json.loads(f.read_text())
+    for m in modules:
+        # Normalize has nothing to load, and published folders often omit its empty folder
+        if m.get("path") and not (folder / m["path"]).is_dir() and not m.get("type", "").endswith("Normalize"):
+            raise UserError(f"{label}: modules.json names {m['path']}/ ({m.get('type')}), which is missing in {folder}")
+    return modules
+
+
+def _json(path: Path) -> object:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def pipeline_signature(folder: Path) -> dict[str, object]:
+    """What turns token states into an embedding, besides weights: module list, each module's
+    config (pooling mode, dense sizes and activation, ...), prompts, max length, truncation."""
+    sig: dict[str, object] = {}
+    modules = _json(folder / "modules.json") or []
+    sig["modules.json"] = [(m.get("type"), m.get("path")) for m in modules]
+    for m in modules:
+        if m.get("path"):
+            for f in sorted((folder / m["path"]).glob("*.json")):
+                sig[f"{m['path']}/{f.name}"] = _json(f)
+    cst = _json(folder / "config_sentence_transformers.json") or {}
+    for key in ("prompts", "default_prompt_name", "similarity_fn_name", "truncate_dim"):
+        sig[f"config_sentence_transformers.json: {key}"] = cst.get(key)
+    sbert = _json(folder / "sentence_bert_config.json") or {}
+    for key in ("max_seq_length", "do_lower_case"):
+        sig[f"sentence_bert_config.json: {key}"] = sbert.get(key)
+    return sig
+
+
+def architecture(folder: Path) -> dict:
+    """config.json with the library's defaults filled in (an old file omits keys a new one writes),
+    minus provenance keys."""
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.from_pretrained(folder).to_dict()
+    except (OSError, ValueError) as e:
+        raise UserError(f"{folder / 'config.json'}: not a transformers config: {str(e).splitlines()[0][:200]}") from e
+    return {k: v for k, v in cfg.items() if k not in CONFIG_META}
+
+
+def tokenizer_signature(folder: Path) -> dict:
+    """tokenizer.json without its truncation/padding settings (run-time, not vocabulary); without
+    one, the vocabulary files' hashes."""
+    tj = folder / "tokenizer.json"
+    if tj.is_file():
+        sig = json.loads(tj.read_text())
+        sig.pop("truncation", None)
+        sig.pop("padding", None)
+        return {f"tokenizer.json: {k}": v for k, v in sig.items()}
+    return {f: hashlib.sha256((folder / f).read_bytes()).hexdigest()
+            for f in ("vocab.txt", "vocab.json", "merges.txt", "tokenizer.model", "spiece.model")
+            if (folder / f).is_file()}
+
+
+def first_difference(a: dict, b: dict) -> tuple[str, object, object] | None:
+    for key in list(a) + [k for k in b if k not in a]:
+        if a.get(key, "<absent>") != b.get(key, "<absent>"):
+            return key, a.get(key, "<absent>"), b.get(key, "<absent>")
+    return None
+
+
+def _short(v: object) -> str:
+    s = json.dumps(v) if not isinstance(v, str) else repr(v)
+    return s if len(s) <= 120 else s[:117] + "..."
+
+
+def check_compatible(ref: Folder, other: Folder, pipeline: bool = True, strict: bool = True) -> None:
+    """Refuse `other` unless it computes the same function shape as `ref`: architecture, tokenizer,
+    (pipeline), then every floating tensor's name and shape. Names the first mismatch. With
+    strict=False (a base model) extra tensors in `other` are allowed: it only supplies task vectors."""
+    checks = [("architecture (config.json)", architecture), ("tokenizer", tokenizer_signature)]
+    if pipeline:
+        checks.append(("embedding pipeline", pipeline_signature))
+    for what, sig in checks:
+        diff = first_difference(sig(ref.path), sig(other.path))
+        if diff:
+            key, x, y = diff
+            raise UserError(f"{other.label} differs from {ref.label} in its {what}: {key} is {_short(y)}, "
+                            f"expected {_short(x)}"
+                            + (" (merge.spec_from=INDEX takes the pipeline of one model and ignores "
+                               "the others')" if what == "embedding pipeline" else ""))
+    for key, (shape, dtype) in ref.shapes.items():
+        if not is_float(dtype):
+            continue
+        if key not in other.shapes:
+            raise UserError(f"{other.label} has no tensor {_name(key)} (expected shape {list(shape)}, "
+                            f"as in {ref.label})")
+        if other.shapes[key][0] != shape:
+            raise UserError(f"{other.label}: tensor {_name(key)} has shape {list(other.shapes[key][0])}, "
+                            f"expected {list(shape)} (as in {ref.label})")
+    extra = [k for k, (_, dtype) in other.shapes.items() if is_float(dtype) and k not in ref.shapes]
+    if strict and extra:
+        raise UserError(f"{other.label} has a tensor {_name(extra[0])} that {ref.label} lacks")
+
+
+def is_float(dtype: str) -> bool:
+    return dtype in ("F64", "F32", "F16", "BF16")
+
+
+def _name(key: tuple[str, str]) -> str:
+    return f"{key[0]}/{key[1]}" if key[0] else key[1]
+
+
+# --- the streaming driver ---------------------------------------------------------------------------
+
+
+class Readers(contextlib.ExitStack):
+    """Open safetensors files by path, lazily; get(folder, key) reads one tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.handles: dict[Path, object] = {}
+
+    def get(self, folder: Folder, key: tuple[str, str]) -> torch.Tensor:
+        from safetensors import safe_open
+
+        path, name = folder.tensors[key]
+        if path not in self.handles:
+            self.handles[path] = self.enter_context(safe_open(str(path), "pt"))
+        return self.handles[path].get_tensor(name)
+
+
+def merged_tensors(ref: Folder, models: list[Folder], base: Folder | None, recipe: Recipe,
+                   adapters: list[Adapter] | None = None) -> Iterator[tuple[tuple[str, str], torch.Tensor]]:
+    """(group, name) -> merged tensor, one name at a time, in the reference's dtype. Non-float
+    tensors (integer buffers) are copied from the reference."""
+    with Readers() as readers:
+        for key, (_, dtype) in ref.shapes.items():
+            ref_t = readers.get(ref, key)
+            if not is_float(dtype):
+                yield key, ref_t
+                continue
+            if recipe.method == "lora":
+                out = ref_t.float()
+                for adapter, w in zip(adapters, recipe.weights):
+                    out = adapter.apply(key, out, w)
+            else:
+                out = recipe.merge(_name(key), lambda i, k=key: readers.get(models[i], k), len(models),
+                                   readers.get(base, key) if base is not None else None)
+            yield key, out.to(ref_t.dtype).contiguous()
+
+
+def write_folder(ref: Folder, stream: Iterator[tuple[tuple[str, str], torch.Tensor]], out: Path,
+                 shard_mb: int = 4096, metadata: dict | None = None) -> Path:
+    """Write a model folder atomically: the reference's non-weight files, then the streamed
+    tensors in shards of at most `shard_mb` (an index when there is more than one), then rename."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        shutil.copytree(ref.path, tmp, dirs_exist_ok=True,
+                        ignore=lambda d, names: [n for n in names if WEIGHT_FILES.match(n) or n.startswith(".")])
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's (or the copied folder's) 0700 would make the result private
+        meta = {"format": "pt", **(metadata or {})}
+        shards: dict[str, list[tuple[str, list[str]]]] = {}  # group -> [(file, names)]
+        pending: dict[str, dict[str, torch.Tensor]] = {}
+        sizes: dict[str, int] = {}
+
+        def flush(group: str) -> None:
+            names = list(pending[group])
+            fname = f"part-{len(shards.setdefault(group, []))}.safetensors"
+            save_file(pending.pop(group), str((tmp / group) / fname), metadata=meta)
+            shards[group].append((fname, names))
+            sizes[group] = 0
+
+        for (group, name), t in stream:
+            nbytes = t.numel() * t.element_size()
+            if pending.get(group) and sizes[group] + nbytes > shard_mb * 2**20:
+                flush(group)
+            pending.setdefault(group, {})[name] = t
+            sizes[group] = sizes.get(group, 0) + nbytes
+        for group in list(pending):
+            flush(group)
+        for group, parts in shards.items():
+            folder = tmp / group
+            if len(parts) == 1:
+                os.replace(folder / parts[0][0], folder / "model.safetensors")
+                continue
+            weight_map = {}
+            for i, (fname, names) in enumerate(parts):
+                final = f"model-{i + 1:05d}-of-{len(parts):05d}.safetensors"
+                os.replace(folder / fname, folder / final)
+                weight_map.update({n: final for n in names})
+            total = sum((folder / f).stat().st_size for f in set(weight_map.values()))
+            (folder / "model.safetensors.index.json").write_text(json.dumps(
+                {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+        replace_folder(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+# --- LoRA adapters ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Adapter:
+    """A peft LoRA adapter folder, matched to a base folder's tensors."""
+
+    path: Path
+    label: str
+    deltas: dict[tuple[str, str], tuple[str, str, float, bool]]  # base key -> (A key, B key, scaling, transpose)
+    replaced: dict[tuple[str, str], str]  # base key -> adapter key (modules_to_save: a whole new tensor)
+    handle: object = None
+
+    def apply(self, key: tuple[str, str], w: torch.Tensor, weight: float) -> torch.Tensor:
+        if key in self.replaced:
+            return self.handle.get_tensor(self.replaced[key]).float()
+        if key not in self.deltas:
+            return w
+        a_key, b_key, scaling, transpose = self.deltas[key]
+        a, b = self.handle.get_tensor(a_key), self.handle.get_tensor(b_key)
+        return w + weight * lora_delta(a, b, scaling, transpose)
+
+
+def _pattern_value(patterns: dict, module: str, default):
+    """peft's rank_pattern / alpha_pattern: the first key that matches the end of the module name."""
+    for pattern, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            return value
+    return default
+
+
+def open_adapter(path: str, label: str, base: Folder, base_name: str, check_base: bool = True) -> Adapter:
+    from safetensors import safe_open
+
+    p = Path(path).expanduser()
+    cfg_file, weights = p / "adapter_config.json", p / "adapter_model.safetensors"
+    if not p.is_dir():
+        raise UserError(f"{label}: no such adapter folder (expected adapter_config.json and adapter_model.safetensors)")
+    for f in (cfg_file, weights):
+        if not f.is_file():
+            raise UserError(f"{label}: {f} is missing (expected a peft LoRA adapter folder)")
+    cfg = json.loads(cfg_file.read_text())
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise UserError(f"{label}: peft_type {cfg.get('peft_type')!r}; only LORA adapters can be merged here")
+    if cfg.get("use_dora"):
+        raise UserError(f"{label}: a DoRA adapter (use_dora=true); only plain LoRA is merged here")
+    want = cfg.get("base_model_name_or_path")
+    if check_base and want and not _same_model(want, base.path, base_name):
+        raise UserError(f"{label}: adapter_config.json says its base is {want!r}, but merge.base is {base_name!r} "
+                        "(pass that base, or merge.check_adapter_base=false if it is a copy of it)")
+    r, alpha = cfg.get("r", 8), cfg.get("lora_alpha", 8)
+    adapter = Adapter(p, label, {}, {})
+    names = {k for _, k in base.tensors}
+    with safe_open(str(weights), "pt") as st:
+        keys = list(st.keys())
+        shapes = {k: tuple(st.get_slice(k).get_shape()) for k in keys}
+    for key in keys:
+        m = re.match(r"^(?:base_model\.model\.)?(.+?)\.(lora_A|lora_embedding_A)(?:\.weight)?$", key)
+        if not m:
+            if ".lora_" in key or key.endswith(("lora_B.weight", "lora_embedding_B")):
+                continue
+            if "modules_to_save" in key or cfg.get("modules_to_save"):
+                target = _base_key(key.replace("base_model.model.", "", 1).replace(".modules_to_save", ""), names)
+                if target is None:
+                    raise UserError(f"{label}: {key} replaces a tensor the base {base_name} does not have")
+                adapter.replaced[("", target)] = key
+                continue
+            raise UserError(f"{label}: unexpected tensor {key} in {weights.name} (expected LoRA A/B matrices)")
+        module, kind = m.group(1), m.group(2)
+        b_key = key.replace("lora_A", "lora_B").replace("lora_embedding_A", "lora_embedding_B")
+        if b_key not in shapes:
+            raise UserError(f"{label}: {key} has no matching {b_key}")
+        target = _base_key(module + ".weight", names)
+        if target is None:
+            raise UserError(f"{label}: adapter module {module} has no weight in the base {base_name} "
+                            "(an adapter for another model?)")
+        rank = _pattern_value(cfg.get("rank_pattern"), module, r)
+        a_shape, b_shape = shapes[key], shapes[b_key]
+        base_shape = base.shapes[("", target)][0]
+        embedding = kind == "lora_embedding_A"
+        fan_in_fan_out = bool(cfg.get("fan_in_fan_out")) and not embedding
+        transpose = embedding or fan_in_fan_out
+        out_in = (b_shape[0], a_shape[1])  # the delta's shape before any transpose
+        if (out_in[::-1] if transpose else out_in) != tuple(base_shape) or a_shape[0] != rank or b_shape[1] != rank:
+            raise UserError(f"{label}: {module}: LoRA A {list(a_shape)} and B {list(b_shape)} (rank {rank}) do not fit "
+                            f"the base weight {target} of shape {list(base_shape)}")
+        a = _pattern_value(cfg.get("alpha_pattern"), module, alpha)
+        # rsLoRA (Kalajdzievski, arXiv 2312.03732) scales by alpha / sqrt(r) instead of alpha / r
+        scaling = a / math.sqrt(rank) if cfg.get("use_rslora") else a / rank
+        adapter.deltas[("", target)] = (key, b_key, scaling, transpose)
+    if not adapter.deltas and not adapter.replaced:
+        raise UserError(f"{label}: {weights} holds no LoRA weights")
+    return adapter
+
+
+def _base_key(name: str, names: set[str]) -> str | None:
+    """The base tensor a peft module path refers to: the same name, or one that differs by a model
+    prefix (peft wraps `BertModel` as `encoder...`, a checkpoint may say `bert.encoder...`)."""
+    if name in names:
+        return name
+    found = [n for n in names if n.endswith("." + name) or name.endswith("." + n)]
+    return found[0] if len(found) == 1 else None
+
+
+def _same_model(want: str, base_path: Path, base_name: str) -> bool:
+    """Whether an adapter's recorded base is the given one: the same folder, or the same name."""
+    p = Path(want).expanduser()
+    if p.exists():
+        with contextlib.suppress(OSError):
+            return p.resolve() == base_path.resolve() or p.resolve() == Path(base_name).expanduser().resolve()
+    return want.rstrip("/") in (base_name.rstrip("/"), str(base_path))
+
+
+# --- the whole merge --------------------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    """Everything a merge needs, checked: the reference (whose pipeline files are kept), inputs, base."""
+
+    ref: Folder
+    models: list[Folder]
+    base: Folder | None
+    adapters: list[Adapter] | None
+    recipe: Recipe
+
+
+def plan_merge(models: Sequence[str], method: str, weights: Sequence[float] | None = None,
+               base: str | None = None, spec_from: int | None = None, scale: float = 1.0, density: float = 0.2,
+               drop_rate: float = 0.9, seed: int = 0, check_adapter_base: bool = True) -> Plan:
+    """Open and check every input before anything is written."""
+    models = list(models or [])
+    if not models:
+        raise UserError("merge.models is empty: expected a list of model folders, e.g. merge.models=[dir_a,dir_b]")
+    recipe = make_recipe(method, len(models), weights, base is not None, scale, density, drop_rate, seed)
+    base_folder = open_folder(base, f"merge.base ({base})") if base is not None else None
+    if method == "lora":
+        adapters = [open_adapter(m, f"merge.models[{i}] ({m})", base_folder, base, check_adapter_base)
+                    for i, m in enumerate(models)]
+        return Plan(base_folder, [base_folder], base_folder, adapters, recipe)
+    folders = [open_folder(m, f"merge.models[{i}] ({m})") for i, m in enumerate(models)]
+    if spec_from is not None and not 0 <= spec_from < len(folders):
+        raise UserError(f"merge.spec_from={spec_from}: expected an index into merge.models (0 .. {len(folders) - 1})")
+    ref = folders[spec_from or 0]
+    for f in folders:
+        if f is not ref:
+            check_compatible(ref, f, pipeline=spec_from is None)
+    if base_folder is not None and method != "lora":
+        check_compatible(ref, base_folder, pipeline=False, strict=False)  # the base is only a source of task vectors
+    return Plan(ref, folders, base_folder, None, recipe)
+
+
+def run_plan(plan: Plan, out: Path, shard_mb: int = 4096) -> Path:
+    meta = {"train_merge": json.dumps({"method": plan.recipe.method, "weights": plan.recipe.weights,
+                                       "models": [str(m.path) for m in plan.models] if plan.adapters is None
+                                       else [str(a.path) for a in plan.adapters],
+                                       "base": str(plan.base.path) if plan.base else None})}
+    if plan.adapters:
+        from safetensors import safe_open
+
+        with contextlib.ExitStack() as stack:
+            for a in plan.adapters:
+                a.handle = stack.enter_context(safe_open(str(a.path / "adapter_model.safetensors"), "pt"))
+            return write_folder(plan.ref, merged_tensors(plan.ref, plan.models, None, plan.recipe, plan.adapters),
+                                out, shard_mb, meta)
+    return write_folder(plan.ref, merged_tensors(plan.ref, plan.models, plan.base, plan.recipe), out, shard_mb, meta)
