@@ -23,6 +23,24 @@ def tiny_encoder():
     return load_encoder(str(assets.path("tiny-bert")), pooling="mean", max_length=32).eval()
 
 
+LORA = {"r": 4, "alpha": 8.0, "dropout": 0.0, "target_modules": ["q_proj", "v_proj", "down_proj"]}
+
+
+def tiny_lora_encoder(pooling: str = "last", **lora):
+    """The tiny Llama with a LoRA adapter whose B matrices are random (seeded): peft starts them
+    at zero, where the merged model equals the base and A gets no gradient, so tests would pass
+    for the wrong reason."""
+    torch.manual_seed(0)
+    encoder = load_encoder(str(assets.path("tiny-llama")), pooling=pooling, max_length=32,
+                           lora_config={**LORA, **lora})
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in encoder.backbone.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return encoder
+
+
 def reference_grads(encoder, batch, chunks=None, loss_fn=LOSS):
     """Full-batch gradient by plain autograd on one process: every chunk's graph kept, one
     backward. Independent of contrastive_step and of torch.distributed."""
