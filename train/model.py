@@ -392,8 +392,8 @@ def load_encoder(path: str, pooling: str | None = None, normalize: bool | None =
     if adapter_file.exists():
         backbone = lora.load_adapter(backbone, folder, trainable=lora_config is not None)
     elif lora_config is not None:
-        backbone = lora.apply_lora(backbone, quantized=bool(quantization), gradient_checkpointing=gradient_checkpointing,
-                                   **lora_config)
+        backbone = lora.apply_lora(backbone, quantized=bool(quantization),
+                                   gradient_checkpointing=gradient_checkpointing, **lora_config)
     elif quantization:
         raise UserError("model.quantization=4bit trains through LoRA only: set model.lora (QLoRA)")
     encoder = Encoder(backbone, tokenizer, spec)
