@@ -72,17 +72,32 @@ def test_instruction_template_and_its_exclusion_from_mean_pooling():
     task = "Given a premise, retrieve a hypothesis"
     encoder = tiny(pooling="mean", normalize=False, pool_prompt=False)
     ids = encoder.tokenize(TEXTS, "query", instruction=task)
-    text_ids = [encoder.tokenizer(t, add_special_tokens=False)["input_ids"] for t in TEXTS]
-    decoded = encoder.tokenizer.decode(ids[0])
-    assert decoded == f"Instruct: {task}\nQuery: {TEXTS[0]}"
+    assert encoder.tokenizer.decode(ids[0]) == f"Instruct: {task}\nQuery: {TEXTS[0]}"
+    # "Query: " ends in a space that the tokenizer joins to the text's first word: the prompt
+    # proper is the tokens before it, and the joined token (" a", " two", " rain") is pooled.
+    prompt = encoder.tokenizer(f"Instruct: {task}\nQuery:", add_special_tokens=False)["input_ids"]
+    assert all(list(s[: len(prompt)]) == prompt and s.context == len(prompt) for s in ids)
     with torch.no_grad():
         got = encoder(*pad(ids, encoder.pad_id, left=True))
         whole = encoder(*pad([list(s) for s in ids], encoder.pad_id))  # same ids, no context: prompt pooled
-    want = torch.stack([plain_hidden(encoder, s)[-len(t):].mean(0) for s, t in zip(ids, text_ids)])
+    want = torch.stack([plain_hidden(encoder, s)[len(prompt):].mean(0) for s in ids])
     assert torch.allclose(got, want, atol=1e-5)
     assert (got - whole).abs().max() > 1e-3
     # passages get no instruction (E5-Mistral: query side only)
-    assert encoder.tokenize(TEXTS[:1], "passage", instruction=task)[0] == text_ids[0]
+    assert encoder.tokenize(TEXTS[:1], "passage", instruction=task)[0] == encoder.tokenizer(TEXTS[0])["input_ids"]
+
+
+def test_sentence_transformers_pools_the_same_tokens_without_the_prompt(tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    # a template ending in a newline: no token spans prompt and text (see Encoder.tokenize)
+    encoder = tiny(pooling="mean", pool_prompt=False, instruction_template="Instruct: {task}\nQuery:\n")
+    task = "Retrieve semantically similar text."
+    want = torch.cat([encoder(*pad(encoder.tokenize([t], "query", instruction=task), encoder.pad_id))
+                      for t in TEXTS]).detach()
+    st = SentenceTransformer(str(encoder.save(tmp_path / "model")), device="cpu")
+    got = torch.as_tensor(st.encode(TEXTS, prompt=encoder.prefix("query", task)))
+    assert (got - want).abs().max() < 1e-5
 
 
 def test_bidirectional_attention_lets_a_token_see_later_tokens():

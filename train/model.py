@@ -152,29 +152,32 @@ class Encoder(nn.Module):
                  instruction: str | None = None) -> list[list[int]]:
         """Prompted, truncated token ids, unpadded: padding is decided per chunk later."""
         prefix = self.prefix(side, instruction)
-        echo = self.spec.pooling == "echo"
-        if not echo and (self.spec.pool_prompt or not prefix):
+        if self.spec.pooling != "echo":
             texts = [prefix + t for t in texts] if prefix else list(texts)
-            enc = self.tokenizer(texts, truncation=True, max_length=self.spec.max_length)
-            return enc["input_ids"]
-        # Pieces tokenized apart, so the context's length is exact:
-        #   head + prefix + text + tail              (context: head + prefix)
-        #   head + prefix + E1 + text + E2 + text + tail   (echo; context: all before the second copy)
+            enc = self.tokenizer(texts, truncation=True, max_length=self.spec.max_length)["input_ids"]
+            if self.spec.pool_prompt or not prefix:
+                return enc
+            # The context is the leading tokens shared with the prompt tokenized alone: where the
+            # prompt's last token merges with the text's first ("Query: " + "rain" -> "Query:",
+            # " rain") the merged token is pooled. sentence-transformers' `include_prompt: false`
+            # counts the prompt alone and drops it; with a prompt that ends in a newline or any
+            # other boundary the tokenizer never merges across, the two pool the same tokens.
+            alone = self.head + self.tokenizer(prefix, add_special_tokens=False)["input_ids"]
+            return [llm.Tokens(ids, context=_shared_prefix(ids, alone)) for ids in enc]
+        # Echo: pieces tokenized apart, so that the second copy is exactly the first:
+        #   head + prefix + E1 + text + E2 | text + tail   (the context: all before the second copy)
         def ids(s: str) -> list[int]:
             return self.tokenizer(s, add_special_tokens=False)["input_ids"] if s else []
 
-        first = self.head + ids(prefix) + (ids(ECHO_FIRST) if echo else [])
-        second = ids(ECHO_SECOND) if echo else []
-        room = self.spec.max_length - len(first) - len(second) - len(self.tail)
-        room = room // 2 if echo else room
+        first, second = self.head + ids(prefix) + ids(ECHO_FIRST), ids(ECHO_SECOND)
+        room = (self.spec.max_length - len(first) - len(second) - len(self.tail)) // 2
         if room < 1:
             raise UserError(f"model.max_length={self.spec.max_length} leaves no room for text after the "
-                            f"{len(first) + len(second)}-token prefix {prefix!r}")
+                            f"{len(first) + len(second)}-token echo prefix {prefix!r}")
         out = []
         for t in self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]:
-            t = t[:room]
-            context = first + t + second if echo else first
-            out.append(llm.Tokens(context + t + self.tail, context=len(context)))
+            context = first + t[:room] + second
+            out.append(llm.Tokens(context + t[:room] + self.tail, context=len(context)))
         return out
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -234,6 +237,14 @@ class Encoder(nn.Module):
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return out
+
+
+def _shared_prefix(ids: Sequence[int], prompt: Sequence[int]) -> int:
+    """How many leading ids equal the prompt's, leaving at least one token to pool."""
+    n = 0
+    while n < min(len(prompt), len(ids) - 1) and ids[n] == prompt[n]:
+        n += 1
+    return n
 
 
 LATENT_FILE = "latent_attention.safetensors"
