@@ -73,16 +73,20 @@ def position_ids(attn: torch.Tensor) -> torch.Tensor:
     return (attn.long().cumsum(1) - 1).clamp(min=0)
 
 
+def check_bidirectional(backbone: nn.Module) -> None:
+    impl = backbone.config._attn_implementation
+    if impl not in ("sdpa", "eager"):
+        raise UserError(f"model.bidirectional=true works with model.attn_implementation=sdpa or eager (a 4D mask "
+                        f"replaces the causal one); {impl} is not supported for it")
+
+
 def bidirectional_mask(backbone: nn.Module, embeds: torch.Tensor, attn: torch.Tensor):
     """The 4D mask in which every token sees every real token of its text, in the form the
     model's attention implementation takes (bool for sdpa, additive float for eager). Always
     materialised: a missing mask would let sdpa fall back to the module's causal flag."""
     from transformers.masking_utils import create_bidirectional_mask
 
-    impl = backbone.config._attn_implementation
-    if impl not in ("sdpa", "eager"):
-        raise UserError(f"model.bidirectional=true needs attention through a mask (sdpa or eager); "
-                        f"model.attn_implementation={impl} decides causality inside its kernel")
+    check_bidirectional(backbone)
     return create_bidirectional_mask(config=backbone.config, inputs_embeds=embeds, attention_mask=attn,
                                      allow_is_bidirectional_skip=False)
 

@@ -121,6 +121,8 @@ class Encoder(nn.Module):
         if not self.decoder and (spec.pooling in DECODER_ONLY or spec.bidirectional):
             what = "model.bidirectional=true" if spec.bidirectional else f"model.pooling={spec.pooling}"
             raise UserError(f"{what} is for decoder (causal) models; this model's attention is bidirectional already")
+        if spec.bidirectional:
+            llm.check_bidirectional(backbone)
         self.head, self.tail = llm.special_ends(tokenizer)
         if self.decoder and spec.pooling == "last" and (not self.tail or self.tail[-1] != tokenizer.eos_token_id):
             self.tail = [*self.tail, int(tokenizer.eos_token_id)]  # a tokenizer that cannot append it itself
@@ -395,7 +397,7 @@ def load_encoder(path: str, pooling: str | None = None, normalize: bool | None =
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
         backbone = AutoModel.from_pretrained(base, **kwargs)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, ImportError) as e:  # ImportError: an attention kernel's package missing
         raise UserError(f"model.path={path}: could not load a transformers model from {base}: "
                         f"{str(e).splitlines()[0][:300]}") from e
     if gradient_checkpointing:
