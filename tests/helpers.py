@@ -56,6 +56,23 @@ def reference_grads(encoder, batch, chunks=None, loss_fn=LOSS):
     return float(loss.detach()), grads(encoder)
 
 
+def replayed_and_reference_grads(encoder, n: int, chunk_size: int, seed: int):
+    """(gradient-cached, reference) gradients of n SNLI examples with dropout on: the reference
+    runs the same chunks from the same seed with every graph kept, so its dropout masks are the
+    ones the cache must replay."""
+    from train.gradcache import contrastive_step, plan_chunks
+
+    batch = snli_batch(encoder, range(n))
+    seqs = batch.query_ids + batch.passage_ids
+    chunks = plan_chunks([len(s) for s in seqs], chunk_size * (1 + batch.group))
+    torch.manual_seed(seed)
+    _, ref = reference_grads(encoder, batch, chunks)
+    torch.manual_seed(seed)
+    encoder.zero_grad(set_to_none=True)
+    contrastive_step(plain_engine(encoder), batch, LOSS, chunk_size)
+    return grads(encoder), ref
+
+
 def snli_source(n: int = 64, negatives: bool = True) -> Source:
     name = "train_triples.jsonl" if negatives else "train_pairs.jsonl"
     return read_source("snli", str(assets.path("snli") / name), limit=n)

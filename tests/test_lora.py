@@ -8,11 +8,18 @@ import json
 
 import pytest
 import torch
-from helpers import LORA, grads, max_rel_diff, plain_engine, reference_grads, snli_batch, snli_source, tiny_lora_encoder
+from helpers import (
+    LORA,
+    max_rel_diff,
+    reference_grads,
+    replayed_and_reference_grads,
+    snli_batch,
+    snli_source,
+    tiny_lora_encoder,
+)
 
 from train import assets, lora
 from train.errors import UserError
-from train.gradcache import contrastive_step, plan_chunks
 from train.model import encode, load_encoder
 from train.run import check_strategy
 
@@ -111,26 +118,11 @@ def test_sentence_transformers_refuses_what_it_would_compute_differently(tmp_pat
 
 def test_gradient_cache_replays_lora_dropout_exactly():
     encoder = tiny_lora_encoder(dropout=0.3).train()
-    batch = snli_batch(encoder, range(12))
-    seqs = batch.query_ids + batch.passage_ids
-    chunks = plan_chunks([len(s) for s in seqs], 4 * (1 + batch.group))
-    torch.manual_seed(7)
-    _, ref = reference_grads(encoder, batch, chunks)  # same chunks, same RNG stream, graph kept
-    torch.manual_seed(7)
-    encoder.zero_grad(set_to_none=True)
-    contrastive_step(plain_engine(encoder), batch, _loss(), 4)
-    got = grads(encoder)
+    got, ref = replayed_and_reference_grads(encoder, 12, chunk_size=4, seed=7)
     assert set(got) == set(ref) and all("lora_" in k for k in got)
     assert max_rel_diff(got, ref) < 1e-5
-    torch.manual_seed(8)  # negative control: other dropout masks give another gradient
-    _, other = reference_grads(encoder, batch, chunks)
-    assert max_rel_diff(other, ref) > 1e-3
-
-
-def _loss():
-    from helpers import LOSS
-
-    return LOSS
+    _, other = replayed_and_reference_grads(encoder, 12, chunk_size=4, seed=8)
+    assert max_rel_diff(other, ref) > 1e-3  # negative control: other dropout masks, another gradient
 
 
 def test_gradient_checkpointing_gives_the_same_gradient():
