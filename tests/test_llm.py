@@ -168,3 +168,35 @@ def test_bidirectional_with_flash_attention_is_refused():
     encoder.backbone.config._attn_implementation = "flash_attention_2"
     with pytest.raises(UserError, match="sdpa or eager"):
         encoder(*pad(encoder.tokenize(TEXTS[:1]), encoder.pad_id))
+
+
+def test_each_source_and_task_gets_its_own_instruction(tmp_path):
+    from train.data import Source, collate
+    from train.evaluate import RetrievalTask, StsTask
+
+    encoder = tiny(pooling="last")
+    a = Source("a", ["q1", "q2"], ["p1", "p2"], [], None, instruction="Task A")
+    b = Source("b", ["q3"], ["p3"], [], None)  # no instruction: the plain query side
+    batch = collate([a, b], [(0, 0), (1, 0), (0, 1)], encoder.tokenize)
+    assert batch.query_ids == [encoder.tokenize(["q1"], "query", instruction="Task A")[0],
+                               encoder.tokenize(["q3"], "query")[0],
+                               encoder.tokenize(["q2"], "query", instruction="Task A")[0]]
+    assert encoder.tokenizer.decode(batch.query_ids[0]).startswith("Instruct: Task A\nQuery: q1")
+    assert batch.passage_ids[0] == encoder.tokenize(["p1"], "passage")[0]
+
+    calls = []
+
+    def embed(texts, side, instruction=None):
+        calls.append((side, instruction))
+        return torch.randn(len(texts), 4)
+
+    (tmp_path / "sts.jsonl").write_text('{"sentence1": "x", "sentence2": "y", "score": 1}\n'
+                                        '{"sentence1": "z", "sentence2": "w", "score": 0}\n')
+    StsTask("sts", str(tmp_path / "sts.jsonl"), instruction="Sim")(embed)
+    ir = tmp_path / "ir"
+    ir.mkdir()
+    (ir / "corpus.jsonl").write_text('{"id": "d", "text": "doc"}\n')
+    (ir / "queries.jsonl").write_text('{"id": "q", "text": "query"}\n')
+    (ir / "qrels.jsonl").write_text('{"query_id": "q", "doc_id": "d"}\n')
+    RetrievalTask("ir", str(ir), k_values=(1,), instruction="Find")(embed)
+    assert calls == [("query", "Sim"), ("query", "Find"), ("passage", None)]
