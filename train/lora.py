@@ -19,7 +19,7 @@ from train.errors import UserError
 ADAPTER_DIR = "adapter"  # <model folder>/adapter: the adapter alone, loadable onto the base model
 
 
-def quantization_kwargs(quantization: str | None, dtype: torch.dtype) -> dict:
+def quantization_kwargs(quantization: str | None) -> dict:
     """`from_pretrained` arguments for the base weights: QLoRA's NF4 4-bit base with bf16 compute."""
     if quantization in (None, "none"):
         return {}

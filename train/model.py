@@ -389,7 +389,7 @@ def load_encoder(path: str, pooling: str | None = None, normalize: bool | None =
                           if v is not None or k in saved})
     if dtype not in DTYPES:
         raise UserError(f"model.dtype={dtype!r}: expected one of {', '.join(DTYPES)}")
-    kwargs = {"dtype": DTYPES[dtype], **lora.quantization_kwargs(quantization, DTYPES[dtype])}
+    kwargs = {"dtype": DTYPES[dtype], **lora.quantization_kwargs(quantization)}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     adapter_file = folder / "adapter_config.json"
