@@ -43,11 +43,17 @@ def labels_aligned(batch, world) -> bool:
     return bool(torch.equal(pair.p_all[pair.labels], own_positives)) and pair.row0 == world.rank * len(batch)
 
 
-def run_case(strategy: str, zero: int, world, batch_size: int, chunk: int, accum: int, coalesce: bool = True):
+def run_case(strategy: str, zero: int, world, batch_size: int, chunk: int, accum: int, coalesce: bool = True,
+             lora: bool = False):
     from train import assets
 
     torch.manual_seed(0)
-    encoder = load_encoder(str(assets.path("tiny-bert")), pooling="mean", max_length=32).eval()
+    if lora:  # the tiny Llama with a LoRA adapter: only the adapter's matrices are trainable
+        from helpers import tiny_lora_encoder
+
+        encoder = tiny_lora_encoder().eval()
+    else:
+        encoder = load_encoder(str(assets.path("tiny-bert")), pooling="mean", max_length=32).eval()
     freeze_unused(encoder)  # as the composition root does: DDP needs every trainable parameter used
     per_rank = batch_size // world.size
     engine = dist.wrap(encoder, world, strategy,
@@ -81,7 +87,7 @@ def main() -> None:
             continue
         label, strategy, zero, batch_size, chunk, accum = case.split(":")
         result = run_case(strategy, int(zero), world, int(batch_size), int(chunk), int(accum),
-                          coalesce="per_chunk" not in label)
+                          coalesce="per_chunk" not in label, lora=label.startswith("lora"))
         if world.is_main:
             torch.save(result, out / f"{label}.pt")
         dist.barrier()

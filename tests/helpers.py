@@ -23,6 +23,24 @@ def tiny_encoder():
     return load_encoder(str(assets.path("tiny-bert")), pooling="mean", max_length=32).eval()
 
 
+LORA = {"r": 4, "alpha": 8.0, "dropout": 0.0, "target_modules": ["q_proj", "v_proj", "down_proj"]}
+
+
+def tiny_lora_encoder(pooling: str = "last", **lora):
+    """The tiny Llama with a LoRA adapter whose B matrices are random (seeded): peft starts them
+    at zero, where the merged model equals the base and A gets no gradient, so tests would pass
+    for the wrong reason."""
+    torch.manual_seed(0)
+    encoder = load_encoder(str(assets.path("tiny-llama")), pooling=pooling, max_length=32,
+                           lora_config={**LORA, **lora})
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in encoder.backbone.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return encoder
+
+
 def reference_grads(encoder, batch, chunks=None, loss_fn=LOSS):
     """Full-batch gradient by plain autograd on one process: every chunk's graph kept, one
     backward. Independent of contrastive_step and of torch.distributed."""
@@ -36,6 +54,23 @@ def reference_grads(encoder, batch, chunks=None, loss_fn=LOSS):
     loss = loss_fn(make_pairing(emb[:b], emb[b:], batch, mask_duplicates=True))
     loss.backward()
     return float(loss.detach()), grads(encoder)
+
+
+def replayed_and_reference_grads(encoder, n: int, chunk_size: int, seed: int):
+    """(gradient-cached, reference) gradients of n SNLI examples with dropout on: the reference
+    runs the same chunks from the same seed with every graph kept, so its dropout masks are the
+    ones the cache must replay."""
+    from train.gradcache import contrastive_step, plan_chunks
+
+    batch = snli_batch(encoder, range(n))
+    seqs = batch.query_ids + batch.passage_ids
+    chunks = plan_chunks([len(s) for s in seqs], chunk_size * (1 + batch.group))
+    torch.manual_seed(seed)
+    _, ref = reference_grads(encoder, batch, chunks)
+    torch.manual_seed(seed)
+    encoder.zero_grad(set_to_none=True)
+    contrastive_step(plain_engine(encoder), batch, LOSS, chunk_size)
+    return grads(encoder), ref
 
 
 def snli_source(n: int = 64, negatives: bool = True) -> Source:

@@ -86,3 +86,14 @@ def test_truncated_dims_are_evaluated_on_renormalised_prefixes():
     out = run_tasks([Probe()], embed, dims=[2])
     assert out["probe/cos_ab"] == 0.0 and out["probe@2/cos_ab"] == 1.0  # a and b agree on the first 2 dims
     assert abs(out["probe@2/norm"] - 1.0) < 1e-6
+
+
+def test_retrieval_corpus_limit_keeps_the_relevant_documents(tmp_path):
+    rows = lambda items: "".join(json.dumps(r) + "\n" for r in items)  # noqa: E731
+    (tmp_path / "corpus.jsonl").write_text(rows({"id": f"d{i}", "text": f"doc {i}"} for i in range(6)))
+    (tmp_path / "queries.jsonl").write_text(rows([{"id": "q0", "text": "a"}, {"id": "q1", "text": "b"}]))
+    (tmp_path / "qrels.jsonl").write_text(rows([{"query_id": "q0", "doc_id": "d4"},
+                                                {"query_id": "q1", "doc_id": "d5"}]))
+    task = RetrievalTask("ir", str(tmp_path), limit=1, corpus_limit=3)
+    assert task.doc_ids == ["d0", "d1", "d4"]  # q0's relevant d4, then the first others
+    assert {q: {task.doc_ids[d] for d in rel} for q, rel in task.rel.items()} == {"q0": {"d4"}}

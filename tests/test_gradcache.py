@@ -7,7 +7,17 @@ import functools
 
 import pytest
 import torch
-from helpers import LOSS, grads, max_rel_diff, plain_engine, reference_grads, scored_triples, snli_batch, snli_source
+from helpers import (
+    LOSS,
+    grads,
+    max_rel_diff,
+    plain_engine,
+    reference_grads,
+    replayed_and_reference_grads,
+    scored_triples,
+    snli_batch,
+    snli_source,
+)
 
 from train import gradcache
 from train.data import read_source
@@ -47,15 +57,9 @@ def test_loss_in_blocks_of_rows_equals_the_whole(tiny_encoder_factory, monkeypat
 def test_dropout_is_replayed_exactly(tiny_encoder_factory):
     encoder = tiny_encoder_factory().train()  # dropout 0.1 on: SimCSE's augmentation
     assert encoder.backbone.config.hidden_dropout_prob > 0
-    batch = snli_batch(encoder, range(24))
-    seqs = batch.query_ids + batch.passage_ids
-    chunks = plan_chunks([len(s) for s in seqs], 4 * (1 + batch.group))
-
-    torch.manual_seed(123)
-    _, ref = reference_grads(encoder, batch, chunks)  # same chunks, same RNG stream, graph kept
-    torch.manual_seed(123)
-    _, got = cached_grads(encoder, batch, chunk_size=4)
+    got, ref = replayed_and_reference_grads(encoder, 24, chunk_size=4, seed=123)
     assert max_rel_diff(got, ref) < 1e-5
+    batch = snli_batch(encoder, range(24))
 
     # Negative control: without restoring the RNG the replayed dropout masks differ.
     torch.manual_seed(123)

@@ -16,6 +16,8 @@ from train.run import run
 
 TINY = ["model=tiny_bert", "trainer.max_steps=2", "trainer.batch_size=8", "trainer.chunk_size=4", "trainer.log_every=1"]
 # Recipes whose job is not train/eval (mining) are tested with their job (tests/test_mine.py).
+# Decoder recipes get the tiny Llama (their LoRA targets are Llama's projections).
+TINY_ASSET = {"lora_llm": "tiny-llama"}
 RECIPES = sorted(n for n, p in recipe_files().items() if (yaml.safe_load(p.read_text()) or {}).get("job", "train")
                  in ("train", "eval"))
 
@@ -26,7 +28,7 @@ def tiny_overrides(compose, name: str, tmp_path) -> list[str]:
     base = [f"recipe={name}"]
     if (CONF_DIR / "data" / f"{name}_offline.yaml").exists():
         base.append(f"data={name}_offline")
-    base += [*TINY, f"model.path={assets.path('tiny-bert')}"]
+    base += [*TINY, f"model.path={assets.path(TINY_ASSET.get(name, 'tiny-bert'))}"]
     if name == "e5_finetune":  # its offline data is the mining stage's output: stand in a small one
         base.append(f"data.path={scored_triples(tmp_path / 'mined.jsonl')}")
     cfg = compose(base)
@@ -98,3 +100,14 @@ def test_wandb_offline_needs_no_network(compose, tmp_path):
     assert run(cfg, tmp_path)["after"] == {}
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
+
+
+def test_lora_llm_recipe_is_e5_mistrals_setup(compose):
+    cfg = compose(["recipe=lora_llm"])
+    assert cfg.model.path == "mistralai/Mistral-7B-v0.1" and cfg.model.pooling == "last"
+    assert (cfg.model.lora.r, cfg.model.lora.alpha) == (16, 32) and cfg.model.gradient_checkpointing
+    assert cfg.optim.lr == 1e-4 and cfg.trainer.batch_size == 2048 and cfg.loss.temperature == 0.02
+    assert all(s.instruction for s in cfg.data.sources.values())
+    assert cfg.eval.tasks.snli_ir.instruction.startswith("Given a premise")
+    offline = compose(["recipe=lora_llm", "data=lora_llm_offline"])
+    assert offline.model.path.endswith("smollm2") and offline.model.lora.r == 16

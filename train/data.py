@@ -49,6 +49,7 @@ class Source:
     negatives: list[list[str]]  # [N][n]
     scores: list[list[float]] | None  # [N][1+n]
     origin: str = ""
+    instruction: str | None = None  # the queries' task instruction (E5-Mistral), set by the recipe
 
     def __len__(self) -> int:
         return len(self.anchors)
@@ -357,13 +358,25 @@ def collate(sources: Sequence[Source], picks: Sequence[tuple[int, int]], tokeniz
             teacher.append(src.scores[r])
     has_teacher = teacher and len(teacher) == len(picks)
     return Batch(
-        query_ids=tokenize(anchors, "query"),
+        query_ids=_tokenize_queries(tokenize, anchors, [sources[s].instruction for s, _ in picks]),
         passage_ids=tokenize(passages, "passage"),
         anchor_hash=torch.tensor([text_hash(t) for t in anchors], dtype=torch.long),
         passage_hash=torch.tensor([text_hash(t) for t in passages], dtype=torch.long),
         teacher=torch.tensor(teacher, dtype=torch.float32) if has_teacher else None,
         group=group,
     )
+
+
+def _tokenize_queries(tokenize, anchors: list[str], instructions: list[str | None]) -> list[list[int]]:
+    """Queries tokenized with their own source's instruction (a mixed batch may hold several)."""
+    if not any(instructions):
+        return tokenize(anchors, "query")
+    out: list = [None] * len(anchors)
+    for instruction in dict.fromkeys(instructions):
+        idx = [i for i, x in enumerate(instructions) if x == instruction]
+        for i, ids in zip(idx, tokenize([anchors[i] for i in idx], "query", instruction=instruction)):
+            out[i] = ids
+    return out
 
 
 def shard(picks: Sequence[tuple[int, int]], rank: int, world: int) -> list[tuple[int, int]]:

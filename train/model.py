@@ -24,9 +24,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from train import llm, lora
 from train.errors import UserError
 
-POOLINGS = ("mean", "cls", "last")
+POOLINGS = ("mean", "cls", "last", "latent", "echo")  # latent, echo: train/llm.py
+DECODER_ONLY = ("echo",)
+# Springer et al. (arXiv 2402.15449): "Rewrite the sentence: x, rewritten sentence: x"; the
+# embedding is the mean over the second copy, whose tokens have all seen the whole text.
+ECHO_FIRST, ECHO_SECOND = "Rewrite the sentence: ", "\nRewritten sentence: "
+# E5-Mistral (arXiv 2401.00368): instructions on the query side only, in this template.
+INSTRUCTION_TEMPLATE = "Instruct: {task}\nQuery: "
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -39,19 +46,31 @@ class EncoderSpec:
     max_length: int = 128
     prompts: dict[str, str] = field(default_factory=dict)  # side ("query", "passage") -> prefix
     truncate_dim: int | None = None  # keep the first N dimensions (Matryoshka), re-normalised
+    bidirectional: bool = False  # decoders: every token attends to the whole text (NV-Embed, LLM2Vec)
+    pool_prompt: bool = True  # false: prompt/instruction tokens are left out of mean pooling
+    instruction_template: str = INSTRUCTION_TEMPLATE  # query-side prefix when a source/task has an instruction
+    latents: int = 512  # latent attention (NV-Embed): size of the latent array ...
+    latent_heads: int = 8  # ... and its heads
 
     def __post_init__(self) -> None:
         if self.pooling not in POOLINGS:
             raise UserError(f"model.pooling={self.pooling!r}: expected one of {', '.join(POOLINGS)}")
         if self.max_length < 2:
             raise UserError(f"model.max_length={self.max_length}: expected at least 2")
+        if "{task}" not in self.instruction_template:
+            raise UserError(f"model.instruction_template={self.instruction_template!r}: expected a {{task}} "
+                            "placeholder for the instruction")
+
+    @property
+    def sentence_transformers_compatible(self) -> bool:
+        """Whether sentence-transformers computes the same embedding from the saved folder."""
+        return self.pooling not in ("latent", "echo") and not self.bidirectional
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
     """hidden [N, L, D], mask [N, L] -> [N, D]."""
     if how == "mean":
-        m = mask.unsqueeze(-1).to(hidden.dtype)  # [N, L, 1]
-        return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
+        return llm.masked_mean(hidden, mask > 0)
     if how == "cls":
         return hidden[:, 0]
     if how == "last":
@@ -64,17 +83,18 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
 
 
 def pad(seqs: Sequence[Sequence[int]], pad_id: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token id lists -> (input_ids [N, L], attention_mask [N, L]) padded to the longest."""
+    """Token id lists -> (input_ids [N, L], attention_mask [N, L]) padded to the longest.
+
+    Mask values: 0 padding, 1 a pooled token, 2 context only (the first `Tokens.context` ids
+    of a sequence: an instruction kept out of pooling, echo's first copy)."""
     n, length = len(seqs), max(len(s) for s in seqs)
     ids = torch.full((n, length), pad_id, dtype=torch.long)
     mask = torch.zeros((n, length), dtype=torch.long)
     for i, s in enumerate(seqs):
-        if left:
-            ids[i, length - len(s):] = torch.as_tensor(s)
-            mask[i, length - len(s):] = 1
-        else:
-            ids[i, : len(s)] = torch.as_tensor(s)
-            mask[i, : len(s)] = 1
+        start = length - len(s) if left else 0
+        ids[i, start : start + len(s)] = torch.as_tensor(s)
+        mask[i, start : start + len(s)] = 1
+        mask[i, start : start + getattr(s, "context", 0)] = 2
     return ids, mask
 
 
@@ -86,11 +106,30 @@ class Encoder(nn.Module):
         self.backbone = backbone
         self.tokenizer = tokenizer
         self.spec = spec
+        self.decoder = llm.is_decoder(backbone)
+        self.notes: list[str] = []  # what was changed on the way in, said once by the caller
+        if self.decoder:
+            self.notes = llm.fix_special_tokens(tokenizer, "model")
+            if spec.pooling == "last" and getattr(tokenizer, "add_eos_token", None) is False:
+                # E5-Mistral pools the hidden state of an EOS appended to every text. Set on the
+                # tokenizer itself, it is saved with it, so sentence-transformers appends it too.
+                tokenizer.add_eos_token = True
+                if hasattr(tokenizer, "update_post_processor"):
+                    tokenizer.update_post_processor()
         if tokenizer.pad_token_id is None:
             raise UserError("the tokenizer has no pad token; set one before training")
+        if not self.decoder and (spec.pooling in DECODER_ONLY or spec.bidirectional):
+            what = "model.bidirectional=true" if spec.bidirectional else f"model.pooling={spec.pooling}"
+            raise UserError(f"{what} is for decoder (causal) models; this model's attention is bidirectional already")
+        if spec.bidirectional:
+            llm.check_bidirectional(backbone)
+        self.head, self.tail = llm.special_ends(tokenizer)
+        if self.decoder and spec.pooling == "last" and (not self.tail or self.tail[-1] != tokenizer.eos_token_id):
+            self.tail = [*self.tail, int(tokenizer.eos_token_id)]  # a tokenizer that cannot append it itself
         full = int(self.backbone.config.hidden_size)
         if spec.truncate_dim is not None and not 0 < spec.truncate_dim <= full:
             raise UserError(f"model.truncate_dim={spec.truncate_dim}: expected 1 .. {full} (the model's dimension)")
+        self.latent = llm.LatentAttention(full, spec.latents, spec.latent_heads) if spec.pooling == "latent" else None
 
     @property
     def dim(self) -> int:
@@ -104,17 +143,59 @@ class Encoder(nn.Module):
     def left_pad(self) -> bool:
         return self.tokenizer.padding_side == "left"
 
-    def tokenize(self, texts: Sequence[str], side: str | None = None) -> list[list[int]]:
+    def prefix(self, side: str | None, instruction: str | None = None) -> str:
+        """What goes in front of a text: the instruction template on the query side when the data
+        source or evaluation task has an instruction, else the side's prompt."""
+        if instruction and side == "query":
+            return self.spec.instruction_template.format(task=instruction)
+        return self.spec.prompts.get(side, "") if side else ""
+
+    def tokenize(self, texts: Sequence[str], side: str | None = None,
+                 instruction: str | None = None) -> list[list[int]]:
         """Prompted, truncated token ids, unpadded: padding is decided per chunk later."""
-        prefix = self.spec.prompts.get(side, "") if side else ""
-        texts = [prefix + t for t in texts] if prefix else list(texts)
-        enc = self.tokenizer(texts, truncation=True, max_length=self.spec.max_length)
-        return enc["input_ids"]
+        prefix = self.prefix(side, instruction)
+        if self.spec.pooling != "echo":
+            texts = [prefix + t for t in texts] if prefix else list(texts)
+            enc = self.tokenizer(texts, truncation=True, max_length=self.spec.max_length)["input_ids"]
+            if self.spec.pool_prompt or not prefix:
+                return enc
+            # The context is the leading tokens shared with the prompt tokenized alone: where the
+            # prompt's last token merges with the text's first ("Query: " + "rain" -> "Query:",
+            # " rain") the merged token is pooled. sentence-transformers' `include_prompt: false`
+            # counts the prompt alone and drops it; with a prompt that ends in a newline or any
+            # other boundary the tokenizer never merges across, the two pool the same tokens.
+            alone = self.head + self.tokenizer(prefix, add_special_tokens=False)["input_ids"]
+            return [llm.Tokens(ids, context=_shared_prefix(ids, alone)) for ids in enc]
+        # Echo: pieces tokenized apart, so that the second copy is exactly the first:
+        #   head + prefix + E1 + text + E2 | text + tail   (the context: all before the second copy)
+        def ids(s: str) -> list[int]:
+            return self.tokenizer(s, add_special_tokens=False)["input_ids"] if s else []
+
+        first, second = self.head + ids(prefix) + ids(ECHO_FIRST), ids(ECHO_SECOND)
+        room = (self.spec.max_length - len(first) - len(second) - len(self.tail)) // 2
+        if room < 1:
+            raise UserError(f"model.max_length={self.spec.max_length} leaves no room for text after the "
+                            f"{len(first) + len(second)}-token echo prefix {prefix!r}")
+        out = []
+        for t in self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]:
+            context = first + t[:room] + second
+            out.append(llm.Tokens(context + t[:room] + self.tail, context=len(context)))
+        return out
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        # input_ids, attention_mask: [N, L] -> [N, D]
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        emb = pool(hidden, attention_mask, self.spec.pooling).float()
+        # input_ids, attention_mask: [N, L] -> [N, D]; mask 2 = attended, not pooled (see pad)
+        attn = (attention_mask > 0).long()
+        keep = attention_mask == 1  # [N, L]
+        if self.decoder:
+            hidden = llm.decoder_hidden(self.backbone, input_ids, attn, self.spec.bidirectional)
+        else:
+            hidden = self.backbone(input_ids=input_ids, attention_mask=attn).last_hidden_state
+        if self.spec.pooling == "latent":
+            emb = self.latent(hidden, keep).float()
+        elif self.spec.pooling in ("mean", "echo"):
+            emb = llm.masked_mean(hidden, keep).float()
+        else:
+            emb = pool(hidden, attn, self.spec.pooling).float()
         if self.spec.truncate_dim:
             emb = emb[:, : self.spec.truncate_dim]  # normalised after the cut, as Matryoshka training saw it
         return F.normalize(emb, dim=-1) if self.spec.normalize else emb
@@ -129,10 +210,25 @@ class Encoder(nn.Module):
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        adapter = lora.is_lora(self.backbone)
+        if state_dict is not None and (adapter or self.latent is not None):
+            raise UserError("a consolidated (FSDP2 / ZeRO-3) state dict cannot be saved for a LoRA or latent-"
+                            "attention encoder; train those with dist.strategy=ddp")
         try:
-            self.backbone.save_pretrained(tmp, state_dict=state_dict)
-            self.tokenizer.save_pretrained(tmp)
-            write_st_config(tmp, self.spec, int(self.backbone.config.hidden_size))  # pooling sees all dims
+            dim = int(self.backbone.config.hidden_size)  # pooling sees all dims
+            folders = [tmp, tmp / lora.ADAPTER_DIR] if adapter else [tmp]
+            if adapter:  # the merged model at the root, the adapter alone beside it
+                lora.save_backbone(self.backbone, tmp)
+            else:
+                self.backbone.save_pretrained(tmp, state_dict=state_dict)
+            for folder in folders:  # each folder loads on its own: tokenizer, pooling, latents
+                self.tokenizer.save_pretrained(folder)
+                write_st_config(folder, self.spec, dim)
+                if self.latent is not None:
+                    from safetensors.torch import save_file
+
+                    save_file({k: v.detach().cpu().contiguous() for k, v in self.latent.state_dict().items()},
+                              folder / LATENT_FILE)
             replace_folder(tmp, out)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -150,10 +246,39 @@ def replace_folder(tmp: Path, out: Path) -> None:
         os.replace(tmp, out)
 
 
+def _shared_prefix(ids: Sequence[int], prompt: Sequence[int]) -> int:
+    """How many leading ids equal the prompt's, leaving at least one token to pool."""
+    n = 0
+    while n < min(len(prompt), len(ids) - 1) and ids[n] == prompt[n]:
+        n += 1
+    return n
+
+
+LATENT_FILE = "latent_attention.safetensors"
+
+
+class NeedsTrainLoader(nn.Module):
+    """Named in modules.json instead of the Pooling module when sentence-transformers would
+    compute a different embedding (latent or echo pooling, bidirectional attention): loading
+    fails with this message instead of silently differing."""
+
+    MESSAGE = ("this model uses {what}, which sentence-transformers does not implement; load it with "
+               "`train.model.load_encoder(folder)` and embed with `train.model.encode`")
+
+    @classmethod
+    def load(cls, *args, **kwargs):
+        raise ValueError(cls.MESSAGE.format(what="pooling or attention from the `train` project"))
+
+    def __init__(self, *args, **kwargs):
+        raise ValueError(self.MESSAGE.format(what="pooling or attention from the `train` project"))
+
+
 def write_st_config(folder: Path, spec: EncoderSpec, dim: int) -> None:
+    pooling_type = "sentence_transformers.models.Pooling" if spec.sentence_transformers_compatible \
+        else "train.model.NeedsTrainLoader"
     modules = [
         {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": pooling_type},
     ]
     if spec.normalize:
         modules.append({"idx": 2, "name": "2", "path": "2_Normalize",
@@ -168,7 +293,7 @@ def write_st_config(folder: Path, spec: EncoderSpec, dim: int) -> None:
         "pooling_mode_mean_sqrt_len_tokens": False,
         "pooling_mode_weightedmean_tokens": False,
         "pooling_mode_lasttoken": spec.pooling == "last",
-        "include_prompt": True,
+        "include_prompt": spec.pool_prompt,
     })
     _dump(folder / "modules.json", modules)
     _dump(folder / "sentence_bert_config.json", {"max_seq_length": spec.max_length, "do_lower_case": False})
@@ -192,7 +317,7 @@ def read_st_config(folder: Path) -> dict:
     modules = json.loads(modules_file.read_text())
     found["normalize"] = any(m.get("type", "").endswith("Normalize") for m in modules)
     for m in modules:
-        if m.get("type", "").endswith("Pooling"):
+        if m.get("type", "").endswith(("Pooling", "NeedsTrainLoader")):
             pc = json.loads((folder / m["path"] / "config.json").read_text())
             mode = pc.get("pooling_mode") or next(
                 (k for k in ("cls", "mean", "last") if pc.get({"cls": "pooling_mode_cls_token",
@@ -200,7 +325,7 @@ def read_st_config(folder: Path) -> dict:
                                                                "last": "pooling_mode_lasttoken"}[k])), None)
             if mode == "lasttoken":
                 mode = "last"
-            if mode not in POOLINGS:
+            if mode not in POOLINGS and m["type"].endswith("Pooling"):
                 raise UserError(f"{folder / m['path'] / 'config.json'}: pooling {mode!r} is not supported; "
                                 f"expected one of {', '.join(POOLINGS)}")
             found["pooling"] = mode
@@ -213,6 +338,12 @@ def read_st_config(folder: Path) -> dict:
         found["prompts"] = {k: v for k, v in (st_config.get("prompts") or {}).items() if v}
         if st_config.get("truncate_dim"):
             found["truncate_dim"] = int(st_config["truncate_dim"])
+        ours = st_config.get("train_encoder_spec") or {}  # what only this project reads back
+        for key in ("bidirectional", "pool_prompt", "instruction_template", "latents", "latent_heads"):
+            if key in ours:
+                found[key] = ours[key]
+        if ours.get("pooling") in ("latent", "echo"):
+            found["pooling"] = ours["pooling"]
     return found
 
 
@@ -241,31 +372,54 @@ def resolve_model_dir(name_or_path: str) -> Path:
 def load_encoder(path: str, pooling: str | None = None, normalize: bool | None = None,
                  max_length: int | None = None, prompts: dict[str, str] | None = None,
                  dtype: str = "float32", attn_implementation: str | None = None,
-                 truncate_dim: int | None = None) -> Encoder:
-    """Load a model folder or hub name; explicit arguments override what the folder says."""
+                 truncate_dim: int | None = None, *, bidirectional: bool | None = None,
+                 pool_prompt: bool | None = None, instruction_template: str | None = None,
+                 latents: int | None = None, latent_heads: int | None = None, lora_config: dict | None = None,
+                 gradient_checkpointing: bool = False, quantization: str | None = None) -> Encoder:
+    """Load a model folder or hub name; explicit arguments override what the folder says.
+
+    A folder with `adapter_config.json` (a saved `model/adapter`) loads its base model (the
+    adapter's `base_model_name_or_path`) with the adapter on top. `lora_config` ({r, alpha,
+    dropout, target_modules}) wraps the backbone in a fresh trainable LoRA adapter.
+    """
     from transformers import AutoModel, AutoTokenizer
 
     folder = resolve_model_dir(path)
     saved = read_st_config(folder)
-    spec = EncoderSpec(
-        pooling=pooling if pooling is not None else saved.get("pooling", "mean"),
-        normalize=normalize if normalize is not None else saved.get("normalize", True),
-        max_length=max_length if max_length is not None else saved.get("max_length", 128),
-        prompts=dict(prompts) if prompts is not None else saved.get("prompts", {}),
-        truncate_dim=truncate_dim if truncate_dim is not None else saved.get("truncate_dim"),
-    )
+    given = {"pooling": pooling, "normalize": normalize, "max_length": max_length,
+             "prompts": dict(prompts) if prompts is not None else None, "truncate_dim": truncate_dim,
+             "bidirectional": bidirectional, "pool_prompt": pool_prompt,
+             "instruction_template": instruction_template, "latents": latents, "latent_heads": latent_heads}
+    spec = EncoderSpec(**{k: v if v is not None else saved[k] for k, v in given.items()
+                          if v is not None or k in saved})
     if dtype not in DTYPES:
         raise UserError(f"model.dtype={dtype!r}: expected one of {', '.join(DTYPES)}")
-    kwargs = {"dtype": DTYPES[dtype]}
+    kwargs = {"dtype": DTYPES[dtype], **lora.quantization_kwargs(quantization)}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    adapter_file = folder / "adapter_config.json"
+    base = json.loads(adapter_file.read_text())["base_model_name_or_path"] if adapter_file.exists() else folder
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
-        backbone = AutoModel.from_pretrained(folder, **kwargs)
-    except (OSError, ValueError) as e:
-        raise UserError(f"model.path={path}: could not load a transformers model from {folder}: "
+        backbone = AutoModel.from_pretrained(base, **kwargs)
+    except (OSError, ValueError, ImportError) as e:  # ImportError: an attention kernel's package missing
+        raise UserError(f"model.path={path}: could not load a transformers model from {base}: "
                         f"{str(e).splitlines()[0][:300]}") from e
-    return Encoder(backbone, tokenizer, spec)
+    if gradient_checkpointing:
+        lora.enable_checkpointing(backbone)
+    if adapter_file.exists():
+        backbone = lora.load_adapter(backbone, folder, trainable=lora_config is not None)
+    elif lora_config is not None:
+        backbone = lora.apply_lora(backbone, quantized=bool(quantization),
+                                   gradient_checkpointing=gradient_checkpointing, **lora_config)
+    elif quantization:
+        raise UserError("model.quantization=4bit trains through LoRA only: set model.lora (QLoRA)")
+    encoder = Encoder(backbone, tokenizer, spec)
+    if encoder.latent is not None and (folder / LATENT_FILE).exists():
+        from safetensors.torch import load_file
+
+        encoder.latent.load_state_dict(load_file(folder / LATENT_FILE))
+    return encoder
 
 
 def freeze_unused(encoder: Encoder) -> list[str]:

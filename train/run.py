@@ -23,6 +23,7 @@ from train.data import ALIASES, Mixture, read_source
 from train.errors import UserError
 from train.evaluate import build_tasks, run_tasks, side_by_side
 from train.log import Logger, say
+from train.lora import trainable_share
 from train.losses import embedding_loss
 from train.merge_search import merge_job
 from train.mine import mine_job
@@ -53,11 +54,19 @@ def use_bf16(precision: str, world: dist.World) -> bool:
 def build_encoder(cfg: DictConfig):
     m = cfg.model
     try:
-        return load_encoder(m.path, pooling=m.pooling, normalize=m.normalize, max_length=m.max_length,
-                            prompts=OmegaConf.to_container(m.prompts) if m.prompts is not None else None,
-                            dtype=m.dtype, attn_implementation=m.attn_implementation, truncate_dim=m.truncate_dim)
+        encoder = load_encoder(
+            m.path, pooling=m.pooling, normalize=m.normalize, max_length=m.max_length,
+            prompts=OmegaConf.to_container(m.prompts) if m.prompts is not None else None,
+            dtype=m.dtype, attn_implementation=m.attn_implementation, truncate_dim=m.truncate_dim,
+            bidirectional=m.bidirectional, pool_prompt=m.pool_prompt, instruction_template=m.instruction_template,
+            latents=m.latents, latent_heads=m.latent_heads,
+            lora_config=OmegaConf.to_container(m.lora) if m.lora is not None else None,
+            gradient_checkpointing=m.gradient_checkpointing, quantization=m.quantization)
     except UserError as e:  # name the recipe: a later stage often points at an earlier stage's run
         raise UserError(f"recipe {recipe_name()}: {e}") from e
+    for note in encoder.notes:
+        say(note)
+    return encoder
 
 
 def build_optimizer(optim: DictConfig, module: torch.nn.Module) -> torch.optim.Optimizer:
@@ -84,6 +93,7 @@ def build_sources(cfg: DictConfig) -> tuple[list, list]:
                                    num_negatives=s.get("num_negatives"), limit=s.get("limit"),
                                    subset=s.get("subset"), split=s.get("split", "train"),
                                    data_files=s.get("data_files")))
+        sources[-1].instruction = s.get("instruction")
     check_fields(cfg, sources)
     return sources, list(specs.values())
 
@@ -117,6 +127,16 @@ def check_loss(cfg: DictConfig, dim: int) -> None:
                         f"{len(dims)} loss.matryoshka_dims; expected one weight per dimension")
 
 
+def check_strategy(cfg: DictConfig) -> None:
+    """LoRA adapters and latent-attention weights are saved from the unsharded module."""
+    sharded = cfg.dist.strategy == "fsdp2" or (cfg.dist.strategy == "deepspeed" and cfg.dist.zero_stage == 3)
+    if sharded and (cfg.model.lora is not None or cfg.model.pooling == "latent"):
+        what = "model.lora" if cfg.model.lora is not None else "model.pooling=latent"
+        raise UserError(f"{what} with dist.strategy={cfg.dist.strategy}"
+                        f"{' zero_stage=3' if cfg.dist.strategy == 'deepspeed' else ''} is not supported: "
+                        "use dist.strategy=ddp (LoRA keeps the trainable state small enough for it)")
+
+
 def check_batch(cfg: DictConfig, world_size: int) -> tuple[int, int]:
     """(examples per rank, examples per forward): refuse impossible combinations up front."""
     t = cfg.trainer
@@ -136,6 +156,7 @@ def check_batch(cfg: DictConfig, world_size: int) -> tuple[int, int]:
 
 def train_job(cfg: DictConfig, world: dist.World, run_dir: Path) -> dict:
     per_rank, chunk = check_batch(cfg, world.size)
+    check_strategy(cfg)
     strategy = cfg.dist.strategy if cfg.dist.strategy != "auto" else ("ddp" if world.size > 1 else "single process")
     say(f"world size {world.size} (rank {world.rank}, device {world.device}), strategy {strategy}, "
         f"global batch {cfg.trainer.batch_size} = {world.size} x {per_rank}, "
@@ -164,6 +185,9 @@ def train_job(cfg: DictConfig, world: dist.World, run_dir: Path) -> dict:
 
     encoder = build_encoder(cfg).to(world.device)
     frozen = freeze_unused(encoder)  # on the device: the probe's gradients are cheap there
+    trainable, total = trainable_share(encoder)
+    if world.is_main and trainable < total:
+        say(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
     if frozen and world.is_main:
         say(f"froze {len(frozen)} parameters the embedding never uses ({', '.join(frozen[:3])}"
             f"{', ...' if len(frozen) > 3 else ''})")

@@ -42,8 +42,8 @@ def make_embed(forward: Callable, encoder: Encoder, world: dist.World, batch_siz
     cache: dict[tuple[str, str], torch.Tensor] = {}
 
     @torch.no_grad()
-    def embed_new(texts: list[str], side: str | None) -> torch.Tensor:
-        ids = encoder.tokenize(texts, side)
+    def embed_new(texts: list[str], side: str | None, instruction: str | None) -> torch.Tensor:
+        ids = encoder.tokenize(texts, side, instruction=instruction) if instruction else encoder.tokenize(texts, side)
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
         per = math.ceil(len(ids) / world.size)
         mine = order[world.rank :: world.size]
@@ -58,11 +58,11 @@ def make_embed(forward: Callable, encoder: Encoder, world: dist.World, batch_siz
             out[idx] = gathered[r * per : r * per + len(idx)]
         return out
 
-    def embed(texts: Sequence[str], side: str | None) -> torch.Tensor:
-        prompt = encoder.spec.prompts.get(side, "") if side else ""
+    def embed(texts: Sequence[str], side: str | None, instruction: str | None = None) -> torch.Tensor:
+        prompt = encoder.prefix(side, instruction)
         new = list(dict.fromkeys(t for t in texts if (prompt, t) not in cache))
         if new:
-            for t, e in zip(new, embed_new(new, side)):
+            for t, e in zip(new, embed_new(new, side, instruction)):
                 cache[(prompt, t)] = e
         return torch.stack([cache[(prompt, t)] for t in texts]) if texts else torch.empty((0, encoder.dim))
 
