@@ -238,3 +238,27 @@ def test_a_run_dir_that_cannot_be_written_is_one_error_line(tmp_path):
     out = train(f"hydra.run.dir={blocker / 'run'}")
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == [f"error: run dir {blocker / 'run'} is not writable: Not a directory"]
+
+
+def test_lora_checkpoint_holds_the_adapter_only_and_resumes_bit_identical(tmp_path):
+    """A decoder with LoRA (dropout on): the checkpoint keeps the trainable weights only (the frozen
+    base comes from model.path again), and the resumed run still ends with the same merged model."""
+    args = ["recipe=lora_llm", "data=lora_llm_offline", "model.path=${asset:tiny-llama}",
+            "model.gradient_checkpointing=false", "eval.before=false", "eval.tasks.snli_sts.limit=20",
+            "eval.tasks.snli_ir.limit=10", "trainer.max_steps=8", "trainer.save_every=4", "trainer.batch_size=8",
+            "trainer.chunk_size=4", "data.sources.snli.limit=100", "trainer.progress=false"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def lora_run(*extra):
+        out = subprocess.run([sys.executable, "-m", "train", *args, *extra], env=env, capture_output=True, text=True,
+                             timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    lora_run(f"hydra.run.dir={ref}")
+    saved = torch.load(ref / "checkpoints" / "step-00000004" / "state.pt", weights_only=True)["model"]
+    assert saved and all("lora_" in k for k in saved)
+    shutil.copytree(ref / "checkpoints" / "step-00000004", run / "checkpoints" / "step-00000004")
+    lora_run(f"hydra.run.dir={run}", "trainer.resume=auto")
+    assert losses(run) == {s: v for s, v in losses(ref).items() if s > 4}
+    assert_same_weights(run, ref)

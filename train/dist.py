@@ -182,8 +182,29 @@ def barrier() -> None:
 
 
 def shutdown() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    """Leave the process group, and wait (on the launcher's store, at most 30 s) until every rank has
+    left it too: a rank still tearing down its gloo connections when a peer exits and closes the other
+    ends can abort with "terminate called without an active exception" (seen twice in 2-rank tests)."""
+    if not dist.is_initialized():
+        return
+    size, store = dist.get_world_size(), None
+    if size > 1:
+        try:
+            store = dist.distributed_c10d._get_default_store()
+        except (RuntimeError, AttributeError, ValueError):
+            store = None
+    dist.destroy_process_group()
+    if store is None:
+        return
+    import time
+
+    try:
+        store.add("train/left", 1)
+        deadline = time.monotonic() + 30
+        while store.add("train/left", 0) < size and time.monotonic() < deadline:
+            time.sleep(0.05)
+    except (RuntimeError, OSError):  # the store went away with a peer (a crash): nothing to wait for
+        pass
 
 
 # --- engines --------------------------------------------------------------------------------------
@@ -255,15 +276,25 @@ class TorchEngine:
         """Every parameter's whole, reduced gradient (for inspection and tests; collective)."""
         return {n: _full(p.grad) for n, p in self.encoder.named_parameters() if p.grad is not None}
 
+    def _frozen(self) -> set[str]:
+        return {n for n, p in self.encoder.named_parameters() if not p.requires_grad}
+
     def save_state(self, folder: Path) -> None:
-        """Model, optimizer and schedule into `folder` (collective; replicas are equal, rank 0 writes)."""
+        """Model, optimizer and schedule into `folder` (collective; replicas are equal, rank 0 writes).
+        Frozen weights are left out: they are model.path's, which a resume must share (a LoRA
+        checkpoint of a 7B model is the adapter's size, not the model's)."""
         if self.world.is_main:
-            torch.save({"model": self.encoder.state_dict(), "optimizer": self.optimizer.state_dict(),
+            frozen = self._frozen()
+            model = {k: v for k, v in self.encoder.state_dict().items() if k not in frozen}
+            torch.save({"model": model, "optimizer": self.optimizer.state_dict(),
                         "scheduler": self.scheduler.state_dict()}, folder / "state.pt")
 
     def load_state(self, folder: Path) -> None:
         state = torch.load(folder / "state.pt", map_location=self.world.device, weights_only=True)
-        self.encoder.load_state_dict(state["model"])
+        missing, unexpected = self.encoder.load_state_dict(state["model"], strict=False)
+        if unexpected or set(missing) - self._frozen():
+            raise ValueError(f"state.pt does not fit this model: unexpected {unexpected[:3]}, "
+                             f"missing {sorted(set(missing) - self._frozen())[:3]}")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
 
