@@ -21,18 +21,12 @@ from pathlib import Path
 
 import yaml
 
-
-def flatten(node, prefix: str = "") -> dict:
-    if isinstance(node, dict):
-        out = {}
-        for k, v in node.items():
-            out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out
-    return {prefix: json.dumps(node) if isinstance(node, list) else node}
+from train.checkpoint import flatten
 
 
 def read_run(run: Path) -> dict:
-    config = flatten(yaml.safe_load((run / "config.yaml").read_text()) or {})
+    config = {k: json.dumps(v) if isinstance(v, list) else v
+              for k, v in flatten(yaml.safe_load((run / "config.yaml").read_text()) or {}).items()}
     metrics: dict = {}
     if (run / "eval.json").exists():
         summary = json.loads((run / "eval.json").read_text())

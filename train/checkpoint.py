@@ -65,15 +65,16 @@ def identity(cfg: dict, world_size: int) -> dict[str, Any]:
         node: Any = cfg
         for part in key.split("."):
             node = node.get(part) if isinstance(node, dict) else None
-        out.update(_flatten(key, node))
+        out.update(flatten(node, key))
     return out
 
 
-def _flatten(prefix: str, node: Any) -> dict[str, Any]:
+def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested config as dotted keys: {"trainer": {"batch_size": 64}} -> {"trainer.batch_size": 64}."""
     if isinstance(node, dict):
         out: dict[str, Any] = {}
         for k, v in node.items():
-            out.update(_flatten(f"{prefix}.{k}", v))
+            out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
         return out
     return {prefix: node}
 

@@ -178,7 +178,7 @@ def _embed(embed: Embed, texts: list[str], side: str | None, instruction: str | 
 
 def _truncating(embed: Embed, dim: int) -> Embed:
     def cut(texts: list[str], side: str | None, **kw) -> torch.Tensor:
-        return F.normalize(embed(texts, side, **kw)[:, :dim], dim=-1)
+        return embed(texts, side, **kw)[:, :dim]  # the tasks normalise what embed returns
     return cut
 
 

@@ -38,7 +38,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import torch
 
 from train.errors import UserError
-from train.model import replace_folder
+from train.model import replace_folder, run_model_dir
 
 METHODS = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp", "lora")
 NEEDS_BASE = ("task_arithmetic", "ties", "dare_linear", "dare_ties", "lora")
@@ -253,9 +253,7 @@ def open_folder(path: str | Path, label: str, need_tokenizer: bool = True) -> Fo
     """Index a model folder (a run dir stands for its model/), refusing missing or partial ones."""
     from safetensors import safe_open
 
-    p = Path(path).expanduser()
-    if p.is_dir() and not (p / "config.json").exists() and (p / "model" / "config.json").exists():
-        p = p / "model"
+    p = run_model_dir(Path(path).expanduser())
     if not p.is_dir():
         raise UserError(f"{label}: no such model folder (expected a folder with config.json and model.safetensors)")
     if not (p / "config.json").is_file():

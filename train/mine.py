@@ -41,6 +41,7 @@ from omegaconf import DictConfig
 from train.data import ALIASES, Source, iter_rows
 from train.errors import UserError
 from train.log import say
+from train.model import replace_folder
 from train.retrieval import topk
 from train.trainer import make_embed
 
@@ -256,7 +257,7 @@ def make_plan(anchors: Sequence[str], positives: Sequence[str], corpus: Sequence
         never += [q * n + i for i in found]
         most = max(most, len(found))
     return Plan(queries, torch.tensor([qidx[a] for a in anchors], dtype=torch.long),
-                torch.tensor(rec_pos, dtype=torch.long), torch.tensor(sorted(never), dtype=torch.long), most)
+                torch.tensor(rec_pos, dtype=torch.long), torch.tensor(never, dtype=torch.long), most)
 
 
 def check_depth(rule: Rule, corpus_size: int, origin: str) -> None:
@@ -471,9 +472,10 @@ def write_records(records: list[dict], run_dir: Path, fmt: str) -> Path:
             import datasets
 
             datasets.Dataset.from_list(records).save_to_disk(str(tmp))
-        if out.is_dir():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        if tmp.is_dir():  # datasets: a folder, swapped in only once complete
+            replace_folder(tmp, out)
+        else:
+            os.replace(tmp, out)
     finally:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -68,16 +68,16 @@ class EncoderSpec:
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
-    """hidden [N, L, D], mask [N, L] -> [N, D]."""
+    """hidden [N, L, D], mask [N, L] as `pad` makes it (0 padding, 1 pooled, 2 context) -> [N, D]."""
     if how == "mean":
-        return llm.masked_mean(hidden, mask > 0)
+        return llm.masked_mean(hidden, mask == 1)  # context tokens (an instruction) are attended, not pooled
     if how == "cls":
         return hidden[:, 0]
     if how == "last":
         # Position of the last real token, right or left padding alike: argmax over
         # mask * position picks the highest attended index.  [N]
         pos = torch.arange(mask.shape[1], device=mask.device)
-        last = (mask * pos).argmax(dim=1)
+        last = ((mask > 0) * pos).argmax(dim=1)
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
     raise ValueError(how)
 
@@ -130,6 +130,7 @@ class Encoder(nn.Module):
         if spec.truncate_dim is not None and not 0 < spec.truncate_dim <= full:
             raise UserError(f"model.truncate_dim={spec.truncate_dim}: expected 1 .. {full} (the model's dimension)")
         self.latent = llm.LatentAttention(full, spec.latents, spec.latent_heads) if spec.pooling == "latent" else None
+        self._echo: tuple[list[int], list[int]] | None = None  # echo's fixed pieces, tokenized on first use
 
     @property
     def dim(self) -> int:
@@ -171,7 +172,9 @@ class Encoder(nn.Module):
         def ids(s: str) -> list[int]:
             return self.tokenizer(s, add_special_tokens=False)["input_ids"] if s else []
 
-        first, second = self.head + ids(prefix) + ids(ECHO_FIRST), ids(ECHO_SECOND)
+        if self._echo is None:  # the fixed pieces, tokenized once
+            self._echo = (ids(ECHO_FIRST), ids(ECHO_SECOND))
+        first, second = self.head + ids(prefix) + self._echo[0], self._echo[1]
         room = (self.spec.max_length - len(first) - len(second) - len(self.tail)) // 2
         if room < 1:
             raise UserError(f"model.max_length={self.spec.max_length} leaves no room for text after the "
@@ -185,17 +188,14 @@ class Encoder(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         # input_ids, attention_mask: [N, L] -> [N, D]; mask 2 = attended, not pooled (see pad)
         attn = (attention_mask > 0).long()
-        keep = attention_mask == 1  # [N, L]
         if self.decoder:
             hidden = llm.decoder_hidden(self.backbone, input_ids, attn, self.spec.bidirectional)
         else:
             hidden = self.backbone(input_ids=input_ids, attention_mask=attn).last_hidden_state
         if self.spec.pooling == "latent":
-            emb = self.latent(hidden, keep).float()
-        elif self.spec.pooling in ("mean", "echo"):
-            emb = llm.masked_mean(hidden, keep).float()
-        else:
-            emb = pool(hidden, attn, self.spec.pooling).float()
+            emb = self.latent(hidden, attention_mask == 1).float()
+        else:  # echo: the mean over the second copy, the first being context
+            emb = pool(hidden, attention_mask, "mean" if self.spec.pooling == "echo" else self.spec.pooling).float()
         if self.spec.truncate_dim:
             emb = emb[:, : self.spec.truncate_dim]  # normalised after the cut, as Matryoshka training saw it
         return F.normalize(emb, dim=-1) if self.spec.normalize else emb
@@ -347,12 +347,17 @@ def read_st_config(folder: Path) -> dict:
     return found
 
 
+def run_model_dir(p: Path) -> Path:
+    """A run dir stands for the model it saved (`<run dir>/model`); any other path is itself."""
+    if p.is_dir() and not (p / "config.json").exists() and (p / "model" / "config.json").exists():
+        return p / "model"
+    return p
+
+
 def resolve_model_dir(name_or_path: str) -> Path:
     """A local folder as is (a run dir stands for its saved `model/`, so one stage starts from
     another's run dir); otherwise a Hugging Face Hub name, downloaded (or taken from cache)."""
-    p = Path(name_or_path).expanduser()
-    if p.is_dir() and not (p / "config.json").exists() and (p / "model" / "config.json").exists():
-        return p / "model"
+    p = run_model_dir(Path(name_or_path).expanduser())
     if p.is_dir():
         return p
     if p.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:

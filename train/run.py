@@ -31,8 +31,6 @@ from train.model import freeze_unused, load_encoder
 from train.optim import param_groups, schedule
 from train.trainer import FitConfig, fit, make_embed
 
-JOBS = ("train", "eval", "mine", "merge")
-
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -232,22 +230,18 @@ def eval_job(cfg: DictConfig, world: dist.World, run_dir: Path) -> dict:
     return {"after": metrics}
 
 
+JOBS = {"train": train_job, "eval": eval_job, "mine": mine_job, "merge": merge_job}
+
+
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     if cfg.job not in JOBS:
         raise UserError(f"job={cfg.job!r}: expected one of {', '.join(JOBS)}")
     world = dist.init_world(cfg.trainer.device)
     seed_everything(cfg.seed + world.rank)  # dropout differs per rank; data order comes from cfg.seed alone
-    problem = None
-    if world.is_main:
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        except OSError as e:
-            problem = f"run dir {run_dir} is not writable: {e.strerror or e}"
-    problem = dist.broadcast_object(problem)  # every rank stops, not just the one that found it
-    if problem:
-        raise UserError(problem)
-    result = {"train": train_job, "eval": eval_job, "mine": mine_job, "merge": merge_job}[cfg.job](cfg, world, run_dir)
+    if world.is_main:  # config.RunDirCheck has already refused a run dir that cannot be written
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    result = JOBS[cfg.job](cfg, world, run_dir)
     # Every rank leaves together: a rank that is done early (the others while rank 0 writes) would
     # otherwise tear its end of the process group down under rank 0, which can abort the launch.
     dist.barrier()

@@ -116,15 +116,15 @@ def save_checkpoint(engine, mixture: Mixture, step: int, cfg: FitConfig, run_dir
     """Every rank writes its part into a temp folder; rank 0 completes it and renames (checkpoint.py)."""
     world, root = engine.world, run_dir / "checkpoints"
     tmp = checkpoint.temp_dir(root, step)
+    # Each _agree ends in an all-reduce, so it is also the barrier: no rank writes into the folder
+    # before rank 0 made it, and rank 0 completes it only after every rank wrote its part.
     _agree(world, lambda: checkpoint.prepare(root, step, world.is_main), f"checkpoint at step {step}")
-    dist.barrier()
 
     def write() -> None:
         torch.save(checkpoint.rng_state(), tmp / f"rng-rank{world.rank}.pt")
         engine.save_state(tmp)  # collective for sharded strategies
 
     _agree(world, write, f"cannot write the checkpoint of step {step} into {tmp}")
-    dist.barrier()
     meta = {"step": step, "mixture": mixture.state_dict(), "before": before, "identity": cfg.identity,
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     final = checkpoint.step_dir(root, step)
