@@ -200,3 +200,14 @@ def test_each_source_and_task_gets_its_own_instruction(tmp_path):
     (ir / "qrels.jsonl").write_text('{"query_id": "q", "doc_id": "d"}\n')
     RetrievalTask("ir", str(ir), k_values=(1,), instruction="Find")(embed)
     assert calls == [("query", "Sim"), ("query", "Find"), ("passage", None)]
+
+
+def test_last_pooling_appends_the_eos_when_the_tokenizer_cannot():
+    encoder = tiny(pooling="last", max_length=8)
+    eos = encoder.tokenizer.eos_token_id
+    encoder.tokenizer.add_eos_token = False  # as a tokenizer without the option behaves
+    encoder.tokenizer.update_post_processor()
+    assert all(ids[-1] != eos for ids in encoder.tokenize(TEXTS))
+    encoder.append_eos = True
+    ids = encoder.tokenize(TEXTS + [" word" * 50])
+    assert all(seq[-1] == eos and len(seq) <= 8 for seq in ids)

@@ -124,8 +124,9 @@ class Encoder(nn.Module):
         if spec.bidirectional:
             llm.check_bidirectional(backbone)
         self.head, self.tail = llm.special_ends(tokenizer)
-        if self.decoder and spec.pooling == "last" and (not self.tail or self.tail[-1] != tokenizer.eos_token_id):
-            self.tail = [*self.tail, int(tokenizer.eos_token_id)]  # a tokenizer that cannot append it itself
+        # A tokenizer that cannot append the EOS itself (no add_eos_token): tokenize() appends it.
+        self.append_eos = self.decoder and spec.pooling == "last" and (
+            not self.tail or self.tail[-1] != tokenizer.eos_token_id)
         full = int(self.backbone.config.hidden_size)
         if spec.truncate_dim is not None and not 0 < spec.truncate_dim <= full:
             raise UserError(f"model.truncate_dim={spec.truncate_dim}: expected 1 .. {full} (the model's dimension)")
@@ -157,7 +158,9 @@ class Encoder(nn.Module):
         prefix = self.prefix(side, instruction)
         if self.spec.pooling != "echo":
             texts = [prefix + t for t in texts] if prefix else list(texts)
-            enc = self.tokenizer(texts, truncation=True, max_length=self.spec.max_length)["input_ids"]
+            enc = self.tokenizer(texts, truncation=True, max_length=self.spec.max_length - self.append_eos)["input_ids"]
+            if self.append_eos:
+                enc = [[*ids, int(self.tokenizer.eos_token_id)] for ids in enc]
             if self.spec.pool_prompt or not prefix:
                 return enc
             # The context is the leading tokens shared with the prompt tokenized alone: where the
