@@ -40,10 +40,10 @@ def compose():
 @pytest.fixture(scope="session")
 def tiny_encoder_factory(compose):
     """Fresh tiny encoders (2-layer BERT, MiniLM tokenizer) built through the model config."""
-    from train.run import build_encoder
+    from train.build import encoder as build_encoder
 
     def make(**model_overrides):
         overrides = ["model=tiny_bert"] + [f"model.{k}={v}" for k, v in model_overrides.items()]
-        return build_encoder(compose(overrides))
+        return build_encoder(compose(overrides).model)
 
     return make

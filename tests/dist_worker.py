@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import torch  # noqa: E402
 from helpers import snli_source  # noqa: E402
 
-from train import dist  # noqa: E402
+from train import dist, engines  # noqa: E402
 from train.data import collate, shard  # noqa: E402
 from train.gradcache import contrastive_step, make_pairing  # noqa: E402
 from train.losses import contrastive_loss  # noqa: E402
@@ -38,7 +38,7 @@ def labels_aligned(batch, world) -> bool:
     torch.manual_seed(0)
     q = torch.randn(len(batch), 8)
     p = torch.randn(len(batch) * batch.group, 8)
-    pair = make_pairing(q, p, batch, mask_duplicates=True)
+    pair = make_pairing(q, p, batch, mask_duplicates=True, world=world)
     own_positives = p[:: batch.group]
     return bool(torch.equal(pair.p_all[pair.labels], own_positives)) and pair.row0 == world.rank * len(batch)
 
@@ -56,7 +56,7 @@ def run_case(strategy: str, zero: int, world, batch_size: int, chunk: int, accum
         encoder = load_encoder(str(assets.path("tiny-bert")), pooling="mean", max_length=32).eval()
     freeze_unused(encoder)  # as the composition root does: DDP needs every trainable parameter used
     per_rank = batch_size // world.size
-    engine = dist.wrap(encoder, world, strategy,
+    engine = engines.wrap(encoder, world, strategy,
                        make_optimizer=lambda m: torch.optim.SGD(param_groups(m, 0.0), lr=0.1),
                        make_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0),
                        max_grad_norm=None, bf16=False, per_rank_batch=per_rank * accum, zero_stage=zero,

@@ -9,7 +9,8 @@ import torch
 
 from train import assets
 from train.data import Source, collate, read_source
-from train.dist import TorchEngine, World
+from train.dist import World
+from train.engines import TorchEngine
 from train.gradcache import make_pairing
 from train.losses import contrastive_loss
 from train.model import load_encoder, pad
@@ -51,7 +52,7 @@ def reference_grads(encoder, batch, chunks=None, loss_fn=LOSS):
     emb = torch.empty((len(seqs), parts[0].shape[1]))
     emb = emb.index_put((torch.tensor([i for c in chunks for i in c]),), torch.cat(parts))
     b = len(batch)
-    loss = loss_fn(make_pairing(emb[:b], emb[b:], batch, mask_duplicates=True))
+    loss = loss_fn(make_pairing(emb[:b], emb[b:], batch, mask_duplicates=True, world=World()))
     loss.backward()
     return float(loss.detach()), grads(encoder)
 

@@ -26,7 +26,8 @@ def train(*args: str, torchrun: int = 0, timeout: int = 600) -> subprocess.Compl
 def test_quickstart_path_on_real_minilm_saves_a_sentence_transformers_model(tmp_path):
     from sentence_transformers import SentenceTransformer
 
-    from train.model import encode, load_encoder
+    from train.embed import encode
+    from train.model import load_encoder
 
     run = tmp_path / "run"
     out = train("trainer.max_steps=2", "trainer.batch_size=16", "trainer.chunk_size=4", "data.limit=64",
@@ -41,7 +42,7 @@ def test_quickstart_path_on_real_minilm_saves_a_sentence_transformers_model(tmp_
     texts = ["A soccer game with multiple males playing.", "Some men are playing a sport."]
     ours = load_encoder(str(run / "model")).eval()
     st = SentenceTransformer(str(run / "model"), device="cpu")
-    assert torch.allclose(st.encode(texts, convert_to_tensor=True), encode(ours, ours, texts, "query"), atol=1e-5)
+    assert torch.allclose(st.encode(texts, convert_to_tensor=True), encode(ours, texts, "query"), atol=1e-5)
 
 
 def test_eval_recipe_evaluates_a_saved_model(tmp_path):

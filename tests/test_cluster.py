@@ -94,7 +94,7 @@ def test_slurm_launcher_config_requeues_and_maps_ranks(compose):
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_deepspeed_json_files_fit_the_trainer_batch_settings(stage):
-    from train.dist import deepspeed_config
+    from train.engines import deepspeed_config
 
     path = ROOT / "launch" / f"deepspeed_zero{stage}.json"
     cfg = deepspeed_config(stage, per_rank_batch=32, world_size=4, max_grad_norm=1.0, bf16=True, user_file=str(path))

@@ -35,6 +35,32 @@ def test_command_line_beats_recipe_beats_base(compose):
     assert compose(["model=tiny_bert", "model.max_length=16"]).model.max_length == 16
 
 
+@pytest.mark.parametrize("key, wrong, allowed", [
+    ("model.pooling", "maen", "mean, cls, last, latent, echo"),
+    ("model.dtype", "fp16", "float32, bfloat16, float16"),
+    ("trainer.precision", "fp16", "auto, bf16, fp32"),
+    ("trainer.device", "gpu", "auto, cpu, cuda"),
+    ("trainer.schedule", "cosin", "linear, cosine, constant"),
+    ("dist.strategy", "fsdp", "auto, ddp, fsdp2, deepspeed"),
+    ("mine.format", "csv", "jsonl, parquet, datasets"),
+    ("merge.method", "average", "linear, task_arithmetic, ties, dare_linear, dare_ties, slerp, lora"),
+    ("merge.search", "random", "none, grid, gradient"),
+    ("job", "serve", "train, eval, mine, merge"),
+])
+def test_a_wrong_choice_fails_at_compose_time_naming_the_key_and_the_choices(compose, key, wrong, allowed):
+    with pytest.raises(ConfigCompositionException) as e:
+        compose([f"{key}={wrong}"])
+    text = f"{e.value} {e.value.__cause__}"
+    assert f"Invalid value '{wrong}', expected one of [{allowed}]" in text and key in text
+
+
+def test_a_wrong_choice_on_the_command_line_names_the_key_before_anything_runs(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "train", "model.pooling=maen", "--cfg", "job"],
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode != 0
+    assert "model.pooling" in out.stderr and "expected one of [mean, cls, last, latent, echo]" in out.stderr
+
+
 def test_typos_and_wrong_types_fail_at_compose_time_naming_the_key(compose):
     with pytest.raises(ConfigCompositionException) as typo:
         compose(["trainer.max_stpes=5"])

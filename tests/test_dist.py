@@ -92,7 +92,7 @@ def test_a_crashed_rank_does_not_leave_the_other_hanging(tmp_path):
 
 
 def test_deepspeed_config_that_contradicts_the_trainer_is_refused(tmp_path):
-    from train.dist import deepspeed_config
+    from train.engines import deepspeed_config
     from train.errors import UserError
 
     user = tmp_path / "ds.json"

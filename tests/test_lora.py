@@ -20,15 +20,16 @@ from helpers import (
 
 from train import assets, lora
 from train.errors import UserError
-from train.model import encode, load_encoder
-from train.run import check_strategy
+from train.embed import encode
+from train.model import load_encoder
+from train.build import check_strategy
 
 TEXTS = ["a dog runs across the field", "two people sit on a bench", "rain", "a man plays the guitar"]
 MERGE_TOL = 1e-5  # merged vs adapter embeddings (unit vectors): float32 rounding of W + B A
 
 
 def embed(encoder, texts=TEXTS, side="query"):
-    return encode(encoder, encoder, texts, side)
+    return encode(encoder, texts, side)
 
 
 def test_only_the_adapter_trains():

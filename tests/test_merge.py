@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from train import merge
+from train import merge_folders, merge_methods
 from train.errors import UserError
 
 
@@ -44,7 +44,7 @@ def tiny_models(tmp_path_factory, tiny_encoder_factory):
 def test_weighted_average_of_two_equals_the_hand_computed_average():
     a, b = torch.tensor([1.0, 2.0, -4.0]), torch.tensor([3.0, 6.0, 0.0])
     # (1*a + 3*b) / 4 by hand
-    assert torch.equal(merge.weighted_average([a, b], [1, 3]), torch.tensor([2.5, 5.0, -1.0]))
+    assert torch.equal(merge_methods.weighted_average([a, b], [1, 3]), torch.tensor([2.5, 5.0, -1.0]))
 
 
 def test_ties_trims_elects_the_sign_and_averages_only_agreeing_values():
@@ -52,26 +52,26 @@ def test_ties_trims_elects_the_sign_and_averages_only_agreeing_values():
     t2 = torch.tensor([-3.0, 1.0, 1.0, 2.0])
     t3 = torch.tensor([1.0, -2.0, -1.0, 0.0])
     # signs of the sums [-1, -3, 3, 2] -> [-, -, +, +]; agreeing values: [-3], [-2, -2], [3, 1], [2]
-    assert torch.equal(merge.elect_sign([t1, t2, t3], [1, 1, 1]), torch.tensor([-1.0, -1.0, 1.0, 1.0]))
+    assert torch.equal(merge_methods.elect_sign([t1, t2, t3], [1, 1, 1]), torch.tensor([-1.0, -1.0, 1.0, 1.0]))
     base = torch.tensor([10.0, 10.0, 10.0, 10.0])
-    assert torch.equal(merge.ties(base, [t1, t2, t3], [1, 1, 1], density=1.0), torch.tensor([7.0, 8.0, 12.0, 12.0]))
+    assert torch.equal(merge_methods.ties(base, [t1, t2, t3], [1, 1, 1], density=1.0), torch.tensor([7.0, 8.0, 12.0, 12.0]))
     # trimming keeps the ceil(density * n) largest magnitudes of each task vector
-    assert torch.equal(merge.trim(torch.tensor([0.1, -5.0, 2.0, -0.3]), 0.5), torch.tensor([0.0, -5.0, 2.0, 0.0]))
+    assert torch.equal(merge_methods.trim(torch.tensor([0.1, -5.0, 2.0, -0.3]), 0.5), torch.tensor([0.0, -5.0, 2.0, 0.0]))
     # with density 0.25 only t1's 3, t2's -3 and t3's -2 (first of the tied -2, -1 ... by magnitude) survive
-    trimmed = [merge.trim(t, 0.25) for t in (t1, t2, t3)]
+    trimmed = [merge_methods.trim(t, 0.25) for t in (t1, t2, t3)]
     assert [int((t != 0).sum()) for t in trimmed] == [1, 1, 1]
 
 
 def test_dare_with_drop_rate_zero_equals_linear_and_drops_at_the_given_rate():
     gen = torch.Generator().manual_seed(1)
     base, x, y = (torch.randn(50, generator=gen) for _ in range(3))
-    recipe = merge.make_recipe("dare_linear", 2, [0.3, 0.7], has_base=True, drop_rate=0.0)
-    want = merge.weighted_average([x, y], [0.3, 0.7])  # weights summing to 1: task arithmetic = average
-    assert torch.allclose(recipe.merge("w", [x, y].__getitem__, 2, base), want, atol=1e-6)
-    recipe = merge.make_recipe("dare_linear", 2, [1.0, 2.0], has_base=True, drop_rate=0.0, scale=0.5)
+    method = merge_methods.make_method("dare_linear", 2, [0.3, 0.7], has_base=True, drop_rate=0.0)
+    want = merge_methods.weighted_average([x, y], [0.3, 0.7])  # weights summing to 1: task arithmetic = average
+    assert torch.allclose(method.merge("w", [x, y].__getitem__, 2, base), want, atol=1e-6)
+    method = merge_methods.make_method("dare_linear", 2, [1.0, 2.0], has_base=True, drop_rate=0.0, scale=0.5)
     want = base + 0.5 * (1.0 * (x - base) + 2.0 * (y - base))  # task arithmetic by hand
-    assert torch.allclose(recipe.merge("w", [x, y].__getitem__, 2, base), want, atol=1e-6)
-    dropped = merge.dare(torch.ones(100_000), 0.9, torch.Generator().manual_seed(2))
+    assert torch.allclose(method.merge("w", [x, y].__getitem__, 2, base), want, atol=1e-6)
+    dropped = merge_methods.dare(torch.ones(100_000), 0.9, torch.Generator().manual_seed(2))
     assert dropped.unique().tolist() == pytest.approx([0.0, 10.0])  # survivors rescaled by 1 / (1 - p)
     assert abs((dropped == 0).float().mean().item() - 0.9) < 0.01
 
@@ -79,9 +79,9 @@ def test_dare_with_drop_rate_zero_equals_linear_and_drops_at_the_given_rate():
 def test_slerp_gives_the_endpoints_and_the_great_circle_midpoint():
     gen = torch.Generator().manual_seed(3)
     a, b = torch.randn(4, 5, generator=gen), torch.randn(4, 5, generator=gen)
-    assert torch.allclose(merge.slerp(a, b, 0.0), a, atol=1e-6)
-    assert torch.allclose(merge.slerp(a, b, 1.0), b, atol=1e-6)
-    mid = merge.slerp(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]), 0.5)
+    assert torch.allclose(merge_methods.slerp(a, b, 0.0), a, atol=1e-6)
+    assert torch.allclose(merge_methods.slerp(a, b, 1.0), b, atol=1e-6)
+    mid = merge_methods.slerp(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]), 0.5)
     assert torch.allclose(mid, torch.tensor([math.sqrt(0.5), math.sqrt(0.5)]))  # not the chord's (0.5, 0.5)
 
 
@@ -92,9 +92,9 @@ def test_slerp_gives_the_endpoints_and_the_great_circle_midpoint():
                                            ("dare_ties", {"drop_rate": 0.0}), ("slerp", {})])
 def test_merging_identical_models_gives_that_model(tiny_models, tmp_path, method, extra):
     a = tiny_models["a"]
-    base = str(tiny_models["base"]) if method in merge.NEEDS_BASE else None
-    plan = merge.plan_merge([str(a), str(a)], method, base=base, **extra)
-    out = merge.run_plan(plan, tmp_path / "out")
+    base = str(tiny_models["base"]) if method in merge_methods.NEEDS_BASE else None
+    plan = merge_folders.plan_merge([str(a), str(a)], method, base=base, **extra)
+    out = merge_folders.run_plan(plan, tmp_path / "out")
     want, got = weights_of(a), weights_of(out)
     assert want.keys() == got.keys()
     for k in want:
@@ -106,10 +106,11 @@ def test_merging_identical_models_gives_that_model(tiny_models, tmp_path, method
 def test_weighted_average_of_folders_loads_in_sentence_transformers(tiny_models, tmp_path):
     from sentence_transformers import SentenceTransformer
 
-    from train.model import encode, load_encoder
+    from train.embed import encode
+    from train.model import load_encoder
 
     a, b = tiny_models["a"], tiny_models["b"]
-    out = merge.run_plan(merge.plan_merge([str(a), str(b)], "linear", weights=[0.25, 0.75]), tmp_path / "m")
+    out = merge_folders.run_plan(merge_folders.plan_merge([str(a), str(b)], "linear", weights=[0.25, 0.75]), tmp_path / "m")
     wa, wb, got = weights_of(a), weights_of(b), weights_of(out)
     for k in wa:
         assert torch.allclose(got[k], 0.25 * wa[k] + 0.75 * wb[k], atol=1e-6), k
@@ -118,7 +119,7 @@ def test_weighted_average_of_folders_loads_in_sentence_transformers(tiny_models,
     ref.backbone.load_state_dict({k: 0.25 * wa[k] + 0.75 * wb[k] for k in wa}, strict=False)
     texts = ["A man plays a guitar.", "Two dogs run."]
     st = SentenceTransformer(str(out), device="cpu")
-    assert torch.allclose(st.encode(texts, convert_to_tensor=True), encode(ref, ref, texts, "query"), atol=1e-5)
+    assert torch.allclose(st.encode(texts, convert_to_tensor=True), encode(ref, texts, "query"), atol=1e-5)
 
 
 def test_dense_modules_are_merged_and_sharded_output_reads_back(tmp_path):
@@ -133,13 +134,13 @@ def test_dense_modules_are_merged_and_sharded_output_reads_back(tmp_path):
         t = Transformer(str(assets.path("tiny-bert")))
         st = SentenceTransformer(modules=[t, Pooling(32, "mean"), Dense(32, 16), Normalize()], device="cpu")
         folders.append(st.save(str(tmp_path / f"st{seed}")) or tmp_path / f"st{seed}")
-    plan = merge.plan_merge([str(f) for f in folders], "linear")
-    out = merge.run_plan(plan, tmp_path / "merged", shard_mb=1)  # embeddings alone are 3.9 MB: several shards
+    plan = merge_folders.plan_merge([str(f) for f in folders], "linear")
+    out = merge_folders.run_plan(plan, tmp_path / "merged", shard_mb=1)  # embeddings alone are 3.9 MB: several shards
     assert (out / "model.safetensors.index.json").is_file() and not (out / "model.safetensors").exists()
     d0, d1, dm = (weights_of(f / "2_Dense") for f in (*folders, out))
     assert dm.keys() == d0.keys() and all(torch.allclose(dm[k], (d0[k] + d1[k]) / 2, atol=1e-6) for k in d0)
     # the sharded folder is itself a valid input: merging it with itself reproduces it
-    again = merge.run_plan(merge.plan_merge([str(out), str(out)], "linear"), tmp_path / "again")
+    again = merge_folders.run_plan(merge_folders.plan_merge([str(out), str(out)], "linear"), tmp_path / "again")
     a0 = SentenceTransformer(str(out), device="cpu").encode(["a test"], convert_to_tensor=True)
     a1 = SentenceTransformer(str(again), device="cpu").encode(["a test"], convert_to_tensor=True)
     assert a0.shape == (1, 16) and torch.allclose(a0, a1, atol=1e-6)
@@ -152,8 +153,8 @@ def test_mismatches_are_refused_naming_the_first_difference(tiny_models, tiny_en
     a = str(tiny_models["a"])
     cls = tiny_encoder_factory(pooling="cls").save(tmp_path / "cls")
     with pytest.raises(UserError, match=r"embedding pipeline: .*1_Pooling/config.json"):
-        merge.plan_merge([a, str(cls)], "linear")
-    merge.plan_merge([a, str(cls)], "linear", spec_from=0)  # an explicit choice of pipeline is accepted
+        merge_folders.plan_merge([a, str(cls)], "linear")
+    merge_folders.plan_merge([a, str(cls)], "linear", spec_from=0)  # an explicit choice of pipeline is accepted
     config = json.loads((tiny_models["b"] / "config.json").read_text())
     wide = tmp_path / "wide"
     wide.mkdir()
@@ -164,19 +165,19 @@ def test_mismatches_are_refused_naming_the_first_difference(tiny_models, tiny_en
     (wide / "1_Pooling" / "config.json").write_bytes((tiny_models["b"] / "1_Pooling" / "config.json").read_bytes())
     (wide / "config.json").write_text(json.dumps({**config, "intermediate_size": 128}))
     with pytest.raises(UserError, match=r"architecture \(config.json\): intermediate_size is 128, expected 64"):
-        merge.plan_merge([a, str(wide)], "linear")
+        merge_folders.plan_merge([a, str(wide)], "linear")
     (wide / "config.json").write_text(json.dumps(config))
     (wide / "model.safetensors").write_bytes(b"\x00" * 10)  # a truncated download
     with pytest.raises(UserError, match=r"merge.models\[1\].*cannot read"):
-        merge.plan_merge([a, str(wide)], "linear")
+        merge_folders.plan_merge([a, str(wide)], "linear")
     (wide / "model.safetensors").unlink()
     shard = "model-00001-of-00002.safetensors"
     (wide / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": shard}}))
     with pytest.raises(UserError, match=r"shard .*model-00001-of-00002.safetensors .* is missing"):
-        merge.plan_merge([a, str(wide)], "linear")
+        merge_folders.plan_merge([a, str(wide)], "linear")
     (wide / "config.json").unlink()
     with pytest.raises(UserError, match=r"merge.models\[1\] .*config.json is missing"):
-        merge.plan_merge([a, str(wide)], "linear")
+        merge_folders.plan_merge([a, str(wide)], "linear")
     tok = json.loads((tiny_models["b"] / "tokenizer.json").read_text())
     tok["model"]["vocab"]["[unused0]"] = len(tok["model"]["vocab"])
     (wide / "config.json").write_text(json.dumps(config))
@@ -184,11 +185,11 @@ def test_mismatches_are_refused_naming_the_first_difference(tiny_models, tiny_en
     (wide / "model.safetensors").write_bytes((tiny_models["b"] / "model.safetensors").read_bytes())
     (wide / "tokenizer.json").write_text(json.dumps(tok))
     with pytest.raises(UserError, match=r"merge.models\[1\] .* in its tokenizer: tokenizer.json: model is"):
-        merge.plan_merge([a, str(wide)], "linear")
+        merge_folders.plan_merge([a, str(wide)], "linear")
     with pytest.raises(UserError, match="needs merge.base"):
-        merge.plan_merge([a, a], "ties")
+        merge_folders.plan_merge([a, a], "ties")
     with pytest.raises(UserError, match="merge.weights has 3 values for 2"):
-        merge.plan_merge([a, a], "linear", weights=[1, 1, 1])
+        merge_folders.plan_merge([a, a], "linear", weights=[1, 1, 1])
 
 
 # --- LoRA -------------------------------------------------------------------------------------------
@@ -211,7 +212,7 @@ def test_merged_lora_equals_peft_merge_and_unload(tmp_path, extra):
     peft_model.save_pretrained(tmp_path / "adapter")
     want = peft_model.merge_and_unload().state_dict()
 
-    out = merge.run_plan(merge.plan_merge([str(tmp_path / "adapter")], "lora", base=str(base_dir)), tmp_path / "m")
+    out = merge_folders.run_plan(merge_folders.plan_merge([str(tmp_path / "adapter")], "lora", base=str(base_dir)), tmp_path / "m")
     got, before = weights_of(out), weights_of(Path(base_dir))
     changed = [k for k in got if not torch.equal(got[k], before[k])]
     assert any("word_embeddings" in k for k in changed) and any("value" in k for k in changed)
@@ -222,7 +223,7 @@ def test_merged_lora_equals_peft_merge_and_unload(tmp_path, extra):
     adapter_cfg = tmp_path / "adapter" / "adapter_config.json"
     adapter_cfg.write_text(json.dumps({**json.loads(adapter_cfg.read_text()), "base_model_name_or_path": "org/other"}))
     with pytest.raises(UserError, match="its base is 'org/other'"):
-        merge.plan_merge([str(tmp_path / "adapter")], "lora", base=str(base_dir))
+        merge_folders.plan_merge([str(tmp_path / "adapter")], "lora", base=str(base_dir))
 
 
 # --- python -m train recipe=merge -------------------------------------------------------------------
@@ -236,7 +237,8 @@ def train(*args: str) -> subprocess.CompletedProcess:
 def test_cli_grid_search_reports_every_candidate_and_writes_the_best(tiny_models, tmp_path):
     from train import assets
     from train.evaluate import StsTask, run_tasks
-    from train.model import encode, load_encoder
+    from train.embed import encode
+    from train.model import load_encoder
 
     sts = tmp_path / "sts.jsonl"
     lines = (assets.path("snli") / "test_sts.jsonl").read_text().splitlines()[:60]
@@ -253,7 +255,7 @@ def test_cli_grid_search_reports_every_candidate_and_writes_the_best(tiny_models
     # the grid's vertices are the inputs: their scores equal evaluating the inputs directly
     for folder, row in ((a, rows[0]), (b, rows[2])):
         enc = load_encoder(folder).eval()
-        direct = run_tasks([StsTask("snli_sts", str(sts))], lambda texts, side, e=enc: encode(e, e, texts, side))
+        direct = run_tasks([StsTask("snli_sts", str(sts))], lambda texts, side, e=enc: encode(e, texts, side))
         assert row["metrics"] == pytest.approx(direct, abs=1e-6)
     best = max(range(3), key=lambda i: rows[i]["score"])
     assert report["best"] == best
@@ -292,10 +294,11 @@ def test_coefficient_gradient_equals_the_chain_rule_through_materialised_weights
     the merged weights loaded into an ordinary encoder, forward, backward."""
     import functools
 
+    from train.jobs.merge import coefficient_loss, task_vector_params
+
     from train import assets
     from train.data import collate, read_source
     from train.losses import Pairing, embedding_loss
-    from train.merge_search import coefficient_loss, task_vector_params
     from train.model import load_encoder, pad
 
     source = read_source("snli", str(assets.path("snli") / "train_triples.jsonl"), limit=8)
@@ -316,7 +319,9 @@ def test_coefficient_gradient_equals_the_chain_rule_through_materialised_weights
                     passage_ids=batch.passage_hash)).backward()
     want = [sum((p.grad * tau[k]).sum() for k, p in plain.named_parameters() if p.grad is not None) for tau in taus]
     assert coef.grad.abs().min() > 0
-    assert torch.allclose(coef.grad, torch.stack(want), rtol=1e-4, atol=1e-7)
+    # float32 sums over every parameter: 1e-4 of the gradient's scale (an element-wise rtol fails on
+    # the smaller component, whose value comes from cancellation: 2.5e-7 off at -1.4e-3 on this machine)
+    assert (coef.grad - torch.stack(want)).abs().max() <= 1e-4 * coef.grad.abs().max()
 
 
 @pytest.mark.parametrize("args, message", [

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from train.errors import UserError
-from train.model import encode, load_encoder, pad, pool, read_st_config
+from train.embed import encode
+from train.model import load_encoder, pad, pool, read_st_config
 
 
 def test_pooling_by_hand():
@@ -36,8 +37,8 @@ def test_saved_model_loads_everywhere_with_the_same_embeddings(tiny_encoder_fact
     encoder = tiny_encoder_factory(pooling=pooling).eval()
     encoder.spec.prompts = {"query": "query: ", "passage": "passage: "}
     texts = ["A man plays a guitar.", "Two dogs run through the snow after a red ball."]
-    ours_q = encode(encoder, encoder, texts, "query")
-    ours_p = encode(encoder, encoder, texts, "passage")
+    ours_q = encode(encoder, texts, "query")
+    ours_p = encode(encoder, texts, "passage")
     folder = encoder.save(tmp_path / "model")
 
     st = SentenceTransformer(str(folder), device="cpu")
@@ -47,7 +48,7 @@ def test_saved_model_loads_everywhere_with_the_same_embeddings(tiny_encoder_fact
 
     again = load_encoder(str(folder)).eval()
     assert again.spec == encoder.spec  # pooling, normalisation, length and prompts travel with it
-    assert torch.allclose(encode(again, again, texts, "query"), ours_q, atol=1e-6)
+    assert torch.allclose(encode(again, texts, "query"), ours_q, atol=1e-6)
 
 
 def test_matryoshka_prefix_loads_truncated_here_and_in_sentence_transformers(tiny_encoder_factory, tmp_path):
@@ -56,12 +57,12 @@ def test_matryoshka_prefix_loads_truncated_here_and_in_sentence_transformers(tin
 
     encoder = tiny_encoder_factory().eval()
     texts = ["A man plays a guitar.", "Two dogs run through the snow after a red ball."]
-    full = encode(encoder, encoder, texts, None)  # [2, 32]
+    full = encode(encoder, texts, None)  # [2, 32]
     folder = encoder.save(tmp_path / "model")
 
     short = load_encoder(str(folder), truncate_dim=8).eval()
     assert short.dim == 8
-    ours = encode(short, short, texts, None)  # [2, 8]: the prefix, re-normalised
+    ours = encode(short, texts, None)  # [2, 8]: the prefix, re-normalised
     assert torch.allclose(ours, F.normalize(full[:, :8], dim=-1), atol=1e-6)
     st = SentenceTransformer(str(folder), device="cpu", truncate_dim=8)
     theirs = st.encode(texts, convert_to_tensor=True, normalize_embeddings=True)

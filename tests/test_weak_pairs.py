@@ -9,7 +9,8 @@ import tarfile
 
 import pytest
 
-from train import assets, dictd, wikitext
+from train import assets
+from train.assets import dictd, wikitext
 
 ARTICLE = (
     "{{Infobox person|name=Ada|birth_date={{birth date|1815|12|10}}}}\n"

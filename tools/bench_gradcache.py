@@ -55,7 +55,8 @@ from benchlib import FIXED_MMAP_THRESHOLD, machine, reset_peak_kib, run_worker, 
 
 from train import assets
 from train.data import collate, read_source
-from train.dist import TorchEngine, World
+from train.dist import World
+from train.engines import TorchEngine
 from train.gradcache import contrastive_step, make_pairing, plan_chunks
 from train.losses import contrastive_loss
 from train.model import freeze_unused, load_encoder, pad

@@ -19,7 +19,8 @@ import random
 import torch.nn.functional as F
 
 from train import assets
-from train.model import encode, load_encoder
+from train.embed import encode
+from train.model import load_encoder
 
 LABELS = {1.0: "own entailment", 0.5: "own neutral", 0.0: "own contradiction"}
 
@@ -40,8 +41,8 @@ def main() -> None:
 
     for path in args.models:
         encoder = load_encoder(path).eval()
-        docs = F.normalize(encode(encoder, encoder, corpus, "passage"), dim=-1)
-        qs = F.normalize(encode(encoder, encoder, queries, "query"), dim=-1)
+        docs = F.normalize(encode(encoder, corpus, "passage"), dim=-1)
+        qs = F.normalize(encode(encoder, queries, "query"), dim=-1)
         top = (qs @ docs.T).argmax(dim=1).tolist()
         kinds = [own[q].get(corpus[t], "no label for this query") for q, t in zip(queries, top)]
         counts = collections.Counter(kinds)

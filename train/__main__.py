@@ -23,7 +23,7 @@ def _share_run_stamp() -> None:
 
         dist.init_process_group()
         stamp = dist.broadcast_object(stamp)
-        if dist.torch.distributed.get_rank() > 0:
+        if dist.rank() > 0:
             # Only rank 0 writes Hydra's files and logs into the shared run dir.
             sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
     os.environ["TRAIN_RUN_STAMP"] = stamp

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from train.atomic import fsync_path, fsync_tree, write_json
 from train.errors import UserError
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
@@ -145,11 +146,12 @@ def finish(root: Path, tmp: Path, step: int, meta: dict, keep_last: int) -> Path
     final = step_dir(root, step)
     try:
         meta = {**meta, "files": file_sizes(tmp)}
-        (tmp / "trainer.json.part").write_text(json.dumps(meta, indent=1) + "\n")
-        os.replace(tmp / "trainer.json.part", tmp / "trainer.json")
+        write_json(tmp / "trainer.json", meta, indent=1)
+        fsync_tree(tmp)  # every rank's files on disk before the rename makes the checkpoint visible
         if final.exists():  # the same step saved again (a resumed run stopped at once): replace it
             shutil.rmtree(final)
         os.replace(tmp, final)
+        fsync_path(root)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise UserError(f"cannot write checkpoint {final}: {e}; the previous checkpoints are untouched") from None

@@ -9,8 +9,9 @@ torch class is built (the optimizer).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Dict, List, Optional
 
 from hydra.experimental.callback import Callback
 from omegaconf import MISSING, OmegaConf
@@ -18,6 +19,105 @@ from omegaconf import MISSING, OmegaConf
 ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = ROOT / "conf"
 RECIPES_DIR = ROOT / "recipes"
+
+
+# --- choices: a value outside these fails at compose time, naming the key and the allowed values -----
+
+
+class Choice(str, Enum):
+    """A string-valued choice. Members compare, hash, print and serialise as their plain value
+    (`Pooling.mean == "mean"`, f"{Pooling.mean}" == "mean"), so the code reads them as strings."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
+
+
+class Job(Choice):
+    train = "train"
+    eval = "eval"
+    mine = "mine"
+    merge = "merge"
+
+
+class Pooling(Choice):
+    mean = "mean"
+    cls = "cls"
+    last = "last"
+    latent = "latent"  # NV-Embed's latent attention (train/llm.py)
+    echo = "echo"  # echo embeddings (train/llm.py)
+
+
+class Dtype(Choice):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class Attention(Choice):
+    sdpa = "sdpa"
+    eager = "eager"
+    flash_attention_2 = "flash_attention_2"
+
+
+class Schedule(Choice):
+    linear = "linear"
+    cosine = "cosine"
+    constant = "constant"
+
+
+class Precision(Choice):
+    auto = "auto"
+    bf16 = "bf16"
+    fp32 = "fp32"
+
+
+class Device(Choice):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Strategy(Choice):
+    auto = "auto"
+    ddp = "ddp"
+    fsdp2 = "fsdp2"
+    deepspeed = "deepspeed"
+
+
+class TaskKind(Choice):
+    sts = "sts"
+    retrieval = "retrieval"
+
+
+class WandbMode(Choice):
+    offline = "offline"
+    online = "online"
+    disabled = "disabled"
+
+
+class MinedFormat(Choice):
+    jsonl = "jsonl"
+    parquet = "parquet"
+    datasets = "datasets"
+
+
+class MergeMethodName(Choice):
+    linear = "linear"
+    task_arithmetic = "task_arithmetic"
+    ties = "ties"
+    dare_linear = "dare_linear"
+    dare_ties = "dare_ties"
+    slerp = "slerp"
+    lora = "lora"
+
+
+class MergeSearch(Choice):
+    none = "none"
+    grid = "grid"
+    gradient = "gradient"
 
 
 @dataclass
@@ -36,12 +136,12 @@ class LoraConfig:
 @dataclass
 class ModelConfig:
     path: str = MISSING  # local folder or Hugging Face Hub name
-    pooling: Optional[str] = None  # mean | cls | last; None: what the model folder says, else mean
+    pooling: Optional[Pooling] = None  # mean | cls | last | latent | echo; None: what the model folder says, else mean
     normalize: Optional[bool] = None  # L2-normalise embeddings; None: the folder's choice, else true
     max_length: Optional[int] = None  # tokens per text; None: the folder's, else 128
     prompts: Optional[Dict[str, str]] = None  # {query: "query: ", passage: "passage: "}; None: the folder's
-    dtype: str = "float32"  # weights: float32 | bfloat16 | float16
-    attn_implementation: Optional[str] = None  # sdpa | eager | flash_attention_2; None: transformers' default
+    dtype: Dtype = Dtype.float32  # weights
+    attn_implementation: Optional[Attention] = None  # None: transformers' default
     truncate_dim: Optional[int] = None  # keep the first N dimensions (a Matryoshka-trained model), re-normalised
     # decoder LLMs (train/llm.py); None: what the model folder says, else the default in brackets
     bidirectional: Optional[bool] = None  # attention over the whole text, not causal (NV-Embed, LLM2Vec) [false]
@@ -105,13 +205,13 @@ class TrainerConfig:
     chunk_size: Optional[int] = None  # examples per forward pass on a rank; None: the whole local batch
     accum_steps: int = 1  # contrastive batches whose gradients are summed per optimizer step
     group_by_length: bool = True  # chunks of similar-length texts, each padded to its own longest
-    schedule: str = "linear"  # linear | cosine | constant (after warmup)
+    schedule: Schedule = Schedule.linear  # after warmup
     warmup_ratio: float = 0.1
     max_grad_norm: Optional[float] = 1.0
-    precision: str = "auto"  # auto (bf16 autocast on a CUDA device that has it) | bf16 | fp32
+    precision: Precision = Precision.auto  # auto (bf16 autocast on a CUDA device that has it) | bf16 | fp32
     log_every: int = 10
     progress: bool = True  # a progress bar on rank 0 when stderr is a terminal
-    device: str = "auto"  # auto | cpu | cuda
+    device: Device = Device.auto
     # checkpoints (train/checkpoint.py): <run dir>/checkpoints/step-N, atomic, enough to continue exactly
     save_every: int = 0  # steps between checkpoints; 0: none (a preemption signal still writes one)
     keep_last: int = 2  # checkpoints kept; older ones are deleted after a new one is complete
@@ -122,7 +222,7 @@ class TrainerConfig:
 
 @dataclass
 class EvalTaskConfig:
-    kind: str = MISSING  # sts | retrieval
+    kind: TaskKind = MISSING
     path: str = MISSING  # sts: a JSONL file; retrieval: a folder with corpus/queries/qrels.jsonl
     limit: Optional[int] = None
     side: Optional[str] = "query"  # sts: the prompt side both sentences get
@@ -141,7 +241,7 @@ class EvalConfig:
 
 @dataclass
 class DistConfig:
-    strategy: str = "auto"  # auto (ddp when launched on several processes) | ddp | fsdp2 | deepspeed
+    strategy: Strategy = Strategy.auto  # auto: ddp when launched on several processes
     zero_stage: int = 2  # deepspeed only
     deepspeed_config: Optional[str] = None  # a JSON file merged over the generated config
     # deepspeed ZeRO 1-3: one gradient reduction per optimizer step, gradients held whole on each
@@ -153,7 +253,7 @@ class DistConfig:
 class LogConfig:
     wandb: bool = False
     wandb_project: str = "train"
-    wandb_mode: str = "offline"  # offline | online | disabled
+    wandb_mode: WandbMode = WandbMode.offline
 
 
 @dataclass
@@ -177,7 +277,7 @@ class MineConfig:
     query_chunk: int = 1024  # exact search in blocks of query_chunk x doc_chunk scores ...
     doc_chunk: int = 16384  # ... memory O(query_chunk x (doc_chunk + k)), never the whole matrix
     faiss: bool = False  # search with faiss (exact inner product index); needs faiss-cpu or faiss-gpu
-    format: str = "jsonl"  # jsonl | parquet | datasets (a datasets.save_to_disk folder)
+    format: MinedFormat = MinedFormat.jsonl  # datasets: a datasets.save_to_disk folder
 
 
 @dataclass
@@ -185,7 +285,7 @@ class MergeConfig:
     """Model merging (recipe=merge, train/merge.py; the weight search in train/merge_search.py)."""
 
     models: List[str] = field(default_factory=list)  # model folders (run dirs work); method=lora: adapter folders
-    method: str = "linear"  # linear | task_arithmetic | ties | dare_linear | dare_ties | slerp | lora
+    method: MergeMethodName = MergeMethodName.linear
     weights: Optional[List[float]] = None  # one per model; None: 1/n (lora: 1). slerp: t = w[1] / (w[0] + w[1])
     base: Optional[str] = None  # task_arithmetic, ties, dare_*: the models' common starting point; lora: the base
     scale: float = 1.0  # lambda: multiplies the merged task vector
@@ -195,7 +295,7 @@ class MergeConfig:
     check_adapter_base: bool = True  # lora: refuse an adapter whose base_model_name_or_path is not merge.base
     out: Optional[str] = None  # output folder; None: <run dir>/model
     shard_mb: int = 4096  # output shards of at most this many MiB
-    search: str = "none"  # none | grid (2-3 models) | gradient (task-vector coefficients, Self Positioning)
+    search: MergeSearch = MergeSearch.none  # grid: 2-3 models; gradient: task-vector coefficients (Self Positioning)
     grid_points: int = 5  # grid: points per edge of the weight simplex (5: 0, .25, .5, .75, 1)
     objective: Dict[str, float] = field(default_factory=dict)  # metric -> weight; {}: each task's main metric
     search_steps: int = 30  # gradient: optimizer steps on the coefficients
@@ -206,7 +306,7 @@ class MergeConfig:
 
 @dataclass
 class Config:
-    job: str = "train"  # train | eval | mine | merge
+    job: Job = Job.train
     seed: int = 42
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -279,7 +379,3 @@ def recipe_name() -> str:
         return HydraConfig.get().runtime.choices.get("recipe") or "-"
     except ValueError:  # HydraConfig not set: called from Python, not from `python -m train`
         return "-"
-
-
-def to_plain(cfg: Any) -> Any:
-    return OmegaConf.to_container(cfg, resolve=True)

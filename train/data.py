@@ -1,8 +1,8 @@
 """Training data: sources, records, the mixing and batching policy, the collator.
 
-    source files / hub datasets --read_source--> Source (columns of texts)
-    Mixture(sources)  --batch_at(step)-->        global batch: [(source, row)] * B
-    collate(rows of this rank, encoder) -->      Batch (token ids, text hashes, teacher scores)
+    source files / hub datasets --read_source--> Source (columns of texts, weight, instruction)
+    Mixture.of(sources) --next_batch()-->        global batch: [(source, row)] * B
+    shard(batch, rank) --collate(tokenize)-->    Batch (token ids, text hashes, teacher scores)
 
 Record shapes, detected from the first record and then required of every record:
     (anchor, positive)                      pairs
@@ -49,7 +49,10 @@ class Source:
     negatives: list[list[str]]  # [N][n]
     scores: list[list[float]] | None  # [N][1+n]
     origin: str = ""
-    instruction: str | None = None  # the queries' task instruction (E5-Mistral), set by the recipe
+    path: str = ""  # as configured: a file or a hub name
+    weight: float | None = None  # sampling weight; None: the number of records
+    homogeneous: bool = False  # every batch drawn from this source alone
+    instruction: str | None = None  # the queries' task instruction (E5-Mistral)
 
     def __len__(self) -> int:
         return len(self.anchors)
@@ -172,8 +175,10 @@ def _negative_columns(row: dict, mapping: dict[str, str]) -> list[str]:
 
 def read_source(name: str, path: str, fields: dict[str, str] | None = None, num_negatives: int | None = None,
                 limit: int | None = None, subset: str | None = None, split: str = "train",
-                data_files: str | None = None) -> Source:
-    """Read and validate every record of one source."""
+                data_files: str | None = None, *, weight: float | None = None, homogeneous: bool = False,
+                instruction: str | None = None) -> Source:
+    """Read and validate every record of one source; weight, homogeneous, instruction: how it is mixed
+    and prompted (they travel with the records)."""
     origin, rows = iter_rows(path, subset, split, data_files)
     mapping = dict(fields or {})
     anchors: list[str] = []
@@ -223,7 +228,8 @@ def read_source(name: str, path: str, fields: dict[str, str] | None = None, num_
     if not anchors:
         raise UserError(f"{origin}: the dataset is empty")
     return Source(name, anchors, positives if cols["positive"] else None,
-                  negatives if cols["positive"] else [], scores if cols["scores"] else None, origin)
+                  negatives if cols["positive"] else [], scores if cols["scores"] else None, origin, path=path,
+                  weight=weight, homogeneous=homogeneous, instruction=instruction)
 
 
 def _text(row: dict, key: str, where: str) -> str:
@@ -259,6 +265,12 @@ class Mixture:
     names: list[str] = field(default_factory=list)
     step: int = 0
     cursors: list[list[int]] = field(default_factory=list)  # per source: [pass, position]
+
+    @classmethod
+    def of(cls, sources: Sequence[Source], batch_size: int, seed: int = 0, temperature: float = 1.0) -> Mixture:
+        return cls(sizes=[len(s) for s in sources], weights=[s.weight for s in sources],
+                   homogeneous=[s.homogeneous for s in sources], batch_size=batch_size, seed=seed,
+                   temperature=temperature, names=[s.name for s in sources])
 
     def __post_init__(self) -> None:
         names = self.names or [str(i) for i in range(len(self.sizes))]

@@ -49,19 +49,22 @@ def set_rng_state(state, device: torch.device) -> None:
         torch.cuda.set_rng_state(state[1], device)
 
 
-def make_pairing(q: torch.Tensor, p: torch.Tensor, batch: Batch, mask_duplicates: bool) -> Pairing:
+def make_pairing(q: torch.Tensor, p: torch.Tensor, batch: Batch, mask_duplicates: bool,
+                 world: dist.World) -> Pairing:
     """Local embeddings -> what the loss sees: all ranks' passages and queries, positive
-    columns, text hashes for the false-negative masks. q [b, D], p [b*(1+n), D]."""
+    columns, text hashes for the false-negative masks. q [b, D], p [b*(1+n), D].
+    On a one-rank world nothing is gathered (the merge search's single-process loss)."""
     b, dev = q.shape[0], q.device
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    q_all = dist.gather_with_grad(q)  # [W*b, D]
-    p_all = dist.gather_with_grad(p)  # [W*b*(1+n), D]
+    gather_with_grad = dist.gather_with_grad if world.size > 1 else (lambda x: x)
+    gather = dist.gather if world.size > 1 else (lambda x: x)
+    q_all = gather_with_grad(q)  # [W*b, D]
+    p_all = gather_with_grad(p)  # [W*b*(1+n), D]
     anchors = passages = None
     if mask_duplicates:
-        anchors = dist.gather(batch.anchor_hash.to(dev))  # [W*b]
-        passages = dist.gather(batch.passage_hash.to(dev))  # [W*b*(1+n)]
+        anchors = gather(batch.anchor_hash.to(dev))  # [W*b]
+        passages = gather(batch.passage_hash.to(dev))  # [W*b*(1+n)]
     teacher = batch.teacher.to(dev) if batch.teacher is not None else None
-    return Pairing(q=q, q_all=q_all, p_all=p_all, row0=rank * b, group=batch.group, anchor_ids=anchors,
+    return Pairing(q=q, q_all=q_all, p_all=p_all, row0=world.rank * b, group=batch.group, anchor_ids=anchors,
                    passage_ids=passages, teacher=teacher)
 
 
@@ -130,7 +133,8 @@ def contrastive_step(engine, batch: Batch, loss_fn: Callable[[Pairing], torch.Te
         with sync(True):
             out = engine.forward(*padded[0])  # [b*(2+n), D] in chunk order
             emb = out[torch.argsort(torch.as_tensor(chunks[0], device=out.device))]  # text order
-            surrogate, loss = loss_backward(loss_fn, make_pairing(emb[:b], emb[b:], batch, mask_duplicates), scale)
+            pair = make_pairing(emb[:b], emb[b:], batch, mask_duplicates, engine.world)
+            surrogate, loss = loss_backward(loss_fn, pair, scale)
             engine.backward(surrogate)
         stats.loss = float(loss)
         return stats
@@ -147,7 +151,8 @@ def contrastive_step(engine, batch: Batch, loss_fn: Callable[[Pairing], torch.Te
     emb.requires_grad_(True)
 
     # 2. loss on cached embeddings: the backward stops at emb (no parameter in this graph)
-    surrogate, loss = loss_backward(loss_fn, make_pairing(emb[:b], emb[b:], batch, mask_duplicates), scale)
+    pair = make_pairing(emb[:b], emb[b:], batch, mask_duplicates, engine.world)
+    surrogate, loss = loss_backward(loss_fn, pair, scale)
     surrogate.backward()
     grad = emb.grad  # [b*(2+n), D]
 

@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+from train.atomic import write_text
+
 
 def say(msg: str) -> None:
     print(f"train: {msg}", file=sys.stderr, flush=True)
@@ -49,9 +51,7 @@ class Logger:
         path = Path(self.file.name)
         kept = [line for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
                 if line.strip() and json.loads(line).get("step", 0) <= step]
-        tmp = path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(kept), encoding="utf-8")
-        tmp.replace(path)
+        write_text(path, "".join(kept))
         self.file = open(path, "a", encoding="utf-8")
 
     def write(self, record: dict) -> None:

@@ -1,11 +1,8 @@
 """The encoder: any transformers AutoModel plus pooling, normalisation and prompts.
 
-Saved as a sentence-transformers folder (modules.json, 1_Pooling/, 2_Normalize/,
-config_sentence_transformers.json with the prompts), written in the long-standing
-layout that every sentence-transformers release reads, with the backbone at the
-folder's root so `transformers.AutoModel.from_pretrained(folder)` loads it too.
-Loading a folder reads the same files back, so pooling and prompts travel with the
-model; a config value that is set explicitly overrides what the folder says.
+Saved as a sentence-transformers folder (train/st_folder.py), so pooling and prompts travel
+with the model; loading reads them back, and a config value that is set explicitly overrides
+what the folder says.
 
 The encoder knows nothing of torch.distributed: the loop wraps it.
 """
@@ -13,21 +10,20 @@ The encoder knows nothing of torch.distributed: the loop wraps it.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from train import llm, lora
+from train.atomic import atomic_folder
 from train.errors import UserError
+from train.st_folder import LATENT_FILE, POOLINGS, NeedsTrainLoader, read_st_config, resolve_model_dir, write_st_config
 
-POOLINGS = ("mean", "cls", "last", "latent", "echo")  # latent, echo: train/llm.py
+__all__ = ["NeedsTrainLoader"]  # named in the modules.json of folders saved before st_folder.py existed
 DECODER_ONLY = ("echo",)
 # Springer et al. (arXiv 2402.15449): "Rewrite the sentence: x, rewritten sentence: x"; the
 # embedding is the mean over the second copy, whose tokens have all seen the whole text.
@@ -210,14 +206,8 @@ class Encoder(nn.Module):
 
         `state_dict` replaces the module's own (a consolidated FSDP/ZeRO-3 state dict).
         """
-        out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-        adapter = lora.is_lora(self.backbone)
-        if state_dict is not None and (adapter or self.latent is not None):
-            raise UserError("a consolidated (FSDP2 / ZeRO-3) state dict cannot be saved for a LoRA or latent-"
-                            "attention encoder; train those with dist.strategy=ddp")
-        try:
+        adapter = lora.is_lora(self.backbone)  # build.check_strategy keeps these off sharded strategies
+        with atomic_folder(out) as tmp:
             dim = int(self.backbone.config.hidden_size)  # pooling sees all dims
             folders = [tmp, tmp / lora.ADAPTER_DIR] if adapter else [tmp]
             if adapter:  # the merged model at the root, the adapter alone beside it
@@ -232,21 +222,7 @@ class Encoder(nn.Module):
 
                     save_file({k: v.detach().cpu().contiguous() for k, v in self.latent.state_dict().items()},
                               folder / LATENT_FILE)
-            replace_folder(tmp, out)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return out
-
-
-def replace_folder(tmp: Path, out: Path) -> None:
-    """Move a finished temp folder to `out`; an older `out` is replaced only once the new one is complete."""
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
+        return Path(out)
 
 
 def _shared_prefix(ids: Sequence[int], prompt: Sequence[int]) -> int:
@@ -255,126 +231,6 @@ def _shared_prefix(ids: Sequence[int], prompt: Sequence[int]) -> int:
     while n < min(len(prompt), len(ids) - 1) and ids[n] == prompt[n]:
         n += 1
     return n
-
-
-LATENT_FILE = "latent_attention.safetensors"
-
-
-class NeedsTrainLoader(nn.Module):
-    """Named in modules.json instead of the Pooling module when sentence-transformers would
-    compute a different embedding (latent or echo pooling, bidirectional attention): loading
-    fails with this message instead of silently differing."""
-
-    MESSAGE = ("this model uses {what}, which sentence-transformers does not implement; load it with "
-               "`train.model.load_encoder(folder)` and embed with `train.model.encode`")
-
-    @classmethod
-    def load(cls, *args, **kwargs):
-        raise ValueError(cls.MESSAGE.format(what="pooling or attention from the `train` project"))
-
-    def __init__(self, *args, **kwargs):
-        raise ValueError(self.MESSAGE.format(what="pooling or attention from the `train` project"))
-
-
-def write_st_config(folder: Path, spec: EncoderSpec, dim: int) -> None:
-    pooling_type = "sentence_transformers.models.Pooling" if spec.sentence_transformers_compatible \
-        else "train.model.NeedsTrainLoader"
-    modules = [
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Pooling", "type": pooling_type},
-    ]
-    if spec.normalize:
-        modules.append({"idx": 2, "name": "2", "path": "2_Normalize",
-                        "type": "sentence_transformers.models.Normalize"})
-        (folder / "2_Normalize").mkdir(exist_ok=True)
-    (folder / "1_Pooling").mkdir(exist_ok=True)
-    _dump(folder / "1_Pooling" / "config.json", {
-        "word_embedding_dimension": dim,
-        "pooling_mode_cls_token": spec.pooling == "cls",
-        "pooling_mode_mean_tokens": spec.pooling == "mean",
-        "pooling_mode_max_tokens": False,
-        "pooling_mode_mean_sqrt_len_tokens": False,
-        "pooling_mode_weightedmean_tokens": False,
-        "pooling_mode_lasttoken": spec.pooling == "last",
-        "include_prompt": spec.pool_prompt,
-    })
-    _dump(folder / "modules.json", modules)
-    _dump(folder / "sentence_bert_config.json", {"max_seq_length": spec.max_length, "do_lower_case": False})
-    st_config = {"prompts": dict(spec.prompts), "default_prompt_name": None, "similarity_fn_name": "cosine",
-                 "train_encoder_spec": asdict(spec)}
-    if spec.truncate_dim:  # sentence-transformers reads it back (its cosine similarity makes the scale moot)
-        st_config["truncate_dim"] = spec.truncate_dim
-    _dump(folder / "config_sentence_transformers.json", st_config)
-
-
-def _dump(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=2) + "\n")
-
-
-def read_st_config(folder: Path) -> dict:
-    """What a sentence-transformers folder says about pooling, normalisation, length, prompts."""
-    found: dict = {}
-    modules_file = folder / "modules.json"
-    if not modules_file.exists():
-        return found
-    modules = json.loads(modules_file.read_text())
-    found["normalize"] = any(m.get("type", "").endswith("Normalize") for m in modules)
-    for m in modules:
-        if m.get("type", "").endswith(("Pooling", "NeedsTrainLoader")):
-            pc = json.loads((folder / m["path"] / "config.json").read_text())
-            mode = pc.get("pooling_mode") or next(
-                (k for k in ("cls", "mean", "last") if pc.get({"cls": "pooling_mode_cls_token",
-                                                               "mean": "pooling_mode_mean_tokens",
-                                                               "last": "pooling_mode_lasttoken"}[k])), None)
-            if mode == "lasttoken":
-                mode = "last"
-            if mode not in POOLINGS and m["type"].endswith("Pooling"):
-                raise UserError(f"{folder / m['path'] / 'config.json'}: pooling {mode!r} is not supported; "
-                                f"expected one of {', '.join(POOLINGS)}")
-            found["pooling"] = mode
-    sbert = folder / "sentence_bert_config.json"
-    if sbert.exists() and "max_seq_length" in json.loads(sbert.read_text()):
-        found["max_length"] = int(json.loads(sbert.read_text())["max_seq_length"])
-    cst = folder / "config_sentence_transformers.json"
-    if cst.exists():
-        st_config = json.loads(cst.read_text())
-        found["prompts"] = {k: v for k, v in (st_config.get("prompts") or {}).items() if v}
-        if st_config.get("truncate_dim"):
-            found["truncate_dim"] = int(st_config["truncate_dim"])
-        ours = st_config.get("train_encoder_spec") or {}  # what only this project reads back
-        for key in ("bidirectional", "pool_prompt", "instruction_template", "latents", "latent_heads"):
-            if key in ours:
-                found[key] = ours[key]
-        if ours.get("pooling") in ("latent", "echo"):
-            found["pooling"] = ours["pooling"]
-    return found
-
-
-def run_model_dir(p: Path) -> Path:
-    """A run dir stands for the model it saved (`<run dir>/model`); any other path is itself."""
-    if p.is_dir() and not (p / "config.json").exists() and (p / "model" / "config.json").exists():
-        return p / "model"
-    return p
-
-
-def resolve_model_dir(name_or_path: str) -> Path:
-    """A local folder as is (a run dir stands for its saved `model/`, so one stage starts from
-    another's run dir); otherwise a Hugging Face Hub name, downloaded (or taken from cache)."""
-    p = run_model_dir(Path(name_or_path).expanduser())
-    if p.is_dir():
-        return p
-    if p.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
-        raise UserError(f"model.path={name_or_path}: no such model folder (a stage's run dir works too: "
-                        "its model is at <run dir>/model)")
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(name_or_path))
-    except Exception as e:  # offline, unknown repo, gated: one line with the cause
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")
-        hint = " (HF_HUB_OFFLINE is set and it is not in the local cache)" if offline else ""
-        raise UserError(f"model.path={name_or_path}: not a local folder, and the Hugging Face Hub "
-                        f"could not provide it{hint}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from e
 
 
 def load_encoder(path: str, pooling: str | None = None, normalize: bool | None = None,
@@ -448,18 +304,3 @@ def freeze_unused(encoder: Encoder) -> list[str]:
             p.requires_grad_(False)
     encoder.train(was_training)
     return unused
-
-
-@torch.no_grad()
-def encode(forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], encoder: Encoder,
-           texts: Sequence[str], side: str | None, batch_size: int = 128,
-           device: torch.device | str = "cpu") -> torch.Tensor:
-    """Embed texts for inference: sorted by length so each batch pads little. -> [N, D] float32 cpu."""
-    ids = encoder.tokenize(texts, side)
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    out = torch.empty((len(ids), encoder.dim), dtype=torch.float32)
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        input_ids, mask = pad([ids[i] for i in idx], encoder.pad_id, encoder.left_pad)
-        out[idx] = forward(input_ids.to(device), mask.to(device)).float().cpu()
-    return out

@@ -22,6 +22,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+from train.atomic import write_json
 from train.config import ROOT
 
 PACKAGES = ("torch", "transformers", "accelerate", "deepspeed", "peft", "hydra-core", "omegaconf", "datasets",
@@ -71,11 +72,11 @@ def content_fingerprint(source) -> str:
     return h.hexdigest()
 
 
-def data_fingerprints(sources, specs) -> dict[str, dict]:
+def data_fingerprints(sources) -> dict[str, dict]:
     out = {}
-    for source, spec in zip(sources, specs):
+    for source in sources:
         entry = {"origin": source.origin, "records": len(source), "content_blake2b": content_fingerprint(source)}
-        path = Path(str(spec.get("path", "")))
+        path = Path(source.path)
         if path.is_file():
             entry["sha256"] = file_sha256(path)
         out[source.name] = entry
@@ -96,7 +97,5 @@ def write(run_dir: Path, data: dict | None, world_size: int, resumed_from: str |
                    "slurm_job_id": os.environ.get("SLURM_JOB_ID")})
     record = {"command": " ".join(["python -m train", *sys.argv[1:]]), "git": git_state(), "versions": versions(),
               "data": data, "starts": starts}
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=1) + "\n")
-    tmp.replace(path)
+    write_json(path, record, indent=1)
     return record

@@ -23,7 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from train.errors import UserError
-from train.model import encode, load_encoder, resolve_model_dir
+from train.embed import encode
+from train.model import load_encoder
+from train.st_folder import resolve_model_dir
 
 
 def is_cross_encoder(folder: Path) -> bool:
@@ -85,8 +87,8 @@ def bi_encoder_scores(teacher: str, pairs: Sequence[tuple[str, str]], batch_size
     encoder = load_encoder(teacher).to(device).eval()
     queries = list(dict.fromkeys(q for q, _ in pairs))
     passages = list(dict.fromkeys(p for _, p in pairs))
-    qe = F.normalize(encode(encoder, encoder, queries, "query", batch_size, device), dim=-1)  # [Q, D]
-    pe = F.normalize(encode(encoder, encoder, passages, "passage", batch_size, device), dim=-1)  # [P', D]
+    qe = F.normalize(encode(encoder, queries, "query", batch_size, device), dim=-1)  # [Q, D]
+    pe = F.normalize(encode(encoder, passages, "passage", batch_size, device), dim=-1)  # [P', D]
     qidx = {q: i for i, q in enumerate(queries)}
     pidx = {p: i for i, p in enumerate(passages)}
     qi = torch.tensor([qidx[q] for q, _ in pairs], dtype=torch.long)

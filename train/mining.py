@@ -1,9 +1,10 @@
-"""Hard-negative mining as a job: (query, positive) records in, the same records with mined
+"""Hard-negative mining, the parts: (query, positive) records in, the same records with mined
 negatives out, in a file that fine-tuning reads as it is (`data.path=<run dir>/mined.jsonl`).
+The job that runs them in order, sharding the encoding over the ranks, is jobs/mine.py.
 
     records (read_source)  +  corpus (mine.corpus, or the data's own positives and negatives)
       plan       unique queries, each record's positive in the corpus, passages never negatives
-      encode     queries [Q, D] and passages [N, D], sharded over the ranks (trainer.make_embed)
+      encode     queries [Q, D] and passages [N, D], sharded over the ranks (embed.embedder)
       search     the k best passages per query, exact: O(query_chunk x (doc_chunk + k)) memory
       select     rank window, positive-aware filters, the best n or n sampled        (rank 0)
       teacher    optional scores [positive, negatives...] for distillation (teacher.py)
@@ -23,27 +24,20 @@ not take up a rank of the window.
 from __future__ import annotations
 
 import json
-import math
-import os
 import re
-import shutil
-import tempfile
 import time
 import unicodedata
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
 
+from train.atomic import atomic_file, atomic_folder
 from train.data import ALIASES, Source, iter_rows
 from train.errors import UserError
-from train.log import say
-from train.model import replace_folder
 from train.retrieval import topk
-from train.trainer import make_embed
 
 FORMATS = ("jsonl", "parquet", "datasets")
 TEXT_FIELDS = ("text", "passage", "document", "contents", "content", "body", "sentence")
@@ -89,23 +83,7 @@ class Rule:
                 f"filters: {', '.join(filters) or 'none (plain top-k)'}")
 
 
-def make_rule(m: DictConfig, seed: int) -> Rule:
-    return Rule(skip=m.skip, window=m.window, num_negatives=m.num_negatives, sample=m.sample,
-                max_score=m.max_score, margin_pos=m.margin_pos, perc_pos=m.perc_pos, seed=seed)
-
-
-def check_settings(m: DictConfig) -> None:
-    """Refuse what would fail late (after minutes of encoding) up front."""
-    if m.format not in FORMATS:
-        raise UserError(f"mine.format={m.format!r}: expected one of {', '.join(FORMATS)}")
-    for key in ("batch_size", "teacher_batch_size", "teacher_max_length", "query_chunk", "doc_chunk"):
-        if m[key] < 1:
-            raise UserError(f"mine.{key}={m[key]}: expected a positive integer")
-    if m.faiss:
-        _faiss()
-
-
-def _faiss():
+def faiss_module():
     try:
         import faiss
     except ImportError:
@@ -181,25 +159,7 @@ def corpus_of(source: Source) -> Corpus:
     return Corpus(unique, None, f"the positives and negatives of {source.origin}", [], len(texts) - len(unique))
 
 
-def read_records(cfg: DictConfig, build_sources: Callable) -> Source:
-    """The (query, positive) records, read as the trainer reads them (same fields and aliases)."""
-    try:
-        sources, _ = build_sources(cfg)
-    except UserError as e:
-        if cfg.data.path and re.search(r'field ".*" is empty', str(e)):
-            raise UserError(_count_empty(cfg.data.path)) from e
-        raise
-    if len(sources) != 1:
-        raise UserError(f"mining reads one source, the data config has {len(sources)} "
-                        f"({', '.join(s.name for s in sources)}); set data.path=FILE")
-    source = sources[0]
-    if source.positives is None:
-        raise UserError(f"{source.origin}: mining needs (query, positive) records; these are single texts "
-                        f"(expected a positive field named one of {', '.join(ALIASES['positive'])})")
-    return source
-
-
-def _count_empty(path: str) -> str:
+def count_empty(path: str) -> str:
     """One message with every record whose query or positive is empty, not only the first."""
     origin, rows = iter_rows(path)
     keys, bad, total = None, [], 0
@@ -223,7 +183,7 @@ def normalize_text(text: str) -> str:
 
 
 @dataclass
-class Plan:
+class QueryPlan:
     queries: list[str]  # unique query texts [Q]
     rec_query: torch.Tensor  # [R] record -> query
     rec_pos: torch.Tensor  # [R] record -> its positive's passage; -1: not in the corpus
@@ -231,7 +191,7 @@ class Plan:
     max_never: int  # the most such passages of one query
 
 
-def make_plan(anchors: Sequence[str], positives: Sequence[str], corpus: Sequence[str]) -> Plan:
+def make_plan(anchors: Sequence[str], positives: Sequence[str], corpus: Sequence[str]) -> QueryPlan:
     n = len(corpus)
     queries = list(dict.fromkeys(anchors))
     qidx = {q: i for i, q in enumerate(queries)}
@@ -256,7 +216,7 @@ def make_plan(anchors: Sequence[str], positives: Sequence[str], corpus: Sequence
         found = sorted({i for k in ks for i in by_key.get(k, ())})
         never += [q * n + i for i in found]
         most = max(most, len(found))
-    return Plan(queries, torch.tensor([qidx[a] for a in anchors], dtype=torch.long),
+    return QueryPlan(queries, torch.tensor([qidx[a] for a in anchors], dtype=torch.long),
                 torch.tensor(rec_pos, dtype=torch.long), torch.tensor(never, dtype=torch.long), most)
 
 
@@ -295,20 +255,6 @@ def embed_all(embed_block: Callable[[list[str], str], torch.Tensor], texts: list
     return out
 
 
-def encode_both(encoder, world, queries: list[str], passages: list[str], batch_size: int,
-                log: Callable[[str], None]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Queries (query prompt) and passages (passage prompt), each rank encoding its share; the
-    encoder is dropped on return, before a teacher loads."""
-    encoder = encoder.to(world.device).eval()
-
-    def embed_block(texts: list[str], side: str) -> torch.Tensor:
-        # A fresh make_embed per block: its cache then holds one block, not the whole corpus.
-        return make_embed(encoder, encoder, world, batch_size)(texts, side)
-
-    return (embed_all(embed_block, queries, "query", world.size, log),
-            embed_all(embed_block, passages, "passage", world.size, log))
-
-
 # --- search (rank 0) -----------------------------------------------------------------------------
 
 
@@ -327,7 +273,7 @@ def search(q: torch.Tensor, c: torch.Tensor, k: int, query_chunk: int = 1024, do
 
 
 def _faiss_search(q: torch.Tensor, c: torch.Tensor, k: int, query_chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    faiss = _faiss()
+    faiss = faiss_module()
     index = faiss.IndexFlatIP(c.shape[1])  # exact inner product: the same result as the chunked search
     index.add(c.contiguous().numpy())
     parts = [index.search(q[s : s + query_chunk].contiguous().numpy(), k) for s in range(0, q.shape[0], query_chunk)]
@@ -414,7 +360,7 @@ def select(cand_s: torch.Tensor, cand_i: torch.Tensor, never: torch.Tensor, rec_
 # --- summary and output --------------------------------------------------------------------------
 
 
-def describe(x: torch.Tensor) -> dict:
+def score_stats(x: torch.Tensor) -> dict:
     """count, mean and quantiles of a score distribution (empty: count 0)."""
     x = x.float().flatten()
     if x.numel() == 0:
@@ -453,160 +399,42 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def write_records(records: list[dict], run_dir: Path, fmt: str) -> Path:
-    """<run dir>/mined.jsonl | mined.parquet | mined/ (datasets), written to a temporary name first and
-    renamed, so an interrupted run never leaves a file that looks complete."""
-    out = run_dir / ("mined" if fmt == "datasets" else f"mined.{fmt}")
-    tmp = run_dir / f".{out.name}.tmp-{os.getpid()}"
-    try:
-        if fmt == "jsonl":
-            with open(tmp, "w", encoding="utf-8") as f:
-                for rec in records:
-                    f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-        elif fmt == "parquet":
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-
-            pq.write_table(pa.Table.from_pylist(records), tmp)
-        else:
-            import datasets
-
-            datasets.Dataset.from_list(records).save_to_disk(str(tmp))
-        if tmp.is_dir():  # datasets: a folder, swapped in only once complete
-            replace_folder(tmp, out)
-        else:
-            os.replace(tmp, out)
-    finally:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        elif tmp.exists():
-            tmp.unlink()
-    return out
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-def _lines(rows: torch.Tensor, limit: int = 5) -> str:
-    first = [str(int(x) + 1) for x in rows[:limit]]
-    return ", ".join(first) + (", ..." if rows.numel() > limit else "")
-
-
-# --- the job -------------------------------------------------------------------------------------
-
-
-def mine_job(cfg: DictConfig, world, run_dir: Path) -> dict:
-    """job=mine. `world` is the dist.World the composition root made: every rank reads and encodes
-    its share; rank 0 searches, selects, scores with the teacher and writes."""
-    from train.run import build_encoder, build_sources  # the composition root's builders (it imports us)
-
-    m = cfg.mine
-    check_settings(m)
-    rule = make_rule(m, cfg.seed)
-    log = say if world.is_main else (lambda s: None)
-    seconds: dict[str, float] = {}
-    t = time.perf_counter()
-
-    # --- records and corpus: their errors come before a model loads ----------------------------------
-    source = read_records(cfg, build_sources)
-    corpus = read_corpus(m.corpus, m.text_field, m.id_field) if m.corpus else corpus_of(source)
-    if corpus.empty:
-        log(f"mine.corpus: skipped {len(corpus.empty):,} passages with empty text "
-            f"(lines {', '.join(map(str, corpus.empty[:5]))}{', ...' if len(corpus.empty) > 5 else ''})")
-    check_depth(rule, len(corpus.texts), corpus.origin)
-    plan = make_plan(source.anchors, source.positives, corpus.texts)
-    missing = (plan.rec_pos < 0).nonzero().flatten()
-    if missing.numel() == len(source):
-        raise UserError(f"no positive of {source.origin} is in mine.corpus={corpus.origin} (all {len(source):,} "
-                        "records); is it the right corpus? (matched by text, ignoring case and punctuation)")
-    if missing.numel():
-        log(f"skipping {missing.numel():,} of {len(source):,} records: their positive is not in the corpus "
-            f"(records {_lines(missing)})")
-    k = min(len(corpus.texts), rule.skip + rule.window + plan.max_never)
-    log(f"world size {world.size}: mining {len(source):,} records ({len(plan.queries):,} queries) against "
-        f"{len(corpus.texts):,} passages; {rule.describe()}")
-    seconds["read"] = time.perf_counter() - t
-
-    # --- encode, shared by the ranks ----------------------------------------------------------------------
-    t = time.perf_counter()
-    q, c = encode_both(build_encoder(cfg), world, plan.queries, corpus.texts, m.batch_size, log)  # [Q, D], [N, D]
-    seconds["encode"] = time.perf_counter() - t
-    if not world.is_main:
-        return {"after": {}}
-
-    # --- search and select (rank 0) ------------------------------------------------------------------------
-    t = time.perf_counter()
-    cand_s, cand_i = search(q, c, k, m.query_chunk, m.doc_chunk, m.faiss)  # [Q, k]
-    seconds["search"] = time.perf_counter() - t
-    t = time.perf_counter()
-    valid = (plan.rec_pos >= 0).nonzero().flatten()  # [R']
-    pos = positive_scores(q, c, plan.rec_query[valid], plan.rec_pos[valid])  # [R']
-    chosen = select(cand_s, cand_i, never_mask(cand_i, plan.never, len(corpus.texts)), plan.rec_query[valid],
-                    pos, rule)
-    rows = valid[chosen.keep]
-    too_few = valid[~chosen.keep]
-    if too_few.numel():
-        log(f"skipping {too_few.numel():,} records left with fewer than {rule.num_negatives} negatives in ranks "
-            f"{rule.skip}-{rule.skip + rule.window - 1} after the filters (records {_lines(too_few)})")
-    neg_idx, neg_s = chosen.idx[chosen.keep], chosen.scores[chosen.keep]  # [W, n]
+def mined_records(source: Source, corpus: Corpus, rows: list[int], negatives: list[list[int]]) -> list[dict]:
+    """The output records: each kept record's query and positive with its negatives' texts (and ids)."""
     records = []
-    for r, negs in zip(rows.tolist(), neg_idx.tolist()):
+    for r, negs in zip(rows, negatives):
         rec = {"query": source.anchors[r], "positive": source.positives[r],
                "negatives": [corpus.texts[j] for j in negs]}
         if corpus.ids is not None:
             rec["negative_ids"] = [corpus.ids[j] for j in negs]
         records.append(rec)
-    seconds["select"] = time.perf_counter() - t
+    return records
 
-    # --- teacher scores, for distillation -----------------------------------------------------------------
-    scores = {"positive": describe(pos), "kept": describe(neg_s), "dropped": describe(chosen.dropped)}
-    if m.teacher and records:
-        from train import teacher
 
-        t = time.perf_counter()
-        log(f"teacher {m.teacher}: scoring {len(records):,} x {1 + rule.num_negatives} pairs")
-        ts = teacher.score(m.teacher, [r["query"] for r in records],
-                           [[r["positive"], *r["negatives"]] for r in records], batch_size=m.teacher_batch_size,
-                           max_length=m.teacher_max_length, device=world.device)
-        for rec, s in zip(records, ts):
-            rec["scores"] = s
-        tt = torch.tensor(ts)  # [W, 1+n]
-        scores.update({"teacher_positive": describe(tt[:, 0]), "teacher_negative": describe(tt[:, 1:])})
-        seconds["teacher"] = time.perf_counter() - t
+def write_records(records: list[dict], run_dir: Path, fmt: str) -> Path:
+    """<run dir>/mined.jsonl | mined.parquet | mined/ (datasets), written under a temporary name and
+    renamed, so an interrupted run never leaves a file that looks complete."""
+    if fmt == "datasets":
+        import datasets
 
-    # --- write ---------------------------------------------------------------------------------------------
-    t = time.perf_counter()
-    summary = {
-        "world_size": world.size, "model": cfg.model.path, "data": source.origin, "corpus": corpus.origin,
-        "output": None, "rule": rule.describe(), "settings": {**asdict(rule), "teacher": m.teacher, "faiss": m.faiss},
-        "counts": {"records": len(source), "queries": len(plan.queries), "corpus": len(corpus.texts),
-                   "corpus_merged": corpus.merged, "corpus_empty": len(corpus.empty), "retrieved": k,
-                   "written": len(records), "skipped_positive_not_in_corpus": int(missing.numel()),
-                   "skipped_too_few": int(too_few.numel())},
-        "removed": chosen.removed, "not_taken": chosen.not_taken,
-        "top_is_positive": chosen.top_is_positive / max(1, valid.numel()),
-        "scores": scores, "seconds": seconds,
-    }
-    if not records:
-        # Fail, so that a pipeline stops here and not at a missing file, but only after writing the
-        # summary: its score distributions tell which setting to loosen.
-        _write_json(run_dir / "mine_summary.json", summary)
-        print(format_summary(summary), flush=True)
-        raise UserError(f"no record kept: all {valid.numel():,} records with a positive in the corpus have fewer "
-                        f"than {rule.num_negatives} negatives left in ranks {rule.skip}-{rule.skip + rule.window - 1} "
-                        f"(removed: {', '.join(f'{k} {v:,}' for k, v in chosen.removed.items())}); widen "
-                        "mine.window, lower mine.num_negatives or loosen the filters (score distributions in "
-                        f"{run_dir / 'mine_summary.json'})")
-    out = write_records(records, run_dir, m.format)
-    seconds["write"] = time.perf_counter() - t
-    summary["output"] = str(out)
-    _write_json(run_dir / "mine_summary.json", summary)
-    print(format_summary(summary), flush=True)
-    metrics = {"mine/written": float(len(records)), "mine/skipped": float(len(source) - len(records)),
-               "mine/positive_mean": scores["positive"]["mean"], "mine/kept_mean": scores["kept"]["mean"]}
-    return {"after": {k: v for k, v in metrics.items() if not math.isnan(v)}, "output": str(out),
-            "summary": summary}
+        with atomic_folder(run_dir / "mined") as tmp:
+            datasets.Dataset.from_list(records).save_to_disk(str(tmp))
+        return run_dir / "mined"
+    out = run_dir / f"mined.{fmt}"
+    with atomic_file(out) as tmp:
+        if fmt == "jsonl":
+            with open(tmp, "w", encoding="utf-8") as f:
+                for rec in records:
+                    f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        else:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            pq.write_table(pa.Table.from_pylist(records), tmp)
+    return out
+
+
+def lines_of(rows: torch.Tensor, limit: int = 5) -> str:
+    """Record indices as the 1-based lines a user finds them at: '3, 9, 12, ...'."""
+    first = [str(int(x) + 1) for x in rows[:limit]]
+    return ", ".join(first) + (", ..." if rows.numel() > limit else "")

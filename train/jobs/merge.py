@@ -1,4 +1,4 @@
-"""job=merge: merge model folders (train/merge.py), optionally searching the weights first.
+"""job=merge: merge model folders (train/merge_folders.py), optionally searching the weights first.
 
     merge.search=none      write the merge with merge.weights (and evaluate it when eval.tasks is set)
     merge.search=grid      2-3 models: every point of the weight simplex with `grid_points` per edge
@@ -26,20 +26,22 @@ base, the n task vectors and the model, (n + 2) models' worth of memory, and cos
 from __future__ import annotations
 
 import itertools
-import json
 import shutil
 import time
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 
+from train.atomic import replace_folder, write_json
+from train.build import Merging
+from train.dist import World
+from train.embed import embedder
 from train.errors import UserError
-from train.evaluate import build_tasks, run_tasks, side_by_side
+from train.evaluate import run_tasks, side_by_side
+from train.gradcache import make_pairing
 from train.log import say
-from train.merge import Plan, plan_merge, run_plan
-from train.model import load_encoder
-from train.trainer import make_embed
+from train.merge_folders import MergePlan, run_plan
+from train.model import load_encoder, pad
 
 MAIN_METRIC = {"StsTask": "spearman", "RetrievalTask": "ndcg@10"}
 
@@ -69,9 +71,9 @@ def score(metrics: dict[str, float], objective: dict[str, float]) -> float:
     return sum(w * metrics[k] for k, w in objective.items())
 
 
-def evaluate_folder(folder: Path, tasks: list, world, batch_size: int) -> dict[str, float]:
+def evaluate_folder(folder: Path, tasks: list, world: World, batch_size: int) -> dict[str, float]:
     encoder = load_encoder(str(folder)).to(world.device).eval()
-    return run_tasks(tasks, make_embed(encoder, encoder, world, batch_size))
+    return run_tasks(tasks, embedder(encoder, world, batch_size))
 
 
 def table(rows: list[dict], objective: dict[str, float]) -> str:
@@ -91,18 +93,19 @@ def table(rows: list[dict], objective: dict[str, float]) -> str:
 class Candidates:
     """Merge, write, evaluate; keep the best folder at `out`, drop the others."""
 
-    def __init__(self, plan: Plan, out: Path, scratch: Path, tasks: list, objective: dict, world, cfg: DictConfig):
+    def __init__(self, plan: MergePlan, out: Path, scratch: Path, tasks: list, objective: dict, world: World,
+                 shard_mb: int, eval_batch_size: int):
         self.plan, self.out, self.scratch, self.tasks, self.objective = plan, out, scratch, tasks, objective
-        self.world, self.cfg = world, cfg
+        self.world, self.shard_mb, self.eval_batch_size = world, shard_mb, eval_batch_size
         self.rows: list[dict] = []
         self.best: Path | None = None
 
     def try_weights(self, weights: list[float], note: str = "") -> dict:
         t = time.perf_counter()
-        self.plan.recipe.weights = [float(w) for w in weights]
-        folder = run_plan(self.plan, self.scratch / f"candidate-{len(self.rows)}", self.cfg.merge.shard_mb)
-        metrics = evaluate_folder(folder, self.tasks, self.world, self.cfg.eval.batch_size)
-        row = {"weights": self.plan.recipe.weights, "metrics": metrics, "score": score(metrics, self.objective),
+        self.plan.how.weights = [float(w) for w in weights]
+        folder = run_plan(self.plan, self.scratch / f"candidate-{len(self.rows)}", self.shard_mb)
+        metrics = evaluate_folder(folder, self.tasks, self.world, self.eval_batch_size)
+        row = {"weights": self.plan.how.weights, "metrics": metrics, "score": score(metrics, self.objective),
                "note": note, "seconds": round(time.perf_counter() - t, 1)}
         self.rows.append(row)
         say(f"candidate {len(self.rows) - 1}{' ' + note if note else ''}: weights "
@@ -118,45 +121,32 @@ class Candidates:
 
     def finish(self, run_dir: Path, method: str) -> dict:
         best = max(range(len(self.rows)), key=lambda i: self.rows[i]["score"])
-        if self.out.exists():
-            shutil.rmtree(self.out)
-        self.best.rename(self.out)  # the scratch folder sits next to `out`: a rename, not a copy
+        replace_folder(self.best, self.out)  # the scratch folder sits next to `out`: a rename, not a copy
         shutil.rmtree(self.scratch, ignore_errors=True)
         print(table(self.rows, self.objective), flush=True)
         report = {"method": method, "objective": self.objective, "candidates": self.rows, "best": best,
                   "out": str(self.out)}
-        (run_dir / "merge_search.json").write_text(json.dumps(report, indent=2) + "\n")
+        write_json(run_dir / "merge_search.json", report)
         return report
 
 
-def merge_job(cfg: DictConfig, world, run_dir: Path) -> dict:
+def run(job: Merging, world: World, run_dir: Path) -> dict:
     """job=merge (see the module docstring); single process."""
-    m = cfg.merge
-    if world.size > 1:
-        raise UserError(f"job=merge runs in one process; it was launched on {world.size}")
-    if m.search not in ("none", "grid", "gradient"):
-        raise UserError(f"merge.search={m.search!r}: expected none, grid or gradient")
-    plan = plan_merge(list(m.models), m.method, list(m.weights) if m.weights is not None else None, m.base,
-                      m.spec_from, m.scale, m.density, m.drop_rate, cfg.seed, m.check_adapter_base)
-    out = Path(m.out).expanduser() if m.out else run_dir / "model"
-    if out.exists() and not (out / "config.json").is_file() and (out.is_file() or any(out.iterdir())):
-        raise UserError(f"merge.out={out}: exists and is not a model folder; refusing to replace it "
-                        "(expected a new folder, an empty one or an earlier model)")
-    tasks = build_tasks(cfg.eval.tasks)
+    m, plan, out, tasks = job.settings, job.plan, job.out, job.tasks
     n = len(plan.models) if plan.adapters is None else len(plan.adapters)
     say(f"merging {n} {'adapters into ' + str(plan.base.path) if plan.adapters else 'models'} by "
-        f"{plan.recipe.method}{' (search: ' + m.search + ')' if m.search != 'none' else ''}; pipeline from "
+        f"{plan.how.method}{' (search: ' + str(m.search) + ')' if m.search != 'none' else ''}; pipeline from "
         f"{plan.ref.label}")
 
     if m.search == "none":
         t = time.perf_counter()
         run_plan(plan, out, m.shard_mb)
-        say(f"wrote {out} in {time.perf_counter() - t:.1f} s (weights {plan.recipe.weights})")
-        result = {"out": str(out), "weights": plan.recipe.weights}
+        say(f"wrote {out} in {time.perf_counter() - t:.1f} s (weights {plan.how.weights})")
+        result = {"out": str(out), "weights": plan.how.weights}
         if tasks:
-            metrics = evaluate_folder(out, tasks, world, cfg.eval.batch_size)
+            metrics = evaluate_folder(out, tasks, world, job.eval_batch_size)
             print(side_by_side(None, metrics), flush=True)
-            (run_dir / "eval.json").write_text(json.dumps({"model": str(out), "metrics": metrics}, indent=2) + "\n")
+            write_json(run_dir / "eval.json", {"model": str(out), "metrics": metrics})
             result["metrics"] = metrics
         return result
 
@@ -167,7 +157,7 @@ def merge_job(cfg: DictConfig, world, run_dir: Path) -> dict:
     scratch = out.parent / f".{out.name}.search"
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
-    cands = Candidates(plan, out, scratch, tasks, objective, world, cfg)
+    cands = Candidates(plan, out, scratch, tasks, objective, world, m.shard_mb, job.eval_batch_size)
     try:
         if m.search == "grid":
             if not 2 <= n <= 3:
@@ -178,8 +168,8 @@ def merge_job(cfg: DictConfig, world, run_dir: Path) -> dict:
             for w in simplex_grid(n, m.grid_points):
                 cands.try_weights(w)
         else:
-            gradient_search(cfg, plan, cands, world)
-        return cands.finish(run_dir, plan.recipe.method)
+            gradient_search(job, cands, world)
+        return cands.finish(run_dir, plan.how.method)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -190,9 +180,6 @@ def coefficient_loss(encoder, base: dict, taus: list[dict], coef: torch.Tensor, 
     alone: functional_call runs the encoder on theta(c) without touching its own parameters."""
     from torch.func import functional_call
 
-    from train.losses import Pairing
-    from train.model import pad
-
     device = coef.device
     params = {k: base[k] + sum(coef[i] * tau[k] for i, tau in enumerate(taus)) for k in base}
 
@@ -201,33 +188,21 @@ def coefficient_loss(encoder, base: dict, taus: list[dict], coef: torch.Tensor, 
         return functional_call(encoder, params, (input_ids.to(device), mask.to(device)))
 
     q, p = forward(batch.query_ids), forward(batch.passage_ids)  # [b, D], [b*(1+n), D]
-    pair = Pairing(q=q, q_all=q, p_all=p, row0=0, group=batch.group,
-                   anchor_ids=batch.anchor_hash.to(device) if mask_duplicates else None,
-                   passage_ids=batch.passage_hash.to(device) if mask_duplicates else None,
-                   teacher=batch.teacher.to(device) if batch.teacher is not None else None)
-    return loss_fn(pair)
+    return loss_fn(make_pairing(q, p, batch, mask_duplicates, World(device=device)))
 
 
-def gradient_search(cfg: DictConfig, plan: Plan, cands: Candidates, world) -> None:
+def gradient_search(job: Merging, cands: Candidates, world: World) -> None:
     """Self Positioning: learn task-vector coefficients on the contrastive loss, let the evaluators rank."""
-    import functools
+    from train.data import collate
 
-    from train.data import Mixture, collate
-    from train.losses import embedding_loss
-    from train.run import build_sources  # the composition root's builder (it imports us)
-
-    m = cfg.merge
-    if plan.recipe.method != "task_arithmetic" or plan.base is None:
+    m, plan = job.settings, job.plan
+    if plan.how.method != "task_arithmetic" or plan.base is None:
         raise UserError("merge.search=gradient learns task-arithmetic coefficients: set "
                         "merge.method=task_arithmetic and merge.base=<the models' starting point>")
     for key in ("search_steps", "search_batch_size", "search_eval_every"):
         if m[key] < 1:
             raise UserError(f"merge.{key}={m[key]}: expected a positive integer")
-    sources, specs = build_sources(cfg)
-    mixture = Mixture(sizes=[len(s) for s in sources], weights=[s.get("weight") for s in specs],
-                      homogeneous=[bool(s.get("homogeneous", False)) for s in specs],
-                      batch_size=m.search_batch_size, seed=cfg.seed, temperature=cfg.data.temperature,
-                      names=[s.name for s in sources])
+    sources, mixture = job.search_data()
 
     # theta(c) = base + sum_i c_i tau_i, parameter by parameter (names as the encoder has them)
     encoder = load_encoder(str(plan.ref.path)).to(world.device).eval()  # dropout off: a deterministic loss
@@ -235,12 +210,11 @@ def gradient_search(cfg: DictConfig, plan: Plan, cands: Candidates, world) -> No
     n = len(taus)
     coef = torch.full((n,), 1.0 / n, device=world.device, requires_grad=True)
     opt = torch.optim.Adam([coef], lr=m.search_lr)
-    loss_fn = functools.partial(embedding_loss, **OmegaConf.to_container(cfg.loss))
 
     cands.try_weights(coef.tolist(), "(start: uniform)")
     for step in range(1, m.search_steps + 1):
         batch = collate(sources, mixture.next_batch(), encoder.tokenize)
-        loss = coefficient_loss(encoder, base, taus, coef, batch, loss_fn, cfg.data.mask_duplicates)
+        loss = coefficient_loss(encoder, base, taus, coef, batch, job.loss_fn, job.mask_duplicates)
         opt.zero_grad()
         loss.backward()
         opt.step()

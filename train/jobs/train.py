@@ -1,4 +1,4 @@
-"""The training loop: read it top to bottom.
+"""job=train: the training loop over built objects (build.training); read it top to bottom.
 
     evaluate the starting model (or restore a checkpoint: weights, optimizer, schedule, data position, RNG)
     for each optimizer step:
@@ -12,90 +12,37 @@
 
 from __future__ import annotations
 
-import json
-import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 
 from train import checkpoint, dist
+from train.atomic import write_json
+from train.build import FitConfig, Training
 from train.data import Mixture, Source, collate, shard
+from train.embed import embedder
 from train.errors import UserError
 from train.evaluate import run_tasks, side_by_side
 from train.gradcache import contrastive_step
 from train.log import Logger, say
-from train.model import Encoder, pad
 from train.preempt import Preempted, Watch
 
 
-def make_embed(forward: Callable, encoder: Encoder, world: dist.World, batch_size: int):
-    """An `embed(texts, side) -> [N, D]` for one round of evaluation, its work shared by all ranks.
-
-    Texts are sorted by length and dealt round-robin, so every rank gets similar lengths
-    and the same number of batches (sharded models need every rank in every forward).
-    Embeddings are kept for the round: tasks built from one test set share most texts
-    (SNLI's STS pairs and retrieval corpus are the same sentences), and each is embedded once.
-    """
-    cache: dict[tuple[str, str], torch.Tensor] = {}
-
-    @torch.no_grad()
-    def embed_new(texts: list[str], side: str | None, instruction: str | None) -> torch.Tensor:
-        ids = encoder.tokenize(texts, side, instruction=instruction) if instruction else encoder.tokenize(texts, side)
-        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
-        per = math.ceil(len(ids) / world.size)
-        mine = order[world.rank :: world.size]
-        mine += mine[-1:] * (per - len(mine))  # equal shares: repeat the last text
-        local = [forward(*(t.to(world.device) for t in pad([ids[i] for i in mine[s : s + batch_size]],
-                                                           encoder.pad_id, encoder.left_pad)))
-                 for s in range(0, per, batch_size)]
-        gathered = dist.gather(torch.cat(local).float().to(world.device)).cpu()  # [W*per, D]
-        out = torch.empty((len(ids), gathered.shape[1]))
-        for r in range(world.size):
-            idx = order[r :: world.size]
-            out[idx] = gathered[r * per : r * per + len(idx)]
-        return out
-
-    def embed(texts: Sequence[str], side: str | None, instruction: str | None = None) -> torch.Tensor:
-        prompt = encoder.prefix(side, instruction)
-        new = list(dict.fromkeys(t for t in texts if (prompt, t) not in cache))
-        if new:
-            for t, e in zip(new, embed_new(new, side, instruction)):
-                cache[(prompt, t)] = e
-        return torch.stack([cache[(prompt, t)] for t in texts]) if texts else torch.empty((0, encoder.dim))
-
-    return embed
+def run(t: Training) -> dict:
+    try:
+        return fit(t.engine, t.mixture, t.sources, t.loss_fn, t.tasks, t.logger, t.fit, t.run_dir)
+    finally:
+        t.logger.close()
 
 
 def evaluate(engine, tasks: list, batch_size: int, dims: list[int] | None = None) -> dict[str, float]:
     engine.module.eval()
     try:
-        return run_tasks(tasks, make_embed(engine.forward, engine.encoder, engine.world, batch_size), dims)
+        return run_tasks(tasks, embedder(engine.encoder, engine.world, batch_size, forward=engine.forward), dims)
     finally:
         engine.module.train()
-
-
-@dataclass
-class FitConfig:
-    """What the loop needs from the trainer/eval/data configs, as plain values."""
-
-    max_steps: int
-    chunk_size: int
-    accum_steps: int
-    group_by_length: bool
-    mask_duplicates: bool
-    log_every: int
-    eval_before: bool
-    eval_every: int
-    eval_batch_size: int
-    eval_dims: list[int] | None = None  # Matryoshka prefixes also evaluated
-    save_every: int = 0  # checkpoint every N steps; 0: only on a preemption signal
-    keep_last: int = 2
-    resume_from: list[Path] = field(default_factory=list)  # checkpoints to try, newest first
-    identity: dict = field(default_factory=dict)  # settings a checkpoint must share (checkpoint.IDENTITY_KEYS)
-    preempt_signals: list[str] = field(default_factory=list)
 
 
 def _agree(world: dist.World, fn: Callable, what: str):
@@ -244,6 +191,6 @@ def fit(engine, mixture: Mixture, sources: Sequence[Source], loss_fn: Callable, 
         engine.encoder.save(out, state_dict=state or None)
         summary = {"before": before, "after": after, "train_seconds": train_seconds, "steps": cfg.max_steps,
                    "world_size": world.size, "model": str(out)}
-        (run_dir / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_json(run_dir / "eval.json", summary)
         logger.print(f"model saved to {out}  (train {train_seconds / 60:.1f} min)")
     return {"before": before, "after": after, "model": str(out)}

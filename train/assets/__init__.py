@@ -20,6 +20,8 @@ folder that looks complete; two ranks fetching at once both end with the same fo
   dequantised once into an ordinary float32 safetensors folder with its tokenizer.
 - `tiny-llama`: a random 2-layer Llama (hidden 32) with SmolLM2's tokenizer, for tests.
 
+MediaWiki markup and dictd entries are parsed by wikitext.py and dictd.py beside this file.
+
 Configs refer to assets as `${asset:minilm}` (an OmegaConf resolver, see config.py).
 Command line: `python -m train.assets minilm snli wiki` fetches and prints the folders.
 """
@@ -44,7 +46,8 @@ from hashlib import sha256
 from pathlib import Path
 from typing import Callable
 
-from train import dictd, wikitext
+from train.assets import dictd, wikitext
+from train.atomic import atomic_folder
 from train.errors import UserError
 
 
@@ -477,26 +480,9 @@ def path(name: str) -> Path:
         path(dep)
     final.parent.mkdir(parents=True, exist_ok=True)
     _say(f"fetching asset {name!r}: {asset.what} -> {final}")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=final.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; a shared cache must be readable by all
-    try:
+    # Two ranks fetching at once both end with the same folder: the one that finishes second keeps
+    # the first one's (a reader may already be using it).
+    with atomic_folder(final, keep_existing=True) as tmp:
         asset.prepare(tmp)
-        try:
-            os.replace(tmp, final)
-        except OSError:
-            if not final.is_dir():  # not a lost race with another process: a real failure
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return final
 
-
-if __name__ == "__main__":
-    try:
-        for arg in sys.argv[1:] or ["minilm", "snli"]:
-            print(path(arg))
-    except UserError as e:  # one line, as `python -m train` prints it
-        if os.environ.get("TRAIN_DEBUG"):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)

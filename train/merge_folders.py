@@ -1,24 +1,16 @@
-"""Model merging: whole sentence-transformers pipelines, weights streamed one tensor at a time.
+"""Merging model folders: whole sentence-transformers pipelines, weights streamed one tensor at a time.
 
     model folders --> inspect (files, architecture, tokenizer, pipeline, tensor names/shapes)
-                  --> for each tensor name: read it from every model, merge, write to a shard
+                  --> for each tensor name: read it from every model, merge (merge_methods.py),
+                      write to a shard
                   --> temp folder with the reference model's other files --> rename
-
-Methods (pure functions over the n tensors that share one name; float32 arithmetic):
-  linear           weighted average (model soups, LM-Cocktail)
-  task_arithmetic  base + scale * sum_i w_i (theta_i - base)            (Ilharco et al., arXiv 2212.04089)
-  ties             trim each task vector to its largest `density` fraction, elect a sign per
-                   parameter, average the agreeing values                (Yadav et al., arXiv 2306.01708)
-  dare_linear /    drop each task-vector entry with probability p, rescale the rest by 1/(1-p),
-  dare_ties        then task arithmetic or TIES                            (Yu et al., arXiv 2311.03099)
-  slerp            spherical interpolation of two models, per tensor     (Shoemake 1985)
-  lora             peft LoRA adapters folded into their base: W + (alpha/r) B A
 
 Only the pieces that decide an embedding besides weights travel as files (pooling,
 normalisation, prompts, max length, dense modules' configs, tokenizer): they are taken from
 one model and must agree across the models, or the merge is refused naming the first
 difference. Memory: the n tensors of one name plus one output shard (`shard_mb`), never n
-models. The weight search is in merge_search.py.
+models. LoRA adapters are folded into their base here too. The merge job and its weight
+search are in jobs/merge.py.
 """
 
 from __future__ import annotations
@@ -30,189 +22,23 @@ import math
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import torch
 
+from train.atomic import atomic_folder
 from train.errors import UserError
-from train.model import replace_folder, run_model_dir
+from train.merge_methods import MergeMethod, lora_delta, make_method
+from train.st_folder import run_model_dir
 
-METHODS = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp", "lora")
-NEEDS_BASE = ("task_arithmetic", "ties", "dare_linear", "dare_ties", "lora")
 WEIGHT_FILES = re.compile(r"^(model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json|"
                           r"pytorch_model.*\.bin(\.index\.json)?)$")
 # config.json keys that describe where a model came from, not what it computes
 CONFIG_META = {"_name_or_path", "transformers_version", "architectures", "dtype", "torch_dtype", "use_cache",
                "gradient_checkpointing", "_attn_implementation_autoset", "_commit_hash", "return_dict",
                "output_attentions", "output_hidden_states"}
-
-
-# --- methods: pure functions over the tensors of one name -------------------------------------------
-
-
-def weighted_average(tensors: Iterable[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
-    """sum_i w_i t_i / sum_i w_i; `tensors` may be a generator (one tensor in memory at a time)."""
-    total = float(sum(weights))
-    if total == 0:
-        raise UserError("merge.weights sum to 0: a weighted average needs a non-zero total")
-    out = None
-    for t, w in zip(tensors, weights):
-        out = t.float() * (w / total) if out is None else out.add_(t.float(), alpha=w / total)
-    return out
-
-
-def task_arithmetic(base: torch.Tensor, taus: Iterable[torch.Tensor], weights: Sequence[float],
-                    scale: float = 1.0) -> torch.Tensor:
-    """base + scale * sum_i w_i tau_i (taus: task vectors, theta_i - base; may be a generator)."""
-    out = torch.zeros_like(base, dtype=torch.float32)
-    for tau, w in zip(taus, weights):
-        out.add_(tau, alpha=w)
-    return base.float() + scale * out
-
-
-def trim(tau: torch.Tensor, density: float) -> torch.Tensor:
-    """TIES step 1: keep the ceil(density * numel) entries of largest magnitude, zero the rest."""
-    k = math.ceil(density * tau.numel())
-    if k >= tau.numel():
-        return tau
-    if k == 0:
-        return torch.zeros_like(tau)
-    flat = tau.flatten()
-    keep = torch.zeros_like(flat, dtype=torch.bool)
-    keep[flat.abs().topk(k).indices] = True
-    return torch.where(keep, flat, torch.zeros_like(flat)).view_as(tau)
-
-
-def elect_sign(taus: Iterable[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
-    """TIES step 2: per entry, the sign of the (weighted) total mass, sign(sum_i w_i tau_i)."""
-    total = None
-    for tau, w in zip(taus, weights):
-        total = tau * w if total is None else total.add_(tau, alpha=w)
-    return torch.sign(total)
-
-
-def disjoint_mean(taus: Iterable[torch.Tensor], weights: Sequence[float], sign: torch.Tensor) -> torch.Tensor:
-    """TIES step 3: per entry, the weighted mean over the task vectors whose entry is non-zero and
-    has the elected sign; entries nobody agrees on stay 0."""
-    num = torch.zeros_like(sign)
-    den = torch.zeros_like(sign)
-    for tau, w in zip(taus, weights):
-        agree = (torch.sign(tau) == sign) & (tau != 0)
-        num += torch.where(agree, w * tau, 0.0)
-        den += agree.float() * w
-    return torch.where(den != 0, num / den.where(den != 0, torch.ones_like(den)), 0.0)
-
-
-def ties(base: torch.Tensor, taus: Sequence[torch.Tensor] | Callable[[], Iterable[torch.Tensor]],
-         weights: Sequence[float], density: float | None, scale: float = 1.0) -> torch.Tensor:
-    """TIES-merging; density=None skips trimming (DARE has already sparsified the task vectors).
-    `taus` may be a function returning a fresh generator: the sign election and the mean then
-    make two passes over the task vectors, each holding one at a time."""
-    fresh = taus if callable(taus) else (lambda: iter(taus))
-
-    def trimmed() -> Iterator[torch.Tensor]:
-        return (trim(t, density) if density is not None else t for t in fresh())
-
-    return base.float() + scale * disjoint_mean(trimmed(), weights, elect_sign(trimmed(), weights))
-
-
-def dare(tau: torch.Tensor, drop_rate: float, generator: torch.Generator) -> torch.Tensor:
-    """DARE: zero each entry with probability p, multiply the survivors by 1/(1-p) (expectation kept)."""
-    if drop_rate == 0:
-        return tau
-    keep = torch.rand(tau.shape, generator=generator) >= drop_rate
-    return torch.where(keep, tau / (1 - drop_rate), torch.zeros_like(tau))
-
-
-def slerp(a: torch.Tensor, b: torch.Tensor, t: float, eps: float = 1e-6) -> torch.Tensor:
-    """Spherical interpolation between a and b (flattened, angle from their directions); nearly
-    parallel tensors (or zeros) fall back to linear interpolation, where slerp's formula divides
-    by sin(angle) ~ 0."""
-    a32, b32 = a.float(), b.float()
-    na, nb = a32.norm(), b32.norm()
-    if na < eps or nb < eps:
-        return (1 - t) * a32 + t * b32
-    cos = torch.clamp((a32.flatten() @ b32.flatten()) / (na * nb), -1.0, 1.0)
-    theta = torch.arccos(cos)
-    if theta.abs() < 1e-4:
-        return (1 - t) * a32 + t * b32
-    s = torch.sin(theta)
-    return (torch.sin((1 - t) * theta) / s) * a32 + (torch.sin(t * theta) / s) * b32
-
-
-def lora_delta(a: torch.Tensor, b: torch.Tensor, scaling: float, transpose: bool) -> torch.Tensor:
-    """The weight change of a LoRA module: scaling * B @ A  ([out, r] @ [r, in] -> [out, in]),
-    transposed for fan_in_fan_out layers (GPT-2 Conv1D) and for embeddings (peft stores them
-    as A [r, num_embeddings], B [dim, r])."""
-    delta = b.float() @ a.float()
-    return scaling * (delta.T if transpose else delta)
-
-
-def dare_generator(seed: int, model: int, name: str) -> torch.Generator:
-    """One generator per (model, tensor): the drop mask does not depend on reading order."""
-    digest = hashlib.sha256(f"{seed}/{model}/{name}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
-
-
-@dataclass
-class Recipe:
-    """How to merge: the method and its values, checked and filled in by `make_recipe`."""
-
-    method: str
-    weights: list[float]
-    scale: float = 1.0
-    density: float = 0.2
-    drop_rate: float = 0.9
-    seed: int = 0
-
-    def merge(self, name: str, load: Callable[[int], torch.Tensor], n: int,
-              base: torch.Tensor | None) -> torch.Tensor:
-        """The merged tensor of one name. load(i): model i's tensor, read when asked, so at most
-        one input tensor (two for slerp) is held beside the base and the accumulators."""
-        m, w = self.method, self.weights
-        if m == "linear":
-            return weighted_average((load(i) for i in range(n)), w)
-        if m == "slerp":
-            return slerp(load(0), load(1), w[1] / (w[0] + w[1]))
-
-        def taus() -> Iterator[torch.Tensor]:  # a fresh pass; DARE's masks are seeded per (model, name)
-            for i in range(n):
-                tau = load(i).float() - base.float()
-                yield dare(tau, self.drop_rate, dare_generator(self.seed, i, name)) if m.startswith("dare") else tau
-
-        if m in ("task_arithmetic", "dare_linear"):
-            return task_arithmetic(base, taus(), w, self.scale)
-        return ties(base, taus, w, self.density if m == "ties" else None, self.scale)
-
-
-def make_recipe(method: str, n: int, weights: Sequence[float] | None, has_base: bool, scale: float = 1.0,
-                density: float = 0.2, drop_rate: float = 0.9, seed: int = 0) -> Recipe:
-    if method not in METHODS:
-        raise UserError(f"merge.method={method!r}: expected one of {', '.join(METHODS)}")
-    if method in NEEDS_BASE and not has_base:
-        what = "the adapters' base model" if method == "lora" else "the model the inputs were fine-tuned from"
-        raise UserError(f"merge.method={method} needs merge.base: {what}")
-    if n < (1 if method == "lora" else 2):
-        raise UserError(f"merge.models has {n} model(s); merge.method={method} needs at least "
-                        f"{1 if method == 'lora' else 2}")
-    if method == "slerp" and n != 2:
-        raise UserError(f"merge.method=slerp interpolates two models; merge.models has {n}")
-    if weights is None:
-        weights = [1.0] * n if method == "lora" else [1.0 / n] * n
-    weights = [float(w) for w in weights]
-    if len(weights) != n:
-        raise UserError(f"merge.weights has {len(weights)} values for {n} merge.models; expected one per model")
-    if method in ("linear", "slerp") and (any(w < 0 for w in weights) or sum(weights) <= 0):
-        raise UserError(f"merge.weights={weights}: merge.method={method} needs non-negative weights "
-                        "with a positive sum")
-    if not 0 < density <= 1:
-        raise UserError(f"merge.density={density}: expected a fraction in (0, 1]")
-    if not 0 <= drop_rate < 1:
-        raise UserError(f"merge.drop_rate={drop_rate}: expected a probability in [0, 1)")
-    return Recipe(method, weights, scale, density, drop_rate, seed)
 
 
 # --- model folders ----------------------------------------------------------------------------------
@@ -408,7 +234,7 @@ class Readers(contextlib.ExitStack):
         return self.handles[path].get_tensor(name)
 
 
-def merged_tensors(ref: Folder, models: list[Folder], base: Folder | None, recipe: Recipe,
+def merged_tensors(ref: Folder, models: list[Folder], base: Folder | None, how: MergeMethod,
                    adapters: list[Adapter] | None = None) -> Iterator[tuple[tuple[str, str], torch.Tensor]]:
     """(group, name) -> merged tensor, one name at a time, in the reference's dtype. Non-float
     tensors (integer buffers) are copied from the reference."""
@@ -418,12 +244,12 @@ def merged_tensors(ref: Folder, models: list[Folder], base: Folder | None, recip
             if not is_float(dtype):
                 yield key, ref_t
                 continue
-            if recipe.method == "lora":
+            if how.method == "lora":
                 out = ref_t.float()
-                for adapter, w in zip(adapters, recipe.weights):
+                for adapter, w in zip(adapters, how.weights):
                     out = adapter.apply(key, out, w)
             else:
-                out = recipe.merge(_name(key), lambda i, k=key: readers.get(models[i], k), len(models),
+                out = how.merge(_name(key), lambda i, k=key: readers.get(models[i], k), len(models),
                                    readers.get(base, key) if base is not None else None)
             yield key, out.to(ref_t.dtype).contiguous()
 
@@ -435,14 +261,9 @@ def write_folder(ref: Folder, stream: Iterator[tuple[tuple[str, str], torch.Tens
     from safetensors.torch import save_file
 
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         shutil.copytree(ref.path, tmp, dirs_exist_ok=True,
                         ignore=lambda d, names: [n for n in names if WEIGHT_FILES.match(n) or n.startswith(".")])
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's (or the copied folder's) 0700 would make the result private
         meta = {"format": "pt", **(metadata or {})}
         shards: dict[str, list[tuple[str, list[str]]]] = {}  # group -> [(file, names)]
         pending: dict[str, dict[str, torch.Tensor]] = {}
@@ -476,9 +297,6 @@ def write_folder(ref: Folder, stream: Iterator[tuple[tuple[str, str], torch.Tens
             total = sum((folder / f).stat().st_size for f in set(weight_map.values()))
             (folder / "model.safetensors.index.json").write_text(json.dumps(
                 {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
-        replace_folder(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -599,29 +417,29 @@ def _same_model(want: str, base_path: Path, base_name: str) -> bool:
 
 
 @dataclass
-class Plan:
+class MergePlan:
     """Everything a merge needs, checked: the reference (whose pipeline files are kept), inputs, base."""
 
     ref: Folder
     models: list[Folder]
     base: Folder | None
     adapters: list[Adapter] | None
-    recipe: Recipe
+    how: MergeMethod  # the method and its weights
 
 
 def plan_merge(models: Sequence[str], method: str, weights: Sequence[float] | None = None,
                base: str | None = None, spec_from: int | None = None, scale: float = 1.0, density: float = 0.2,
-               drop_rate: float = 0.9, seed: int = 0, check_adapter_base: bool = True) -> Plan:
+               drop_rate: float = 0.9, seed: int = 0, check_adapter_base: bool = True) -> MergePlan:
     """Open and check every input before anything is written."""
     models = list(models or [])
     if not models:
         raise UserError("merge.models is empty: expected a list of model folders, e.g. merge.models=[dir_a,dir_b]")
-    recipe = make_recipe(method, len(models), weights, base is not None, scale, density, drop_rate, seed)
+    how = make_method(method, len(models), weights, base is not None, scale, density, drop_rate, seed)
     base_folder = open_folder(base, f"merge.base ({base})") if base is not None else None
     if method == "lora":
         adapters = [open_adapter(m, f"merge.models[{i}] ({m})", base_folder, base, check_adapter_base)
                     for i, m in enumerate(models)]
-        return Plan(base_folder, [base_folder], base_folder, adapters, recipe)
+        return MergePlan(base_folder, [base_folder], base_folder, adapters, how)
     folders = [open_folder(m, f"merge.models[{i}] ({m})") for i, m in enumerate(models)]
     if spec_from is not None and not 0 <= spec_from < len(folders):
         raise UserError(f"merge.spec_from={spec_from}: expected an index into merge.models (0 .. {len(folders) - 1})")
@@ -631,11 +449,11 @@ def plan_merge(models: Sequence[str], method: str, weights: Sequence[float] | No
             check_compatible(ref, f, pipeline=spec_from is None)
     if base_folder is not None and method != "lora":
         check_compatible(ref, base_folder, pipeline=False, strict=False)  # the base is only a source of task vectors
-    return Plan(ref, folders, base_folder, None, recipe)
+    return MergePlan(ref, folders, base_folder, None, how)
 
 
-def run_plan(plan: Plan, out: Path, shard_mb: int = 4096) -> Path:
-    meta = {"train_merge": json.dumps({"method": plan.recipe.method, "weights": plan.recipe.weights,
+def run_plan(plan: MergePlan, out: Path, shard_mb: int = 4096) -> Path:
+    meta = {"train_merge": json.dumps({"method": plan.how.method, "weights": plan.how.weights,
                                        "models": [str(m.path) for m in plan.models] if plan.adapters is None
                                        else [str(a.path) for a in plan.adapters],
                                        "base": str(plan.base.path) if plan.base else None})}
@@ -645,6 +463,6 @@ def run_plan(plan: Plan, out: Path, shard_mb: int = 4096) -> Path:
         with contextlib.ExitStack() as stack:
             for a in plan.adapters:
                 a.handle = stack.enter_context(safe_open(str(a.path / "adapter_model.safetensors"), "pt"))
-            return write_folder(plan.ref, merged_tensors(plan.ref, plan.models, None, plan.recipe, plan.adapters),
+            return write_folder(plan.ref, merged_tensors(plan.ref, plan.models, None, plan.how, plan.adapters),
                                 out, shard_mb, meta)
-    return write_folder(plan.ref, merged_tensors(plan.ref, plan.models, plan.base, plan.recipe), out, shard_mb, meta)
+    return write_folder(plan.ref, merged_tensors(plan.ref, plan.models, plan.base, plan.how), out, shard_mb, meta)

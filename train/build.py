@@ -1,0 +1,374 @@
+"""The composition root: the one place that turns the config into objects and checks the keys
+that only make sense together. Jobs (train/jobs/) receive what is built here and their own
+config block, never the whole config.
+
+    cfg.model   --> encoder()            Encoder (load, LoRA, pooling, prompts)
+    cfg.data    --> sources(), Mixture   records with their weight and instruction, the sampler
+    cfg.loss    --> loss()               a function of a Pairing (losses.embedding_loss, bound)
+    cfg.optim   --> optimizer()          torch optimizer over weight-decay groups
+    cfg.dist    --> engine()             DDP / FSDP2 / DeepSpeed around encoder + optimizer + schedule
+    cfg.eval    --> tasks()              evaluators
+    per job     --> training(), evaluation(), mining(), merging()
+
+Data and evaluation sets are read before a model loads: their errors should not wait for it.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from hydra.utils import get_class
+from omegaconf import DictConfig, OmegaConf
+
+from train import checkpoint, dist, engines, mining, record
+from train.config import recipe_name
+from train.data import ALIASES, Mixture, Source, read_source
+from train.errors import UserError
+from train.evaluate import build_tasks
+from train.log import Logger, say
+from train.lora import trainable_share
+from train.losses import embedding_loss
+from train.merge_folders import MergePlan, plan_merge
+from train.model import Encoder, freeze_unused, load_encoder
+from train.optim import param_groups, schedule
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def plain(node) -> dict | list | None:
+    """A config node as plain Python values (choices as their strings)."""
+    return OmegaConf.to_container(node, resolve=True, enum_to_str=True) if node is not None else None
+
+
+# --- parts -----------------------------------------------------------------------------------------
+
+
+def encoder(m: DictConfig) -> Encoder:
+    """cfg.model -> Encoder; notes on what was changed on the way in (pad tokens) are said once."""
+    try:
+        enc = load_encoder(
+            m.path, pooling=plain_str(m.pooling), normalize=m.normalize, max_length=m.max_length,
+            prompts=plain(m.prompts), dtype=str(m.dtype), attn_implementation=plain_str(m.attn_implementation),
+            truncate_dim=m.truncate_dim, bidirectional=m.bidirectional, pool_prompt=m.pool_prompt,
+            instruction_template=m.instruction_template, latents=m.latents, latent_heads=m.latent_heads,
+            lora_config=plain(m.lora), gradient_checkpointing=m.gradient_checkpointing, quantization=m.quantization)
+    except UserError as e:  # name the recipe: a later stage often points at an earlier stage's run
+        raise UserError(f"recipe {recipe_name()}: {e}") from e
+    for note in enc.notes:
+        say(note)
+    return enc
+
+
+def plain_str(value) -> str | None:
+    return None if value is None else str(value)
+
+
+def optimizer(optim: DictConfig, module: torch.nn.Module) -> torch.optim.Optimizer:
+    """`optim._target_` (a torch optimizer class) over decay / no-decay parameter groups."""
+    kwargs = plain(optim)
+    cls = get_class(kwargs.pop("_target_"))
+    if "betas" in kwargs:
+        kwargs["betas"] = tuple(kwargs["betas"])
+    return cls(param_groups(module, kwargs["weight_decay"]), **kwargs)
+
+
+def loss(loss_cfg: DictConfig) -> Callable:
+    """The training loss of a Pairing: InfoNCE, distillation and Matryoshka terms as configured."""
+    return functools.partial(embedding_loss, **plain(loss_cfg))
+
+
+def sources(data: DictConfig, loss_cfg: DictConfig) -> list[Source]:
+    """`data.path` stands for a single source and replaces `data.sources`."""
+    if data.path:
+        specs = {"main": OmegaConf.structured({"path": data.path, "limit": data.limit})}
+    else:
+        specs = dict(data.sources)
+    if not specs:
+        raise UserError("no training data: set data.path=FILE or choose a data config with sources (data=...)")
+    out = [read_source(name, s.path, fields=dict(s.get("fields") or {}), num_negatives=s.get("num_negatives"),
+                       limit=s.get("limit"), subset=s.get("subset"), split=s.get("split", "train"),
+                       data_files=s.get("data_files"), weight=s.get("weight"),
+                       homogeneous=bool(s.get("homogeneous", False)), instruction=s.get("instruction"))
+           for name, s in specs.items()]
+    check_fields(data, loss_cfg, out)
+    return out
+
+
+def check_fields(data: DictConfig, loss_cfg: DictConfig, srcs: list[Source]) -> None:
+    """Refuse data that lacks what the recipe trains on: hard negatives where `data.require`
+    lists them (supervised SimCSE), teacher scores when distillation is on."""
+    need = {role: "data.require" for role in data.require}
+    if loss_cfg.distill_weight:
+        need["scores"] = f"loss.distill_weight={loss_cfg.distill_weight}"
+    for role, why in need.items():
+        if role not in ("negatives", "scores"):
+            raise UserError(f"data.require: unknown field {role!r}; expected negatives or scores")
+        for s in srcs:
+            if (s.num_negatives if role == "negatives" else s.scores is not None):
+                continue
+            raise UserError(f"recipe {recipe_name()} needs {role} ({why}), but source {s.name!r} ({s.origin}) "
+                            f"has none: expected a field named one of {', '.join(ALIASES[role])} "
+                            f"(or set the source's fields.{role})")
+
+
+def tasks(eval_cfg: DictConfig) -> list:
+    return build_tasks(eval_cfg.tasks)
+
+
+def eval_dims(eval_cfg: DictConfig) -> list[int] | None:
+    return list(eval_cfg.dims) if eval_cfg.dims else None
+
+
+def check_loss(loss_cfg: DictConfig, eval_cfg: DictConfig, dim: int) -> None:
+    """Matryoshka prefixes (trained and evaluated) must fit the model's dimension."""
+    dims, weights = loss_cfg.matryoshka_dims or [], loss_cfg.matryoshka_weights
+    for key, values in (("loss.matryoshka_dims", dims), ("eval.dims", eval_cfg.dims or [])):
+        for d in values:
+            if not 0 < d <= dim:
+                raise UserError(f"{key}: {d} is not between 1 and the model's dimension {dim}")
+    if weights is not None and len(weights) != len(dims):
+        raise UserError(f"loss.matryoshka_weights has {len(weights)} values for "
+                        f"{len(dims)} loss.matryoshka_dims; expected one weight per dimension")
+
+
+def check_strategy(cfg: DictConfig) -> None:
+    """LoRA adapters and latent-attention weights are saved from the unsharded module."""
+    sharded = cfg.dist.strategy == "fsdp2" or (cfg.dist.strategy == "deepspeed" and cfg.dist.zero_stage == 3)
+    if sharded and (cfg.model.lora is not None or cfg.model.pooling == "latent"):
+        what = "model.lora" if cfg.model.lora is not None else "model.pooling=latent"
+        raise UserError(f"{what} with dist.strategy={cfg.dist.strategy}"
+                        f"{' zero_stage=3' if cfg.dist.strategy == 'deepspeed' else ''} is not supported: "
+                        "use dist.strategy=ddp (LoRA keeps the trainable state small enough for it)")
+
+
+def check_batch(t: DictConfig, world_size: int) -> tuple[int, int]:
+    """(examples per rank, examples per forward): refuse impossible combinations up front."""
+    for key in ("max_steps", "batch_size", "accum_steps", "log_every"):
+        if t[key] < 1:
+            raise UserError(f"trainer.{key}={t[key]}: expected a positive integer")
+    for key in ("save_every", "keep_last"):
+        if t[key] < 0:
+            raise UserError(f"trainer.{key}={t[key]}: expected 0 or a positive integer")
+    if t.batch_size % world_size:
+        raise UserError(f"trainer.batch_size={t.batch_size} is not divisible by the world size {world_size}: "
+                        "the global batch is split evenly over the ranks")
+    per_rank = t.batch_size // world_size
+    chunk = t.chunk_size if t.chunk_size is not None else per_rank
+    if chunk < 1 or chunk > per_rank:
+        raise UserError(f"trainer.chunk_size={chunk} must be between 1 and the per-rank batch {per_rank} "
+                        f"(trainer.batch_size={t.batch_size} over {world_size} ranks)")
+    return per_rank, chunk
+
+
+def use_bf16(precision: str, world: dist.World) -> bool:
+    if precision == "fp32":
+        return False
+    cuda_bf16 = world.device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if precision == "bf16" and world.device.type == "cuda" and not cuda_bf16:
+        raise UserError("trainer.precision=bf16, but this CUDA device has no bfloat16 support")
+    return cuda_bf16 or precision == "bf16"
+
+
+def engine(cfg: DictConfig, enc: Encoder, world: dist.World, per_rank: int):
+    """The strategy's engine around the encoder, with its optimizer and schedule."""
+    t = cfg.trainer
+    return engines.wrap(
+        enc, world, str(cfg.dist.strategy),
+        make_optimizer=lambda module: optimizer(cfg.optim, module),
+        make_scheduler=lambda opt: schedule(opt, t.max_steps, t.warmup_ratio, str(t.schedule)),
+        max_grad_norm=t.max_grad_norm, bf16=use_bf16(str(t.precision), world),
+        per_rank_batch=per_rank * t.accum_steps,
+        zero_stage=cfg.dist.zero_stage, deepspeed_config_file=cfg.dist.deepspeed_config,
+        coalesce_reduction=cfg.dist.coalesce_reduction)
+
+
+# --- per job ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class FitConfig:
+    """What the training loop needs from the trainer/eval/data configs, as plain values."""
+
+    max_steps: int
+    chunk_size: int
+    accum_steps: int
+    group_by_length: bool
+    mask_duplicates: bool
+    log_every: int
+    eval_before: bool
+    eval_every: int
+    eval_batch_size: int
+    eval_dims: list[int] | None = None  # Matryoshka prefixes also evaluated
+    save_every: int = 0  # checkpoint every N steps; 0: only on a preemption signal
+    keep_last: int = 2
+    resume_from: list[Path] = field(default_factory=list)  # checkpoints to try, newest first
+    identity: dict = field(default_factory=dict)  # settings a checkpoint must share (checkpoint.IDENTITY_KEYS)
+    preempt_signals: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Training:
+    """What the train job runs: the engine (model, optimizer, schedule), data, loss, evaluators."""
+
+    engine: object
+    mixture: Mixture
+    sources: list[Source]
+    loss_fn: Callable
+    tasks: list
+    logger: Logger
+    fit: FitConfig
+    run_dir: Path
+
+
+def training(cfg: DictConfig, world: dist.World, run_dir: Path) -> Training:
+    t = cfg.trainer
+    per_rank, chunk = check_batch(t, world.size)
+    check_strategy(cfg)
+    strategy = cfg.dist.strategy if cfg.dist.strategy != "auto" else ("ddp" if world.size > 1 else "single process")
+    say(f"world size {world.size} (rank {world.rank}, device {world.device}), strategy {strategy}, "
+        f"global batch {t.batch_size} = {world.size} x {per_rank}, "
+        f"chunk {chunk}{' (no caching)' if chunk == per_rank else ' (gradient cache)'}")
+
+    srcs = sources(cfg.data, cfg.loss)
+    for s in srcs:
+        if world.is_main:
+            say(s.describe())
+    mixture = Mixture.of(srcs, t.batch_size, cfg.seed, cfg.data.temperature)
+    evaluators = tasks(cfg.eval)
+    resume_from = checkpoint.candidates(t.resume, run_dir)
+    resolved = plain(cfg)
+    run_record = None
+    if world.is_main:
+        run_record = record.write(run_dir, record.data_fingerprints(srcs), world.size,
+                                  str(resume_from[0]) if resume_from else None)
+
+    enc = encoder(cfg.model).to(world.device)
+    frozen = freeze_unused(enc)  # on the device: the probe's gradients are cheap there
+    trainable, total = trainable_share(enc)
+    if world.is_main and trainable < total:
+        say(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
+    if frozen and world.is_main:
+        say(f"froze {len(frozen)} parameters the embedding never uses ({', '.join(frozen[:3])}"
+            f"{', ...' if len(frozen) > 3 else ''})")
+    check_loss(cfg.loss, cfg.eval, enc.dim)
+    eng = engine(cfg, enc, world, per_rank)
+    logger = Logger(run_dir, world.is_main, t.max_steps, config={**resolved, "run": run_record},
+                    wandb=cfg.log.wandb, wandb_project=cfg.log.wandb_project, wandb_mode=str(cfg.log.wandb_mode),
+                    progress=t.progress)
+    fit = FitConfig(
+        max_steps=t.max_steps, chunk_size=chunk, accum_steps=t.accum_steps, group_by_length=t.group_by_length,
+        mask_duplicates=cfg.data.mask_duplicates, log_every=t.log_every, eval_before=cfg.eval.before,
+        eval_every=cfg.eval.every_steps, eval_batch_size=cfg.eval.batch_size, eval_dims=eval_dims(cfg.eval),
+        save_every=t.save_every, keep_last=t.keep_last, resume_from=resume_from,
+        identity=checkpoint.identity(resolved, world.size), preempt_signals=list(t.preempt_signals))
+    return Training(eng, mixture, srcs, loss(cfg.loss), evaluators, logger, fit, run_dir)
+
+
+@dataclass
+class Evaluation:
+    encoder: Encoder
+    tasks: list
+    batch_size: int
+    dims: list[int] | None
+    model: str  # as the user named it
+
+
+def evaluation(cfg: DictConfig, world: dist.World) -> Evaluation:
+    evaluators = tasks(cfg.eval)
+    if not evaluators:
+        raise UserError("recipe=eval has no tasks: choose an eval config (eval=snli) or set eval.tasks")
+    enc = encoder(cfg.model).to(world.device).eval()
+    check_loss(cfg.loss, cfg.eval, enc.dim)
+    return Evaluation(enc, evaluators, cfg.eval.batch_size, eval_dims(cfg.eval), cfg.model.path)
+
+
+@dataclass
+class Mining:
+    """What the mining job runs: records, corpus, the selection rule, and the encoder to load."""
+
+    settings: DictConfig  # cfg.mine
+    rule: mining.Rule
+    source: Source
+    corpus: mining.Corpus
+    make_encoder: Callable[[], Encoder]  # loaded once the inputs passed their checks
+    model: str
+
+
+def mine_rule(m: DictConfig, seed: int) -> mining.Rule:
+    return mining.Rule(skip=m.skip, window=m.window, num_negatives=m.num_negatives, sample=m.sample,
+                       max_score=m.max_score, margin_pos=m.margin_pos, perc_pos=m.perc_pos, seed=seed)
+
+
+def mining_records(cfg: DictConfig) -> Source:
+    """The (query, positive) records, read as the trainer reads them (same fields and aliases)."""
+    try:
+        srcs = sources(cfg.data, cfg.loss)
+    except UserError as e:
+        if cfg.data.path and re.search(r'field ".*" is empty', str(e)):
+            raise UserError(mining.count_empty(cfg.data.path)) from e
+        raise
+    if len(srcs) != 1:
+        raise UserError(f"mining reads one source, the data config has {len(srcs)} "
+                        f"({', '.join(s.name for s in srcs)}); set data.path=FILE")
+    source = srcs[0]
+    if source.positives is None:
+        raise UserError(f"{source.origin}: mining needs (query, positive) records; these are single texts "
+                        f"(expected a positive field named one of {', '.join(ALIASES['positive'])})")
+    return source
+
+
+def mine_inputs(cfg: DictConfig) -> Mining:
+    m = cfg.mine
+    for key in ("batch_size", "teacher_batch_size", "teacher_max_length", "query_chunk", "doc_chunk"):
+        if m[key] < 1:
+            raise UserError(f"mine.{key}={m[key]}: expected a positive integer")
+    if m.faiss:
+        mining.faiss_module()  # refused now, not after the encoding
+    rule = mine_rule(m, cfg.seed)
+    source = mining_records(cfg)
+    corpus = mining.read_corpus(m.corpus, m.text_field, m.id_field) if m.corpus else mining.corpus_of(source)
+    return Mining(m, rule, source, corpus, lambda: encoder(cfg.model), cfg.model.path)
+
+
+@dataclass
+class Merging:
+    """What the merge job runs: the checked plan, where it goes, and (for a search) how to score."""
+
+    settings: DictConfig  # cfg.merge
+    plan: MergePlan
+    out: Path
+    tasks: list
+    eval_batch_size: int
+    search_data: Callable[[], tuple[list[Source], Mixture]] | None  # merge.search=gradient: batches ...
+    loss_fn: Callable  # ... and the loss the coefficients are trained on
+    mask_duplicates: bool
+
+
+def merging(cfg: DictConfig, world: dist.World, run_dir: Path) -> Merging:
+    m = cfg.merge
+    if world.size > 1:
+        raise UserError(f"job=merge runs in one process; it was launched on {world.size}")
+    plan = plan_merge(list(m.models), str(m.method), list(m.weights) if m.weights is not None else None, m.base,
+                      m.spec_from, m.scale, m.density, m.drop_rate, cfg.seed, m.check_adapter_base)
+    out = Path(m.out).expanduser() if m.out else run_dir / "model"
+    if out.exists() and not (out / "config.json").is_file() and (out.is_file() or any(out.iterdir())):
+        raise UserError(f"merge.out={out}: exists and is not a model folder; refusing to replace it "
+                        "(expected a new folder, an empty one or an earlier model)")
+
+    def search_data() -> tuple[list[Source], Mixture]:
+        srcs = sources(cfg.data, cfg.loss)
+        return srcs, Mixture.of(srcs, m.search_batch_size, cfg.seed, cfg.data.temperature)
+
+    return Merging(m, plan, out, tasks(cfg.eval), cfg.eval.batch_size,
+                   search_data if m.search == "gradient" else None, loss(cfg.loss), cfg.data.mask_duplicates)

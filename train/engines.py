@@ -1,0 +1,364 @@
+"""Engines: one small class per parallel strategy around the same model, optimizer and schedule.
+
+`wrap()` returns the engine for `dist.strategy`: DDP (also used alone, on one process), FSDP2
+(`fully_shard`) and DeepSpeed ZeRO 0-3 (imported only when chosen). An engine offers what a
+gradient-cached step needs:
+
+    forward(ids, mask)        the wrapped model's forward, under autocast when asked
+    begin_step()              an optimizer step starts (DeepSpeed opens its reduction block)
+    no_sync()                 gradient reduction off (every chunk but the last)
+    backward(t)               backward through the strategy
+    step()                    clip, optimizer step, schedule step, zero grad -> grad norm
+    full_state_dict()         the whole model's weights on rank 0 (sharded strategies gather)
+    save_state(folder)        model + optimizer + schedule for a checkpoint (collective)
+    load_state(folder)        the same, read back
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from train.dist import World
+from train.errors import UserError
+
+
+def _autocast(world: World, bf16: bool):
+    if not bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(world.device.type, dtype=torch.bfloat16)
+
+
+class TorchEngine:
+    """One process, or DDP over several. Also the base of FSDP2's engine (which swaps the wrapping)."""
+
+    def __init__(self, model: nn.Module, world: World, make_optimizer: Callable, make_scheduler: Callable,
+                 max_grad_norm: float | None, bf16: bool):
+        self.world, self.bf16, self.max_grad_norm = world, bf16, max_grad_norm
+        self.encoder = model  # unwrapped: tokenizer, spec, save
+        self.module = self._wrap(model.to(world.device))
+        self.optimizer = make_optimizer(self.module)
+        self.scheduler = make_scheduler(self.optimizer)
+
+    def _wrap(self, model: nn.Module) -> nn.Module:
+        if self.world.size == 1:
+            return model
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [self.world.device.index] if self.world.device.type == "cuda" else None
+        # No buffer sync per forward: position-id buffers never change, and a broadcast per
+        # forward would cost one collective per chunk (the keyword changed in torch 2.13).
+        import inspect
+
+        no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters \
+            else "broadcast_buffers"
+        return DDP(model, device_ids=ids, **{no_sync: False})
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        with _autocast(self.world, self.bf16):
+            return self.module(ids.to(self.world.device), mask.to(self.world.device)).float()
+
+    def begin_step(self) -> None:
+        """Nothing to open: DDP reduces under the last backward outside no_sync()."""
+
+    def no_sync(self):
+        return self.module.no_sync() if self.world.size > 1 else contextlib.nullcontext()
+
+    def backward(self, t: torch.Tensor) -> None:
+        t.backward()
+
+    def step(self) -> float:
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm or float("inf"))
+        if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor
+            norm = norm.full_tensor()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def full_state_dict(self) -> dict | None:
+        """None: the unwrapped module's own weights are complete and current."""
+        return None
+
+    def full_grads(self) -> dict[str, torch.Tensor]:
+        """Every parameter's whole, reduced gradient (for inspection and tests; collective)."""
+        return {n: _full(p.grad) for n, p in self.encoder.named_parameters() if p.grad is not None}
+
+    def _frozen(self) -> set[str]:
+        return {n for n, p in self.encoder.named_parameters() if not p.requires_grad}
+
+    def save_state(self, folder: Path) -> None:
+        """Model, optimizer and schedule into `folder` (collective; replicas are equal, rank 0 writes).
+        Frozen weights are left out: they are model.path's, which a resume must share (a LoRA
+        checkpoint of a 7B model is the adapter's size, not the model's)."""
+        if self.world.is_main:
+            frozen = self._frozen()
+            model = {k: v for k, v in self.encoder.state_dict().items() if k not in frozen}
+            torch.save({"model": model, "optimizer": self.optimizer.state_dict(),
+                        "scheduler": self.scheduler.state_dict()}, folder / "state.pt")
+
+    def load_state(self, folder: Path) -> None:
+        state = torch.load(folder / "state.pt", map_location=self.world.device, weights_only=True)
+        missing, unexpected = self.encoder.load_state_dict(state["model"], strict=False)
+        if unexpected or set(missing) - self._frozen():
+            raise ValueError(f"state.pt does not fit this model: unexpected {unexpected[:3]}, "
+                             f"missing {sorted(set(missing) - self._frozen())[:3]}")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+
+class FSDP2Engine(TorchEngine):
+    """FSDP2 (`fully_shard`): each transformer block and then the whole model sharded."""
+
+    def _wrap(self, model: nn.Module) -> nn.Module:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if self.bf16 else None
+        kwargs = {"mp_policy": mp} if mp else {}
+        for block in transformer_blocks(model):
+            fully_shard(block, **kwargs)
+        fully_shard(model, **kwargs)
+        self.bf16 = False  # the policy casts; no autocast on top
+        return model
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        self.module.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            self.module.set_requires_gradient_sync(True)
+
+    def full_state_dict(self) -> dict | None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        sd = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return _backbone_keys(sd) if self.world.is_main else {}
+
+    def save_state(self, folder: Path) -> None:
+        """Each rank writes its own shards of model and optimizer (torch.distributed.checkpoint)."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.module, self.optimizer)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(folder / "dcp"))
+        if self.world.is_main:
+            torch.save({"scheduler": self.scheduler.state_dict()}, folder / "state.pt")
+
+    def load_state(self, folder: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.module, self.optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=str(folder / "dcp"))
+        set_state_dict(self.module, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        self.scheduler.load_state_dict(torch.load(folder / "state.pt", weights_only=True)["scheduler"])
+
+
+class DeepSpeedEngine:
+    """DeepSpeed ZeRO 0-3 around the same model, optimizer and schedule.
+
+    Gradient reduction once per optimizer step: ZeRO 1-3 through the engine's
+    `coalesce_grad_reduction` (gradients accumulate locally across chunks and one
+    reduction runs when the block ends), ZeRO 0 through `no_sync`. The local accumulation
+    holds full-size gradients until the step; `coalesce=False` (dist.coalesce_reduction)
+    gives ZeRO 2/3 their gradient partitioning back, at one reduce-scatter per chunk. The contrastive
+    step is one DeepSpeed micro-batch (gradient_accumulation_steps 1): the chunks and
+    accumulated batches are our own and their losses are already scaled.
+    """
+
+    def __init__(self, model: nn.Module, world: World, make_optimizer: Callable, make_scheduler: Callable,
+                 ds_config: dict, coalesce: bool = True):
+        import deepspeed
+
+        self.world, self.encoder = world, model
+        optimizer = make_optimizer(model)
+        scheduler = make_scheduler(optimizer)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False)
+        self.module = self.engine
+        self.stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
+        self._block, self._coalesce = None, coalesce
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.engine(ids.to(self.world.device), mask.to(self.world.device)).float()
+
+    def begin_step(self) -> None:
+        """Open the block in which every backward of this optimizer step accumulates locally."""
+        if self.stage >= 1 and self._coalesce:
+            block = self.engine.coalesce_grad_reduction()
+            try:
+                block.__enter__()
+            except NotImplementedError as e:  # some optimizer wrappers (bf16 on ZeRO 1) lack it
+                print(f"train: DeepSpeed cannot coalesce gradient reduction here ({e}); "
+                      "gradients are reduced after every chunk instead", file=sys.stderr)
+                self._coalesce = False
+                return
+            self._block = block
+
+    def no_sync(self):
+        if self.stage == 0:
+            return self.engine.no_sync()
+        if self._block is not None:  # coalescing: nothing is reduced before the block ends
+            return contextlib.nullcontext()
+        return self._inside_accumulation()
+
+    @contextlib.contextmanager
+    def _inside_accumulation(self):
+        """Per-chunk reduction: these backwards accumulate into the partitioned gradients; the
+        step's last backward (outside this context) is the accumulation boundary."""
+        self.engine.set_gradient_accumulation_boundary(False)
+        try:
+            yield
+        finally:
+            self.engine.set_gradient_accumulation_boundary(True)
+
+    def backward(self, t: torch.Tensor) -> None:
+        self.engine.backward(t, scale_wrt_gas=False)
+
+    def reduce(self) -> None:
+        """Close the step's block: the one gradient reduction of this optimizer step."""
+        if self._block is not None:
+            self._block.__exit__(None, None, None)
+            self._block = None
+
+    def full_grads(self) -> dict[str, torch.Tensor]:
+        from deepspeed.utils import safe_get_full_grad
+
+        self.reduce()
+        grads = {n: safe_get_full_grad(p) for n, p in self.engine.module.named_parameters() if p.requires_grad}
+        return {n: g.detach().float().cpu().clone() for n, g in grads.items() if g is not None}
+
+    def step(self) -> float:
+        self.reduce()
+        self.engine.step()  # clips (config gradient_clipping), steps optimizer and schedule
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    @property
+    def lr(self) -> float:
+        return float(self.engine.get_lr()[0])
+
+    def save_state(self, folder: Path) -> None:
+        """DeepSpeed's own checkpoint: module, ZeRO optimizer partitions per rank, schedule."""
+        self.engine.save_checkpoint(str(folder / "deepspeed"), tag="state", save_latest=False)
+
+    def load_state(self, folder: Path) -> None:
+        path, _ = self.engine.load_checkpoint(str(folder / "deepspeed"), tag="state", load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
+        if path is None:
+            raise ValueError(f"DeepSpeed found no checkpoint in {folder / 'deepspeed'}")
+
+    def full_state_dict(self) -> dict | None:
+        if self.stage < 3:
+            return None
+        import deepspeed
+
+        params = list(self.engine.module.parameters())
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            sd = {k: v.detach().cpu().clone() for k, v in self.engine.module.state_dict().items()} \
+                if self.world.is_main else {}
+        return _backbone_keys(sd) if self.world.is_main else {}
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor (FSDP2 shard) gathered whole; a plain tensor as is."""
+    return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().float().cpu().clone()
+
+
+def _backbone_keys(sd: dict) -> dict:
+    """Encoder state dict -> the backbone's own keys, for backbone.save_pretrained(state_dict=...)."""
+    return {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks of a transformer: the items of its largest ModuleList."""
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+    if not lists:
+        return []
+    return list(max(lists, key=len))
+
+
+def deepspeed_config(stage: int, per_rank_batch: int, world_size: int, max_grad_norm: float | None,
+                     bf16: bool, user_file: str | None) -> dict:
+    """The DeepSpeed config implied by the trainer's settings, with a user file merged over it.
+
+    A user file that contradicts the trainer's batch settings is refused, naming both values.
+    """
+    import json
+
+    config = {
+        "train_micro_batch_size_per_gpu": per_rank_batch,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": per_rank_batch * world_size,
+        "gradient_clipping": max_grad_norm or 0.0,
+        "zero_optimization": {"stage": stage},
+        "bf16": {"enabled": bf16},
+        "zero_allow_untested_optimizer": True,  # optim._target_ may name any torch optimizer
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if stage == 3:
+        config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
+    if user_file:
+        try:
+            user = json.loads(open(user_file).read())
+        except (OSError, json.JSONDecodeError) as e:
+            raise UserError(f"dist.deepspeed_config={user_file}: {e}") from None
+        for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"):
+            if key in user and user[key] != "auto" and user[key] != config[key]:
+                raise UserError(
+                    f"{user_file}: {key}={user[key]} contradicts the trainer's batch settings, which need "
+                    f"{key}={config[key]} (trainer.batch_size and trainer.accum_steps over {world_size} ranks, one "
+                    "DeepSpeed micro-batch per contrastive step); set it to \"auto\" or remove it")
+            user.pop(key, None)
+        zero = {**config["zero_optimization"], **user.pop("zero_optimization", {})}
+        config.update(user)
+        config["zero_optimization"] = zero
+    return config
+
+
+def _single_process_group(world: World) -> None:
+    """FSDP2 and DeepSpeed need a process group even on one process: make a group of one."""
+    if dist.is_initialized():
+        return
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    backend = "cpu:gloo,cuda:nccl" if world.device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+
+
+def wrap(model: nn.Module, world: World, strategy: str, make_optimizer: Callable, make_scheduler: Callable,
+         max_grad_norm: float | None, bf16: bool, per_rank_batch: int, zero_stage: int = 2,
+         deepspeed_config_file: str | None = None, coalesce_reduction: bool = True):
+    """The engine for `strategy`; `make_optimizer(module)` runs after any sharding."""
+    if strategy == "auto":
+        strategy = "ddp"
+    if strategy == "ddp":
+        return TorchEngine(model, world, make_optimizer, make_scheduler, max_grad_norm, bf16)
+    if strategy in ("fsdp2", "deepspeed"):
+        _single_process_group(world)
+    if strategy == "fsdp2":
+        return FSDP2Engine(model.to(world.device), world, make_optimizer, make_scheduler, max_grad_norm, bf16)
+    if strategy == "deepspeed":
+        if zero_stage not in (0, 1, 2, 3):
+            raise UserError(f"dist.zero_stage={zero_stage}: expected 0, 1, 2 or 3")
+        cfg = deepspeed_config(zero_stage, per_rank_batch, world.size, max_grad_norm, bf16, deepspeed_config_file)
+        return DeepSpeedEngine(model.to(world.device), world, make_optimizer, make_scheduler, cfg,
+                               coalesce=coalesce_reduction)
+    raise UserError(f"dist.strategy={strategy!r}: expected one of auto, ddp, fsdp2, deepspeed")

@@ -1,0 +1,147 @@
+"""The sentence-transformers folder format, and where model folders are found.
+
+A saved model is a sentence-transformers folder (modules.json, 1_Pooling/, 2_Normalize/,
+config_sentence_transformers.json with the prompts) in the long-standing layout that every
+sentence-transformers release reads, with the backbone at the folder's root so that
+`transformers.AutoModel.from_pretrained(folder)` loads it too. What only this project reads back
+(bidirectional attention, latent pooling, instruction template) sits under `train_encoder_spec`.
+Loading reads the same files back, so pooling and prompts travel with the model.
+
+Path rules: a run dir stands for the model it saved (`<run dir>/model`), so one stage starts from
+another's run dir; a name that is no local folder is a Hugging Face Hub name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from torch import nn
+
+from train.atomic import write_json
+from train.errors import UserError
+
+if TYPE_CHECKING:
+    from train.model import EncoderSpec
+
+POOLINGS = ("mean", "cls", "last", "latent", "echo")  # latent, echo: train/llm.py
+
+LATENT_FILE = "latent_attention.safetensors"
+
+
+class NeedsTrainLoader(nn.Module):
+    """Named in modules.json instead of the Pooling module when sentence-transformers would
+    compute a different embedding (latent or echo pooling, bidirectional attention): loading
+    fails with this message instead of silently differing."""
+
+    MESSAGE = ("this model uses {what}, which sentence-transformers does not implement; load it with "
+               "`train.model.load_encoder(folder)` and embed with `train.embed.encode`")
+
+    @classmethod
+    def load(cls, *args, **kwargs):
+        raise ValueError(cls.MESSAGE.format(what="pooling or attention from the `train` project"))
+
+    def __init__(self, *args, **kwargs):
+        raise ValueError(self.MESSAGE.format(what="pooling or attention from the `train` project"))
+
+
+def write_st_config(folder: Path, spec: EncoderSpec, dim: int) -> None:
+    pooling_type = "sentence_transformers.models.Pooling" if spec.sentence_transformers_compatible \
+        else "train.st_folder.NeedsTrainLoader"
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": pooling_type},
+    ]
+    if spec.normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize",
+                        "type": "sentence_transformers.models.Normalize"})
+        (folder / "2_Normalize").mkdir(exist_ok=True)
+    (folder / "1_Pooling").mkdir(exist_ok=True)
+    write_json(folder / "1_Pooling" / "config.json", {
+        "word_embedding_dimension": dim,
+        "pooling_mode_cls_token": spec.pooling == "cls",
+        "pooling_mode_mean_tokens": spec.pooling == "mean",
+        "pooling_mode_max_tokens": False,
+        "pooling_mode_mean_sqrt_len_tokens": False,
+        "pooling_mode_weightedmean_tokens": False,
+        "pooling_mode_lasttoken": spec.pooling == "last",
+        "include_prompt": spec.pool_prompt,
+    })
+    write_json(folder / "modules.json", modules)
+    write_json(folder / "sentence_bert_config.json", {"max_seq_length": spec.max_length, "do_lower_case": False})
+    st_config = {"prompts": dict(spec.prompts), "default_prompt_name": None, "similarity_fn_name": "cosine",
+                 "train_encoder_spec": asdict(spec)}
+    if spec.truncate_dim:  # sentence-transformers reads it back (its cosine similarity makes the scale moot)
+        st_config["truncate_dim"] = spec.truncate_dim
+    write_json(folder / "config_sentence_transformers.json", st_config)
+
+
+def read_st_config(folder: Path) -> dict:
+    """What a sentence-transformers folder says about pooling, normalisation, length, prompts."""
+    found: dict = {}
+    modules_file = folder / "modules.json"
+    if not modules_file.exists():
+        return found
+    modules = json.loads(modules_file.read_text())
+    found["normalize"] = any(m.get("type", "").endswith("Normalize") for m in modules)
+    for m in modules:
+        if m.get("type", "").endswith(("Pooling", "NeedsTrainLoader")):
+            pc = json.loads((folder / m["path"] / "config.json").read_text())
+            mode = pc.get("pooling_mode") or next(
+                (k for k in ("cls", "mean", "last") if pc.get({"cls": "pooling_mode_cls_token",
+                                                               "mean": "pooling_mode_mean_tokens",
+                                                               "last": "pooling_mode_lasttoken"}[k])), None)
+            if mode == "lasttoken":
+                mode = "last"
+            if mode not in POOLINGS and m["type"].endswith("Pooling"):
+                raise UserError(f"{folder / m['path'] / 'config.json'}: pooling {mode!r} is not supported; "
+                                f"expected one of {', '.join(POOLINGS)}")
+            found["pooling"] = mode
+    sbert = folder / "sentence_bert_config.json"
+    if sbert.exists() and "max_seq_length" in json.loads(sbert.read_text()):
+        found["max_length"] = int(json.loads(sbert.read_text())["max_seq_length"])
+    cst = folder / "config_sentence_transformers.json"
+    if cst.exists():
+        st_config = json.loads(cst.read_text())
+        found["prompts"] = {k: v for k, v in (st_config.get("prompts") or {}).items() if v}
+        if st_config.get("truncate_dim"):
+            found["truncate_dim"] = int(st_config["truncate_dim"])
+        ours = st_config.get("train_encoder_spec") or {}  # what only this project reads back
+        for key in ("bidirectional", "pool_prompt", "instruction_template", "latents", "latent_heads"):
+            if key in ours:
+                found[key] = ours[key]
+        if ours.get("pooling") in ("latent", "echo"):
+            found["pooling"] = ours["pooling"]
+    return found
+
+
+def run_model_dir(p: Path) -> Path:
+    """A run dir stands for the model it saved (`<run dir>/model`); any other path is itself."""
+    if p.is_dir() and not (p / "config.json").exists() and (p / "model" / "config.json").exists():
+        return p / "model"
+    return p
+
+
+
+
+def resolve_model_dir(name_or_path: str) -> Path:
+    """A local folder as is (a run dir stands for its saved `model/`, so one stage starts from
+    another's run dir); otherwise a Hugging Face Hub name, downloaded (or taken from cache)."""
+    p = run_model_dir(Path(name_or_path).expanduser())
+    if p.is_dir():
+        return p
+    if p.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+        raise UserError(f"model.path={name_or_path}: no such model folder (a stage's run dir works too: "
+                        "its model is at <run dir>/model)")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name_or_path))
+    except Exception as e:  # offline, unknown repo, gated: one line with the cause
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")
+        hint = " (HF_HUB_OFFLINE is set and it is not in the local cache)" if offline else ""
+        raise UserError(f"model.path={name_or_path}: not a local folder, and the Hugging Face Hub "
+                        f"could not provide it{hint}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from e
