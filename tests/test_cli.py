@@ -56,6 +56,34 @@ def test_eval_recipe_evaluates_a_saved_model(tmp_path):
     assert metrics == pytest.approx(trained, abs=1e-4)  # the same model, the same figures
 
 
+def test_a_run_without_deepspeed_neither_imports_it_nor_prints_its_warnings(tmp_path):
+    """DeepSpeed, once imported, picks an accelerator and on a CPU machine warns about it in every
+    run; only a DeepSpeed strategy may import it. DS_ACCELERATOR is unset, as on a user's machine
+    (conftest sets it for the DeepSpeed tests), and the run is the quickstart's shape, saving included."""
+    script = ("import sys, runpy; sys.argv = ['train', *sys.argv[1:]]\n"
+              "try:\n    runpy.run_module('train', run_name='__main__')\n"
+              "finally:\n    print('deepspeed imported:', 'deepspeed' in sys.modules)\n")
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+    out = subprocess.run([sys.executable, "-c", script, *TINY[:5], "eval=none", f"hydra.run.dir={tmp_path}"],
+                         env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (tmp_path / "model" / "model.safetensors").exists()
+    assert "real_accelerator" not in out.stdout + out.stderr
+    assert "[WARNING]" not in out.stdout + out.stderr
+    assert "deepspeed imported: False" in out.stdout
+
+
+def test_importing_any_module_of_the_package_leaves_deepspeed_unimported():
+    script = ("import importlib, pkgutil, sys, train\n"
+              "names = [m.name for m in pkgutil.walk_packages(train.__path__, 'train.')]\n"
+              "for name in names:\n    importlib.import_module(name)\n"
+              "print(len(names), 'deepspeed' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    count, imported = out.stdout.split()
+    assert int(count) > 10 and imported == "False"
+
+
 def bad_jsonl(tmp_path: Path) -> str:
     path = tmp_path / "bad.jsonl"
     path.write_text('{"anchor": "a", "positive": "b"}\n{"anchor": "a", "positive": "b"\n')

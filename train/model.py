@@ -9,7 +9,9 @@ The encoder knows nothing of torch.distributed: the loop wraps it.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -210,10 +212,11 @@ class Encoder(nn.Module):
         with atomic_folder(out) as tmp:
             dim = int(self.backbone.config.hidden_size)  # pooling sees all dims
             folders = [tmp, tmp / lora.ADAPTER_DIR] if adapter else [tmp]
-            if adapter:  # the merged model at the root, the adapter alone beside it
-                lora.save_backbone(self.backbone, tmp)
-            else:
-                self.backbone.save_pretrained(tmp, state_dict=state_dict)
+            with _no_deepspeed_probe():
+                if adapter:  # the merged model at the root, the adapter alone beside it
+                    lora.save_backbone(self.backbone, tmp)
+                else:
+                    self.backbone.save_pretrained(tmp, state_dict=state_dict)
             for folder in folders:  # each folder loads on its own: tokenizer, pooling, latents
                 self.tokenizer.save_pretrained(folder)
                 write_st_config(folder, self.spec, dim)
@@ -223,6 +226,28 @@ class Encoder(nn.Module):
                     save_file({k: v.detach().cpu().contiguous() for k, v in self.latent.state_dict().items()},
                               folder / LATENT_FILE)
         return Path(out)
+
+
+@contextlib.contextmanager
+def _no_deepspeed_probe():
+    """transformers' save_pretrained unwraps the model through accelerate, which imports deepspeed
+    (when installed) only to ask whether the model is a DeepSpeedEngine; importing deepspeed picks
+    an accelerator and, on a machine without one, prints a warning into every run. Nothing can be a
+    DeepSpeedEngine before deepspeed is imported (a DeepSpeed strategy imports it), so until then
+    accelerate is told it is absent for the length of the save."""
+    try:
+        from accelerate.utils import other
+    except ImportError:  # no accelerate: transformers unwraps by itself, without deepspeed
+        other = None
+    if "deepspeed" in sys.modules or not hasattr(other, "is_deepspeed_available"):
+        yield
+        return
+    probe = other.is_deepspeed_available
+    other.is_deepspeed_available = lambda: False
+    try:
+        yield
+    finally:
+        other.is_deepspeed_available = probe
 
 
 def _shared_prefix(ids: Sequence[int], prompt: Sequence[int]) -> int:
