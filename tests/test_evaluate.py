@@ -12,7 +12,7 @@ import torch
 from scipy.stats import spearmanr
 
 from train.errors import UserError
-from train.evaluate import RetrievalTask, StsTask, run_tasks, spearman
+from train.evaluate import RetrievalTask, StsTask, build_tasks, run_tasks, spearman
 from train.retrieval import topk
 
 
@@ -97,3 +97,18 @@ def test_retrieval_corpus_limit_keeps_the_relevant_documents(tmp_path):
     task = RetrievalTask("ir", str(tmp_path), limit=1, corpus_limit=3)
     assert task.doc_ids == ["d0", "d1", "d4"]  # q0's relevant d4, then the first others
     assert {q: {task.doc_ids[d] for d in rel} for q, rel in task.rel.items()} == {"q0": {"d4"}}
+
+
+def test_tasks_tuned_for_an_eval_config_that_is_not_chosen_are_left_out(compose):
+    """lora_llm tunes snli_sts/snli_ir (instructions); with eval=none they are no tasks. Beside
+    defined tasks, a tuned name that none defines is refused, naming it."""
+    assert build_tasks(compose(["recipe=lora_llm", "data=lora_llm_offline", "eval=none"]).eval.tasks) == []
+    from omegaconf import OmegaConf
+
+    from train.config import EvalConfig
+
+    # as a recipe's YAML would say it (the command line cannot add a task without its kind)
+    tuned = OmegaConf.merge(OmegaConf.structured(EvalConfig), compose(["eval=snli"]).eval,
+                            {"tasks": {"snli_st": {"limit": 5}}})
+    with pytest.raises(UserError, match=r"eval.tasks.snli_st has settings but no kind: .*\(snli_sts, snli_ir\)"):
+        build_tasks(tuned.tasks)

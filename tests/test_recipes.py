@@ -55,6 +55,21 @@ def test_recipe_runs_a_few_steps(compose, tmp_path, name):
         assert (tmp_path / "model" / "modules.json").exists()
 
 
+@pytest.mark.parametrize("name", RECIPES)
+def test_every_recipe_runs_with_evaluation_off(compose, tmp_path, name):
+    """`eval=none` on any recipe and its offline data: recipes and data configs tune evaluation
+    tasks (lora_llm's instructions, lora_llm_offline's cuts) that then belong to no eval config."""
+    overrides = [o for o in tiny_overrides(compose, name, tmp_path) if not o.startswith("eval.tasks.")]
+    cfg = compose([*overrides, "eval=none"])
+    if cfg.job == "eval":  # evaluating nothing is refused with one line, not a traceback
+        with pytest.raises(UserError, match="recipe=eval has no tasks"):
+            run(cfg, tmp_path)
+        return
+    result = run(cfg, tmp_path)
+    assert result["after"] == {}
+    assert (tmp_path / "model" / "modules.json").exists()
+
+
 def test_paper_recipes_default_to_the_papers_data(compose):
     """Without the offline switch a recipe is the paper's setup on the paper's data (Hub)."""
     cfg = compose(["recipe=simcse_unsup"])

@@ -143,9 +143,24 @@ class RetrievalTask:
 KINDS = {"sts": StsTask, "retrieval": RetrievalTask}
 
 
+def defined_tasks(tasks_cfg: dict) -> dict:
+    """The tasks the chosen eval config defines. Recipes and data configs tune tasks by name
+    (lora_llm's instructions, lora_llm_offline's cuts) for the eval config they are written for;
+    under another one (eval=none) those names hold settings without a kind, and are left out.
+    Beside tasks that are defined, such a name is a misspelling or a task that config lacks."""
+    from omegaconf import OmegaConf
+
+    defined = {n: t for n, t in tasks_cfg.items() if not OmegaConf.is_missing(t, "kind")}
+    stray = [n for n in tasks_cfg if n not in defined]
+    if defined and stray:
+        raise UserError(f"eval.tasks.{stray[0]} has settings but no kind: it is not one of the eval config's tasks "
+                        f"({', '.join(defined)}); set its kind and path, or drop it with ~eval.tasks.{stray[0]}")
+    return defined
+
+
 def build_tasks(tasks_cfg: dict) -> list:
     tasks = []
-    for name, t in tasks_cfg.items():
+    for name, t in defined_tasks(tasks_cfg).items():
         if t.kind not in KINDS:
             raise UserError(f"eval.tasks.{name}.kind={t.kind!r}: expected one of {', '.join(KINDS)}")
         kwargs = {"limit": t.limit, "instruction": t.get("instruction")}
