@@ -48,6 +48,26 @@ def test_sweep_report_refuses_a_folder_without_runs(tmp_path):
     assert out.returncode != 0 and f"{tmp_path}: no run dirs" in out.stderr
 
 
+def test_sweep_report_without_matplotlib_writes_the_table_and_says_how_to_get_the_plot(tmp_path):
+    """The README's install has no extras: matplotlib (the `sweep` extra) may be missing."""
+    for i, lr in enumerate(["0.001", "0.01"]):  # written as YAML reads floats back
+        run = tmp_path / str(i)
+        run.mkdir()
+        (run / "config.yaml").write_text(f"optim:\n  lr: {lr}\n")
+        (run / "eval.json").write_text(json.dumps({"after": {"snli_sts/spearman": 0.5 + i / 10}}))
+        (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 2.0 - i}) + "\n")
+    hide = ("import runpy, sys; sys.modules['matplotlib'] = None; sys.argv = sys.argv[1:]; "
+            "runpy.run_path(sys.argv[0], run_name='__main__')")
+    out = subprocess.run([sys.executable, "-c", hide, str(ROOT / "tools" / "sweep_report.py"), str(tmp_path)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "Traceback" not in out.stderr
+    assert [line for line in out.stderr.splitlines() if "pip install -e '.[sweep]'" in line]
+    rows = list(csv.DictReader(open(tmp_path / "sweep.csv")))
+    assert [float(r["optim.lr"]) for r in rows] == [0.001, 0.01] and rows[1]["snli_sts/spearman"] == "0.6"
+    assert (tmp_path / "sweep.md").read_text() == out.stdout and not (tmp_path / "sweep.png").exists()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

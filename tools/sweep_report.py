@@ -7,8 +7,9 @@ Every run dir below the sweep dir (any folder with a config.yaml) is a row; the 
 config keys whose values differ between runs (what was swept), then the final metrics (eval.json:
 `after` of a training run, `metrics` of an eval run) and the last logged training loss. Writes
 sweep.md, sweep.csv and sweep.png (the metric against the swept value; one line per combination of
-the other swept keys) into the sweep dir, and prints the markdown table. A run that did not finish
-shows its last loss and empty metrics, so a crashed point is visible instead of missing.
+the other swept keys) into the sweep dir, and prints the markdown table. The plot needs matplotlib
+(`pip install -e '.[sweep]'`); without it the tables are written and a line says so. A run that did
+not finish shows its last loss and empty metrics, so a crashed point is visible instead of missing.
 """
 
 from __future__ import annotations
@@ -105,6 +106,15 @@ def plot(path: Path, rows: list[dict], swept: list[str], x: str, metric: str) ->
     tmp.replace(path)
 
 
+def has_matplotlib() -> bool:
+    """The plot's one dependency is an extra (`sweep`): the core install writes the table only."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("sweep", type=Path, help="a multirun directory (multirun/<stamp>)")
@@ -138,6 +148,10 @@ def main(argv: list[str] | None = None) -> int:
     if metric != "loss" and metric not in names:
         print(f"error: --metric {metric}: expected one of {', '.join([*names, 'loss'])}", file=sys.stderr)
         return 2
+    if not has_matplotlib():
+        print(f"no plot: matplotlib is missing (pip install -e '.[sweep]'); wrote {args.sweep / 'sweep.md'} "
+              "and sweep.csv", file=sys.stderr)
+        return 0
     plot(args.sweep / "sweep.png", rows, swept, x, metric)
     print(f"wrote {args.sweep / 'sweep.md'}, sweep.csv, sweep.png ({metric} against {x})", file=sys.stderr)
     return 0
