@@ -70,6 +70,28 @@ def test_every_recipe_runs_with_evaluation_off(compose, tmp_path, name):
     assert (tmp_path / "model" / "modules.json").exists()
 
 
+def test_the_saved_model_keeps_the_base_models_inference_length(compose, tmp_path, capfd):
+    """The quickstart trains MiniLM on texts cut at 32 tokens; that is a training setting, and the
+    saved model keeps MiniLM's own max_seq_length unless model.save_max_length asks otherwise."""
+    from sentence_transformers import SentenceTransformer
+
+    from train.model import load_encoder
+
+    base = json.loads((assets.path("minilm") / "sentence_bert_config.json").read_text())["max_seq_length"]
+    quick = ["recipe=quickstart", "trainer.max_steps=1", "trainer.batch_size=8", "trainer.chunk_size=4",
+             "data.limit=16", "eval=none"]
+    cfg = compose(quick)
+    assert (cfg.model.max_length, base) == (32, 256)
+    run(cfg, tmp_path / "q")
+    saved = tmp_path / "q" / "model"
+    assert json.loads((saved / "sentence_bert_config.json").read_text())["max_seq_length"] == 256
+    assert SentenceTransformer(str(saved), device="cpu").max_seq_length == 256
+    assert load_encoder(str(saved)).spec.max_length == 256
+    assert "texts cut at 32 tokens in training; the saved model's max_seq_length: 256" in capfd.readouterr().err
+    run(compose([*quick, "model.save_max_length=64"]), tmp_path / "s")
+    assert SentenceTransformer(str(tmp_path / "s" / "model"), device="cpu").max_seq_length == 64
+
+
 def test_paper_recipes_default_to_the_papers_data(compose):
     """Without the offline switch a recipe is the paper's setup on the paper's data (Hub)."""
     cfg = compose(["recipe=simcse_unsup"])

@@ -62,7 +62,8 @@ def encoder(m: DictConfig) -> Encoder:
             prompts=plain(m.prompts), dtype=str(m.dtype), attn_implementation=plain_str(m.attn_implementation),
             truncate_dim=m.truncate_dim, bidirectional=m.bidirectional, pool_prompt=m.pool_prompt,
             instruction_template=m.instruction_template, latents=m.latents, latent_heads=m.latent_heads,
-            lora_config=plain(m.lora), gradient_checkpointing=m.gradient_checkpointing, quantization=m.quantization)
+            lora_config=plain(m.lora), gradient_checkpointing=m.gradient_checkpointing, quantization=m.quantization,
+            save_max_length=m.save_max_length)
     except UserError as e:  # name the recipe: a later stage often points at an earlier stage's run
         raise UserError(f"recipe {recipe_name()}: {e}") from e
     for note in enc.notes:
@@ -128,6 +129,13 @@ def tasks(eval_cfg: DictConfig) -> list:
 
 def eval_dims(eval_cfg: DictConfig) -> list[int] | None:
     return list(eval_cfg.dims) if eval_cfg.dims else None
+
+
+def lengths_line(spec) -> str:
+    """Training truncation and the saved model's inference length differ on purpose: both are said."""
+    kept = spec.save_max_length or spec.max_length
+    return (f"texts cut at {spec.max_length} tokens in training; the saved model's max_seq_length: {kept} "
+            "(model.save_max_length)")
 
 
 def check_loss(loss_cfg: DictConfig, eval_cfg: DictConfig, dim: int) -> None:
@@ -261,6 +269,8 @@ def training(cfg: DictConfig, world: dist.World, run_dir: Path) -> Training:
     if frozen and world.is_main:
         say(f"froze {len(frozen)} parameters the embedding never uses ({', '.join(frozen[:3])}"
             f"{', ...' if len(frozen) > 3 else ''})")
+    if world.is_main:
+        say(lengths_line(enc.spec))
     check_loss(cfg.loss, cfg.eval, enc.dim)
     eng = engine(cfg, enc, world, per_rank)
     logger = Logger(run_dir, world.is_main, t.max_steps, config={**resolved, "run": run_record},

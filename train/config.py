@@ -139,6 +139,9 @@ class ModelConfig:
     pooling: Optional[Pooling] = None  # mean | cls | last | latent | echo; None: what the model folder says, else mean
     normalize: Optional[bool] = None  # L2-normalise embeddings; None: the folder's choice, else true
     max_length: Optional[int] = None  # tokens per text; None: the folder's, else 128
+    # max_seq_length of the saved model: max_length cuts texts for training only; None: the base
+    # folder's own (its sentence_bert_config.json), else max_length
+    save_max_length: Optional[int] = None
     prompts: Optional[Dict[str, str]] = None  # {query: "query: ", passage: "passage: "}; None: the folder's
     dtype: Dtype = Dtype.float32  # weights
     attn_implementation: Optional[Attention] = None  # None: transformers' default

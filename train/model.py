@@ -49,12 +49,17 @@ class EncoderSpec:
     instruction_template: str = INSTRUCTION_TEMPLATE  # query-side prefix when a source/task has an instruction
     latents: int = 512  # latent attention (NV-Embed): size of the latent array ...
     latent_heads: int = 8  # ... and its heads
+    # The saved model's max_seq_length: max_length cuts texts for training (SNLI sentences fit in 32),
+    # while users of the saved model embed whole documents. None: max_length. Not compared: it
+    # changes no embedding this spec computes, only what the saved folder says.
+    save_max_length: int | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.pooling not in POOLINGS:
             raise UserError(f"model.pooling={self.pooling!r}: expected one of {', '.join(POOLINGS)}")
-        if self.max_length < 2:
-            raise UserError(f"model.max_length={self.max_length}: expected at least 2")
+        for key in ("max_length", "save_max_length"):
+            if getattr(self, key) is not None and getattr(self, key) < 2:
+                raise UserError(f"model.{key}={getattr(self, key)}: expected at least 2")
         if "{task}" not in self.instruction_template:
             raise UserError(f"model.instruction_template={self.instruction_template!r}: expected a {{task}} "
                             "placeholder for the instruction")
@@ -264,12 +269,14 @@ def load_encoder(path: str, pooling: str | None = None, normalize: bool | None =
                  truncate_dim: int | None = None, *, bidirectional: bool | None = None,
                  pool_prompt: bool | None = None, instruction_template: str | None = None,
                  latents: int | None = None, latent_heads: int | None = None, lora_config: dict | None = None,
-                 gradient_checkpointing: bool = False, quantization: str | None = None) -> Encoder:
+                 gradient_checkpointing: bool = False, quantization: str | None = None,
+                 save_max_length: int | None = None) -> Encoder:
     """Load a model folder or hub name; explicit arguments override what the folder says.
 
     A folder with `adapter_config.json` (a saved `model/adapter`) loads its base model (the
     adapter's `base_model_name_or_path`) with the adapter on top. `lora_config` ({r, alpha,
-    dropout, target_modules}) wraps the backbone in a fresh trainable LoRA adapter.
+    dropout, target_modules}) wraps the backbone in a fresh trainable LoRA adapter. The encoder
+    saves `save_max_length` as its max_seq_length, else the folder's own, else `max_length`.
     """
     from transformers import AutoModel, AutoTokenizer
 
@@ -281,6 +288,7 @@ def load_encoder(path: str, pooling: str | None = None, normalize: bool | None =
              "instruction_template": instruction_template, "latents": latents, "latent_heads": latent_heads}
     spec = EncoderSpec(**{k: v if v is not None else saved[k] for k, v in given.items()
                           if v is not None or k in saved})
+    spec.save_max_length = save_max_length or saved.get("max_length")
     if dtype not in DTYPES:
         raise UserError(f"model.dtype={dtype!r}: expected one of {', '.join(DTYPES)}")
     kwargs = {"dtype": DTYPES[dtype], **lora.quantization_kwargs(quantization)}

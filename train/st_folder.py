@@ -71,7 +71,8 @@ def write_st_config(folder: Path, spec: EncoderSpec, dim: int) -> None:
         "include_prompt": spec.pool_prompt,
     })
     write_json(folder / "modules.json", modules)
-    write_json(folder / "sentence_bert_config.json", {"max_seq_length": spec.max_length, "do_lower_case": False})
+    write_json(folder / "sentence_bert_config.json", {"max_seq_length": spec.save_max_length or spec.max_length,
+                                                      "do_lower_case": False})
     st_config = {"prompts": dict(spec.prompts), "default_prompt_name": None, "similarity_fn_name": "cosine",
                  "train_encoder_spec": asdict(spec)}
     if spec.truncate_dim:  # sentence-transformers reads it back (its cosine similarity makes the scale moot)
