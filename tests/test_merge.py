@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -190,6 +191,63 @@ def test_mismatches_are_refused_naming_the_first_difference(tiny_models, tiny_en
         merge_folders.plan_merge([a, a], "ties")
     with pytest.raises(UserError, match="merge.weights has 3 values for 2"):
         merge_folders.plan_merge([a, a], "linear", weights=[1, 1, 1])
+
+
+@pytest.fixture(scope="module")
+def minilm_finetune(tmp_path_factory, compose):
+    """A model trained from the MiniLM asset by the quickstart recipe (1 step), as a user makes one."""
+    from train.run import run
+
+    root = tmp_path_factory.mktemp("minilm_finetune")
+    run(compose(["trainer.max_steps=1", "trainer.batch_size=8", "trainer.chunk_size=4", "data.limit=16",
+                 "eval=none", "optim.lr=1e-3"]), root)
+    return root / "model"
+
+
+def test_a_fine_tune_merges_with_its_own_base_and_keeps_the_pipelines_length(minilm_finetune, tmp_path):
+    """MiniLM's folder omits pooling keys that sentence-transformers fills by default (and that our
+    folders write): the same pipeline, so souping a fine-tune with its base is accepted."""
+    from sentence_transformers import SentenceTransformer
+
+    from train import assets
+
+    base = assets.path("minilm")
+    assert "pooling_mode_lasttoken" not in json.loads((base / "1_Pooling" / "config.json").read_text())
+    plan = merge_folders.plan_merge([str(base), str(minilm_finetune)], "linear")
+    out = merge_folders.run_plan(plan, tmp_path / "soup")
+    wb, wf, got = weights_of(base), weights_of(minilm_finetune), weights_of(out)
+    assert any(not torch.equal(wb[k], wf[k]) for k in wf)  # the fine-tune moved
+    for k in wf:  # the base also holds an integer buffer (position_ids), copied as it is
+        assert torch.allclose(got[k], (wb[k] + wf[k]) / 2, atol=1e-6), k
+    assert SentenceTransformer(str(out), device="cpu").max_seq_length == 256  # MiniLM's, not the training 32
+    # a pipeline taken from one model keeps that model's length
+    short = tmp_path / "short"
+    shutil.copytree(minilm_finetune, short)
+    (short / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 64, "do_lower_case": False}))
+    for i, want in ((0, 256), (1, 64)):
+        plan = merge_folders.plan_merge([str(base), str(short)], "linear", spec_from=i)
+        out = merge_folders.run_plan(plan, tmp_path / f"s{i}")
+        assert SentenceTransformer(str(out), device="cpu").max_seq_length == want
+
+
+def test_a_really_different_pooling_is_refused_naming_the_keys_and_both_values(minilm_finetune, tmp_path):
+    from train import assets
+
+    base = assets.path("minilm")
+    other = tmp_path / "other"
+    shutil.copytree(minilm_finetune, other)
+    pooling = other / "1_Pooling" / "config.json"
+    # sentence-transformers' newer layout, meaning what the base's flags mean: accepted
+    pooling.write_text(json.dumps({"embedding_dimension": 384, "pooling_mode": "mean", "include_prompt": True}))
+    merge_folders.plan_merge([str(base), str(other)], "linear")
+    pooling.write_text(json.dumps({"embedding_dimension": 384, "pooling_mode": "cls", "include_prompt": True}))
+    with pytest.raises(UserError) as e:
+        merge_folders.plan_merge([str(base), str(other)], "linear")
+    message = str(e.value)
+    assert "in its embedding pipeline: 1_Pooling/config.json: " in message
+    assert "pooling_mode_cls_token is true, expected false" in message
+    assert "pooling_mode_mean_tokens is false, expected true" in message
+    assert "..." not in message and "word_embedding_dimension" not in message  # only the keys that differ
 
 
 # --- LoRA -------------------------------------------------------------------------------------------

@@ -7,10 +7,10 @@
 
 Only the pieces that decide an embedding besides weights travel as files (pooling,
 normalisation, prompts, max length, dense modules' configs, tokenizer): they are taken from
-one model and must agree across the models, or the merge is refused naming the first
-difference. Memory: the n tensors of one name plus one output shard (`shard_mb`), never n
-models. LoRA adapters are folded into their base here too. The merge job and its weight
-search are in jobs/merge.py.
+one model and must agree across the models (compared as sentence-transformers reads them, its
+defaults filled in), or the merge is refused naming the first file that differs and its keys.
+Memory: the n tensors of one name plus one output shard (`shard_mb`), never n models. LoRA adapters
+are folded into their base here too. The merge job and its weight search are in jobs/merge.py.
 """
 
 from __future__ import annotations
@@ -130,14 +130,55 @@ def pipeline_signature(folder: Path) -> dict[str, object]:
     for m in modules:
         if m.get("path"):
             for f in sorted((folder / m["path"]).glob("*.json")):
-                sig[f"{m['path']}/{f.name}"] = _json(f)
+                sig[f"{m['path']}/{f.name}"] = module_config(m.get("type") or "", f.name, _json(f))
     cst = _json(folder / "config_sentence_transformers.json") or {}
     for key in ("prompts", "default_prompt_name", "similarity_fn_name", "truncate_dim"):
-        sig[f"config_sentence_transformers.json: {key}"] = cst.get(key)
+        sig[f"config_sentence_transformers.json: {key}"] = _or_default(key, cst.get(key))
     sbert = _json(folder / "sentence_bert_config.json") or {}
     for key in ("max_seq_length", "do_lower_case"):
-        sig[f"sentence_bert_config.json: {key}"] = sbert.get(key)
+        sig[f"sentence_bert_config.json: {key}"] = _or_default(key, sbert.get(key))
     return sig
+
+
+# What sentence-transformers assumes for a key a folder leaves out, so that folders written by
+# different versions (all-MiniLM-L6-v2's omits the newer pooling keys, ours writes them all) compare
+# by meaning. similarity_fn_name: sentence-transformers uses cosine when none is set.
+ST_DEFAULTS = {"prompts": {}, "default_prompt_name": None, "similarity_fn_name": "cosine", "truncate_dim": None,
+               "do_lower_case": False}
+POOLING_FLAGS = {"cls": "pooling_mode_cls_token", "max": "pooling_mode_max_tokens",
+                 "mean": "pooling_mode_mean_tokens", "mean_sqrt_len_tokens": "pooling_mode_mean_sqrt_len_tokens",
+                 "weightedmean": "pooling_mode_weightedmean_tokens", "lasttoken": "pooling_mode_lasttoken"}
+DENSE_DEFAULTS = {"bias": True, "activation_function": "torch.nn.modules.activation.Tanh"}
+
+
+def _or_default(key: str, value: object) -> object:
+    if key == "prompts":  # an empty prompt is no prompt
+        return {k: v for k, v in (value or {}).items() if v}
+    return ST_DEFAULTS[key] if value is None and key in ST_DEFAULTS else value
+
+
+def module_config(module_type: str, name: str, cfg: object) -> object:
+    """A module's config file with sentence-transformers' defaults filled in. Pooling in the
+    long-standing layout (one flag per mode: what this project writes and older folders hold):
+    the newer `pooling_mode` (a mode or a list) and `embedding_dimension` are turned into it, and a
+    config with no mode set means mean pooling, as sentence-transformers reads it."""
+    if name != "config.json" or not isinstance(cfg, dict):
+        return cfg
+    if module_type.endswith("Dense"):
+        return {**DENSE_DEFAULTS, **cfg}
+    if not module_type.endswith("Pooling"):
+        return cfg
+    cfg = dict(cfg)
+    if "embedding_dimension" in cfg:
+        cfg["word_embedding_dimension"] = cfg.pop("embedding_dimension")
+    modes = cfg.pop("pooling_mode", None)
+    flags = {flag: bool(cfg.pop(flag, False)) for flag in POOLING_FLAGS.values()}
+    if modes is not None:
+        modes = [modes] if isinstance(modes, str) else list(modes)
+        flags = {flag: mode in modes for mode, flag in POOLING_FLAGS.items()}
+    if not any(flags.values()):
+        flags["pooling_mode_mean_tokens"] = True
+    return {**cfg, **flags, "include_prompt": cfg.get("include_prompt", True)}
 
 
 def architecture(folder: Path) -> dict:
@@ -173,6 +214,15 @@ def first_difference(a: dict, b: dict) -> tuple[str, object, object] | None:
     return None
 
 
+def describe_difference(key: str, x: object, y: object) -> str:
+    """`key is y, expected x`; for two configs (non-empty dicts), each key that differs with both values."""
+    if isinstance(x, dict) and isinstance(y, dict) and x and y:
+        keys = list(x) + [k for k in y if k not in x]
+        return f"{key}: " + "; ".join(f"{k} is {_short(y.get(k, '<absent>'))}, expected {_short(x.get(k, '<absent>'))}"
+                                      for k in keys if x.get(k, "<absent>") != y.get(k, "<absent>"))
+    return f"{key} is {_short(y)}, expected {_short(x)}"
+
+
 def _short(v: object) -> str:
     s = json.dumps(v) if not isinstance(v, str) else repr(v)
     return s if len(s) <= 120 else s[:117] + "..."
@@ -189,8 +239,9 @@ def check_compatible(ref: Folder, other: Folder, pipeline: bool = True, strict: 
         diff = first_difference(sig(ref.path), sig(other.path))
         if diff:
             key, x, y = diff
-            raise UserError(f"{other.label} differs from {ref.label} in its {what}: {key} is {_short(y)}, "
-                            f"expected {_short(x)}"
+            said = describe_difference(key, x, y) if what == "embedding pipeline" else \
+                f"{key} is {_short(y)}, expected {_short(x)}"
+            raise UserError(f"{other.label} differs from {ref.label} in its {what}: {said}"
                             + (" (merge.spec_from=INDEX takes the pipeline of one model and ignores "
                                "the others')" if what == "embedding pipeline" else ""))
     for key, (shape, dtype) in ref.shapes.items():
