@@ -19,10 +19,10 @@ from helpers import (
 )
 
 from train import assets, lora
-from train.errors import UserError
-from train.embed import encode
-from train.model import load_encoder
 from train.build import check_strategy
+from train.embed import encode
+from train.errors import UserError
+from train.model import load_encoder
 
 TEXTS = ["a dog runs across the field", "two people sit on a bench", "rain", "a man plays the guitar"]
 MERGE_TOL = 1e-5  # merged vs adapter embeddings (unit vectors): float32 rounding of W + B A

@@ -15,7 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from train import merge_folders, merge_methods
+from train import merge_folders as folders
+from train import merge_methods as methods
 from train.errors import UserError
 
 
@@ -45,7 +46,7 @@ def tiny_models(tmp_path_factory, tiny_encoder_factory):
 def test_weighted_average_of_two_equals_the_hand_computed_average():
     a, b = torch.tensor([1.0, 2.0, -4.0]), torch.tensor([3.0, 6.0, 0.0])
     # (1*a + 3*b) / 4 by hand
-    assert torch.equal(merge_methods.weighted_average([a, b], [1, 3]), torch.tensor([2.5, 5.0, -1.0]))
+    assert torch.equal(methods.weighted_average([a, b], [1, 3]), torch.tensor([2.5, 5.0, -1.0]))
 
 
 def test_ties_trims_elects_the_sign_and_averages_only_agreeing_values():
@@ -53,26 +54,26 @@ def test_ties_trims_elects_the_sign_and_averages_only_agreeing_values():
     t2 = torch.tensor([-3.0, 1.0, 1.0, 2.0])
     t3 = torch.tensor([1.0, -2.0, -1.0, 0.0])
     # signs of the sums [-1, -3, 3, 2] -> [-, -, +, +]; agreeing values: [-3], [-2, -2], [3, 1], [2]
-    assert torch.equal(merge_methods.elect_sign([t1, t2, t3], [1, 1, 1]), torch.tensor([-1.0, -1.0, 1.0, 1.0]))
+    assert torch.equal(methods.elect_sign([t1, t2, t3], [1, 1, 1]), torch.tensor([-1.0, -1.0, 1.0, 1.0]))
     base = torch.tensor([10.0, 10.0, 10.0, 10.0])
-    assert torch.equal(merge_methods.ties(base, [t1, t2, t3], [1, 1, 1], density=1.0), torch.tensor([7.0, 8.0, 12.0, 12.0]))
+    assert torch.equal(methods.ties(base, [t1, t2, t3], [1, 1, 1], density=1.0), torch.tensor([7.0, 8.0, 12.0, 12.0]))
     # trimming keeps the ceil(density * n) largest magnitudes of each task vector
-    assert torch.equal(merge_methods.trim(torch.tensor([0.1, -5.0, 2.0, -0.3]), 0.5), torch.tensor([0.0, -5.0, 2.0, 0.0]))
+    assert torch.equal(methods.trim(torch.tensor([0.1, -5.0, 2.0, -0.3]), 0.5), torch.tensor([0.0, -5.0, 2.0, 0.0]))
     # with density 0.25 only t1's 3, t2's -3 and t3's -2 (first of the tied -2, -1 ... by magnitude) survive
-    trimmed = [merge_methods.trim(t, 0.25) for t in (t1, t2, t3)]
+    trimmed = [methods.trim(t, 0.25) for t in (t1, t2, t3)]
     assert [int((t != 0).sum()) for t in trimmed] == [1, 1, 1]
 
 
 def test_dare_with_drop_rate_zero_equals_linear_and_drops_at_the_given_rate():
     gen = torch.Generator().manual_seed(1)
     base, x, y = (torch.randn(50, generator=gen) for _ in range(3))
-    method = merge_methods.make_method("dare_linear", 2, [0.3, 0.7], has_base=True, drop_rate=0.0)
-    want = merge_methods.weighted_average([x, y], [0.3, 0.7])  # weights summing to 1: task arithmetic = average
+    method = methods.make_method("dare_linear", 2, [0.3, 0.7], has_base=True, drop_rate=0.0)
+    want = methods.weighted_average([x, y], [0.3, 0.7])  # weights summing to 1: task arithmetic = average
     assert torch.allclose(method.merge("w", [x, y].__getitem__, 2, base), want, atol=1e-6)
-    method = merge_methods.make_method("dare_linear", 2, [1.0, 2.0], has_base=True, drop_rate=0.0, scale=0.5)
+    method = methods.make_method("dare_linear", 2, [1.0, 2.0], has_base=True, drop_rate=0.0, scale=0.5)
     want = base + 0.5 * (1.0 * (x - base) + 2.0 * (y - base))  # task arithmetic by hand
     assert torch.allclose(method.merge("w", [x, y].__getitem__, 2, base), want, atol=1e-6)
-    dropped = merge_methods.dare(torch.ones(100_000), 0.9, torch.Generator().manual_seed(2))
+    dropped = methods.dare(torch.ones(100_000), 0.9, torch.Generator().manual_seed(2))
     assert dropped.unique().tolist() == pytest.approx([0.0, 10.0])  # survivors rescaled by 1 / (1 - p)
     assert abs((dropped == 0).float().mean().item() - 0.9) < 0.01
 
@@ -80,9 +81,9 @@ def test_dare_with_drop_rate_zero_equals_linear_and_drops_at_the_given_rate():
 def test_slerp_gives_the_endpoints_and_the_great_circle_midpoint():
     gen = torch.Generator().manual_seed(3)
     a, b = torch.randn(4, 5, generator=gen), torch.randn(4, 5, generator=gen)
-    assert torch.allclose(merge_methods.slerp(a, b, 0.0), a, atol=1e-6)
-    assert torch.allclose(merge_methods.slerp(a, b, 1.0), b, atol=1e-6)
-    mid = merge_methods.slerp(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]), 0.5)
+    assert torch.allclose(methods.slerp(a, b, 0.0), a, atol=1e-6)
+    assert torch.allclose(methods.slerp(a, b, 1.0), b, atol=1e-6)
+    mid = methods.slerp(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]), 0.5)
     assert torch.allclose(mid, torch.tensor([math.sqrt(0.5), math.sqrt(0.5)]))  # not the chord's (0.5, 0.5)
 
 
@@ -93,9 +94,9 @@ def test_slerp_gives_the_endpoints_and_the_great_circle_midpoint():
                                            ("dare_ties", {"drop_rate": 0.0}), ("slerp", {})])
 def test_merging_identical_models_gives_that_model(tiny_models, tmp_path, method, extra):
     a = tiny_models["a"]
-    base = str(tiny_models["base"]) if method in merge_methods.NEEDS_BASE else None
-    plan = merge_folders.plan_merge([str(a), str(a)], method, base=base, **extra)
-    out = merge_folders.run_plan(plan, tmp_path / "out")
+    base = str(tiny_models["base"]) if method in methods.NEEDS_BASE else None
+    plan = folders.plan_merge([str(a), str(a)], method, base=base, **extra)
+    out = folders.run_plan(plan, tmp_path / "out")
     want, got = weights_of(a), weights_of(out)
     assert want.keys() == got.keys()
     for k in want:
@@ -111,7 +112,7 @@ def test_weighted_average_of_folders_loads_in_sentence_transformers(tiny_models,
     from train.model import load_encoder
 
     a, b = tiny_models["a"], tiny_models["b"]
-    out = merge_folders.run_plan(merge_folders.plan_merge([str(a), str(b)], "linear", weights=[0.25, 0.75]), tmp_path / "m")
+    out = folders.run_plan(folders.plan_merge([str(a), str(b)], "linear", weights=[0.25, 0.75]), tmp_path / "m")
     wa, wb, got = weights_of(a), weights_of(b), weights_of(out)
     for k in wa:
         assert torch.allclose(got[k], 0.25 * wa[k] + 0.75 * wb[k], atol=1e-6), k
@@ -129,19 +130,19 @@ def test_dense_modules_are_merged_and_sharded_output_reads_back(tmp_path):
 
     from train import assets
 
-    folders = []
+    inputs = []
     for seed in (0, 1):
         torch.manual_seed(seed)
         t = Transformer(str(assets.path("tiny-bert")))
         st = SentenceTransformer(modules=[t, Pooling(32, "mean"), Dense(32, 16), Normalize()], device="cpu")
-        folders.append(st.save(str(tmp_path / f"st{seed}")) or tmp_path / f"st{seed}")
-    plan = merge_folders.plan_merge([str(f) for f in folders], "linear")
-    out = merge_folders.run_plan(plan, tmp_path / "merged", shard_mb=1)  # embeddings alone are 3.9 MB: several shards
+        inputs.append(st.save(str(tmp_path / f"st{seed}")) or tmp_path / f"st{seed}")
+    plan = folders.plan_merge([str(f) for f in inputs], "linear")
+    out = folders.run_plan(plan, tmp_path / "merged", shard_mb=1)  # embeddings alone are 3.9 MB: several shards
     assert (out / "model.safetensors.index.json").is_file() and not (out / "model.safetensors").exists()
-    d0, d1, dm = (weights_of(f / "2_Dense") for f in (*folders, out))
+    d0, d1, dm = (weights_of(f / "2_Dense") for f in (*inputs, out))
     assert dm.keys() == d0.keys() and all(torch.allclose(dm[k], (d0[k] + d1[k]) / 2, atol=1e-6) for k in d0)
     # the sharded folder is itself a valid input: merging it with itself reproduces it
-    again = merge_folders.run_plan(merge_folders.plan_merge([str(out), str(out)], "linear"), tmp_path / "again")
+    again = folders.run_plan(folders.plan_merge([str(out), str(out)], "linear"), tmp_path / "again")
     a0 = SentenceTransformer(str(out), device="cpu").encode(["a test"], convert_to_tensor=True)
     a1 = SentenceTransformer(str(again), device="cpu").encode(["a test"], convert_to_tensor=True)
     assert a0.shape == (1, 16) and torch.allclose(a0, a1, atol=1e-6)
@@ -154,8 +155,8 @@ def test_mismatches_are_refused_naming_the_first_difference(tiny_models, tiny_en
     a = str(tiny_models["a"])
     cls = tiny_encoder_factory(pooling="cls").save(tmp_path / "cls")
     with pytest.raises(UserError, match=r"embedding pipeline: .*1_Pooling/config.json"):
-        merge_folders.plan_merge([a, str(cls)], "linear")
-    merge_folders.plan_merge([a, str(cls)], "linear", spec_from=0)  # an explicit choice of pipeline is accepted
+        folders.plan_merge([a, str(cls)], "linear")
+    folders.plan_merge([a, str(cls)], "linear", spec_from=0)  # an explicit choice of pipeline is accepted
     config = json.loads((tiny_models["b"] / "config.json").read_text())
     wide = tmp_path / "wide"
     wide.mkdir()
@@ -166,19 +167,19 @@ def test_mismatches_are_refused_naming_the_first_difference(tiny_models, tiny_en
     (wide / "1_Pooling" / "config.json").write_bytes((tiny_models["b"] / "1_Pooling" / "config.json").read_bytes())
     (wide / "config.json").write_text(json.dumps({**config, "intermediate_size": 128}))
     with pytest.raises(UserError, match=r"architecture \(config.json\): intermediate_size is 128, expected 64"):
-        merge_folders.plan_merge([a, str(wide)], "linear")
+        folders.plan_merge([a, str(wide)], "linear")
     (wide / "config.json").write_text(json.dumps(config))
     (wide / "model.safetensors").write_bytes(b"\x00" * 10)  # a truncated download
     with pytest.raises(UserError, match=r"merge.models\[1\].*cannot read"):
-        merge_folders.plan_merge([a, str(wide)], "linear")
+        folders.plan_merge([a, str(wide)], "linear")
     (wide / "model.safetensors").unlink()
     shard = "model-00001-of-00002.safetensors"
     (wide / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": shard}}))
     with pytest.raises(UserError, match=r"shard .*model-00001-of-00002.safetensors .* is missing"):
-        merge_folders.plan_merge([a, str(wide)], "linear")
+        folders.plan_merge([a, str(wide)], "linear")
     (wide / "config.json").unlink()
     with pytest.raises(UserError, match=r"merge.models\[1\] .*config.json is missing"):
-        merge_folders.plan_merge([a, str(wide)], "linear")
+        folders.plan_merge([a, str(wide)], "linear")
     tok = json.loads((tiny_models["b"] / "tokenizer.json").read_text())
     tok["model"]["vocab"]["[unused0]"] = len(tok["model"]["vocab"])
     (wide / "config.json").write_text(json.dumps(config))
@@ -186,11 +187,11 @@ def test_mismatches_are_refused_naming_the_first_difference(tiny_models, tiny_en
     (wide / "model.safetensors").write_bytes((tiny_models["b"] / "model.safetensors").read_bytes())
     (wide / "tokenizer.json").write_text(json.dumps(tok))
     with pytest.raises(UserError, match=r"merge.models\[1\] .* in its tokenizer: tokenizer.json: model is"):
-        merge_folders.plan_merge([a, str(wide)], "linear")
+        folders.plan_merge([a, str(wide)], "linear")
     with pytest.raises(UserError, match="needs merge.base"):
-        merge_folders.plan_merge([a, a], "ties")
+        folders.plan_merge([a, a], "ties")
     with pytest.raises(UserError, match="merge.weights has 3 values for 2"):
-        merge_folders.plan_merge([a, a], "linear", weights=[1, 1, 1])
+        folders.plan_merge([a, a], "linear", weights=[1, 1, 1])
 
 
 @pytest.fixture(scope="module")
@@ -213,8 +214,8 @@ def test_a_fine_tune_merges_with_its_own_base_and_keeps_the_pipelines_length(min
 
     base = assets.path("minilm")
     assert "pooling_mode_lasttoken" not in json.loads((base / "1_Pooling" / "config.json").read_text())
-    plan = merge_folders.plan_merge([str(base), str(minilm_finetune)], "linear")
-    out = merge_folders.run_plan(plan, tmp_path / "soup")
+    plan = folders.plan_merge([str(base), str(minilm_finetune)], "linear")
+    out = folders.run_plan(plan, tmp_path / "soup")
     wb, wf, got = weights_of(base), weights_of(minilm_finetune), weights_of(out)
     assert any(not torch.equal(wb[k], wf[k]) for k in wf)  # the fine-tune moved
     for k in wf:  # the base also holds an integer buffer (position_ids), copied as it is
@@ -225,8 +226,8 @@ def test_a_fine_tune_merges_with_its_own_base_and_keeps_the_pipelines_length(min
     shutil.copytree(minilm_finetune, short)
     (short / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 64, "do_lower_case": False}))
     for i, want in ((0, 256), (1, 64)):
-        plan = merge_folders.plan_merge([str(base), str(short)], "linear", spec_from=i)
-        out = merge_folders.run_plan(plan, tmp_path / f"s{i}")
+        plan = folders.plan_merge([str(base), str(short)], "linear", spec_from=i)
+        out = folders.run_plan(plan, tmp_path / f"s{i}")
         assert SentenceTransformer(str(out), device="cpu").max_seq_length == want
 
 
@@ -239,10 +240,10 @@ def test_a_really_different_pooling_is_refused_naming_the_keys_and_both_values(m
     pooling = other / "1_Pooling" / "config.json"
     # sentence-transformers' newer layout, meaning what the base's flags mean: accepted
     pooling.write_text(json.dumps({"embedding_dimension": 384, "pooling_mode": "mean", "include_prompt": True}))
-    merge_folders.plan_merge([str(base), str(other)], "linear")
+    folders.plan_merge([str(base), str(other)], "linear")
     pooling.write_text(json.dumps({"embedding_dimension": 384, "pooling_mode": "cls", "include_prompt": True}))
     with pytest.raises(UserError) as e:
-        merge_folders.plan_merge([str(base), str(other)], "linear")
+        folders.plan_merge([str(base), str(other)], "linear")
     message = str(e.value)
     assert "in its embedding pipeline: 1_Pooling/config.json: " in message
     assert "pooling_mode_cls_token is true, expected false" in message
@@ -270,7 +271,7 @@ def test_merged_lora_equals_peft_merge_and_unload(tmp_path, extra):
     peft_model.save_pretrained(tmp_path / "adapter")
     want = peft_model.merge_and_unload().state_dict()
 
-    out = merge_folders.run_plan(merge_folders.plan_merge([str(tmp_path / "adapter")], "lora", base=str(base_dir)), tmp_path / "m")
+    out = folders.run_plan(folders.plan_merge([str(tmp_path / "adapter")], "lora", base=str(base_dir)), tmp_path / "m")
     got, before = weights_of(out), weights_of(Path(base_dir))
     changed = [k for k in got if not torch.equal(got[k], before[k])]
     assert any("word_embeddings" in k for k in changed) and any("value" in k for k in changed)
@@ -281,7 +282,7 @@ def test_merged_lora_equals_peft_merge_and_unload(tmp_path, extra):
     adapter_cfg = tmp_path / "adapter" / "adapter_config.json"
     adapter_cfg.write_text(json.dumps({**json.loads(adapter_cfg.read_text()), "base_model_name_or_path": "org/other"}))
     with pytest.raises(UserError, match="its base is 'org/other'"):
-        merge_folders.plan_merge([str(tmp_path / "adapter")], "lora", base=str(base_dir))
+        folders.plan_merge([str(tmp_path / "adapter")], "lora", base=str(base_dir))
 
 
 # --- python -m train recipe=merge -------------------------------------------------------------------
@@ -294,8 +295,8 @@ def train(*args: str) -> subprocess.CompletedProcess:
 
 def test_cli_grid_search_reports_every_candidate_and_writes_the_best(tiny_models, tmp_path):
     from train import assets
-    from train.evaluate import StsTask, run_tasks
     from train.embed import encode
+    from train.evaluate import StsTask, run_tasks
     from train.model import load_encoder
 
     sts = tmp_path / "sts.jsonl"
@@ -352,10 +353,9 @@ def test_coefficient_gradient_equals_the_chain_rule_through_materialised_weights
     the merged weights loaded into an ordinary encoder, forward, backward."""
     import functools
 
-    from train.jobs.merge import coefficient_loss, task_vector_params
-
     from train import assets
     from train.data import collate, read_source
+    from train.jobs.merge import coefficient_loss, task_vector_params
     from train.losses import Pairing, embedding_loss
     from train.model import load_encoder, pad
 

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from train.mining import Rule, make_plan, normalize_text, search, select
 
 from train import assets
 from train.errors import UserError
+from train.mining import Rule, make_plan, normalize_text, search, select
 from train.retrieval import topk
 from train.run import run
 

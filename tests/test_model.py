@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from train.errors import UserError
 from train.embed import encode
+from train.errors import UserError
 from train.model import load_encoder, pad, pool, read_st_config
 
 

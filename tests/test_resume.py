@@ -151,11 +151,10 @@ class FailingEngine:
 
 def test_a_failed_save_leaves_the_previous_checkpoint_and_nothing_that_looks_valid(reference, tmp_path):
     from train.build import FitConfig
-    from train.jobs.train import save_checkpoint
-
     from train.data import Mixture
     from train.dist import World
     from train.errors import UserError
+    from train.jobs.train import save_checkpoint
 
     run = tmp_path / "run"
     shutil.copytree(reference / "checkpoints", run / "checkpoints")

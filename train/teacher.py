@@ -22,8 +22,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from train.errors import UserError
 from train.embed import encode
+from train.errors import UserError
 from train.model import load_encoder
 from train.st_folder import resolve_model_dir
 
