@@ -104,6 +104,35 @@ def test_plan_chunks_covers_every_text_once():
     assert plan_chunks(lengths, 3, by_length=False) == [[0, 1, 2], [3, 4, 5], [6]]
 
 
+def test_plan_chunks_by_token_budget_holds_the_budget_and_every_text_once():
+    lengths = [5, 1, 9, 3, 3, 7, 2, 30]
+    chunks = plan_chunks(lengths, 100, max_tokens=20)
+    assert sorted(i for c in chunks for i in c) == list(range(8))
+    # by hand, longest first: 30 alone (over budget: a chunk of its own), 9+7 (2 x 9 = 18; a third
+    # would pad to 27), 5+3+3 (3 x 5 = 15; a fourth: 20, fits), then 2+1
+    assert [[lengths[i] for i in c] for c in chunks] == [[30], [9, 7], [5, 3, 3, 2], [1]]
+    assert all(len(c) * max(lengths[i] for i in c) <= 20 for c in chunks if len(c) > 1)
+    assert plan_chunks(lengths, 2, max_tokens=1000) == plan_chunks(lengths, 2)  # the count still bounds
+    unordered = plan_chunks(lengths, 100, by_length=False, max_tokens=20)  # padded to each chunk's longest
+    assert [i for c in unordered for i in c] == list(range(8))
+    assert all(len(c) * max(lengths[i] for i in c) <= 20 for c in unordered if len(c) > 1)
+
+
+def test_a_token_budget_gives_the_full_batch_gradient_with_chunks_sized_by_length(tiny_encoder_factory):
+    """Heavy-tailed lengths: the cache cut by tokens equals plain autograd on the same chunks, and no
+    chunk exceeds the budget, where a count of examples would put long texts together."""
+    encoder = tiny_encoder_factory().eval()
+    batch = snli_batch(encoder, range(24))
+    seqs = batch.query_ids + batch.passage_ids
+    budget = 4 * max(len(s) for s in seqs)
+    chunks = plan_chunks([len(s) for s in seqs], 10**6, max_tokens=budget)
+    ref_loss, ref = reference_grads(encoder, batch, chunks)
+    stats, got = cached_grads(encoder, batch, len(batch), chunk_tokens=budget)
+    assert stats.chunks == len(chunks) > 2 and stats.largest_chunk <= budget
+    assert abs(stats.loss - ref_loss) < 1e-5
+    assert max_rel_diff(got, ref) < 1e-5
+
+
 def test_cached_equals_full_batch_for_distillation_and_matryoshka(tiny_encoder_factory, tmp_path):
     """The E5 fine-tuning loss (InfoNCE + KL to teacher scores) on Matryoshka prefixes, through
     the cache, against plain autograd on the same chunks kept in one graph."""

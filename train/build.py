@@ -176,7 +176,16 @@ def check_batch(t: DictConfig, world_size: int) -> tuple[int, int]:
     if chunk < 1 or chunk > per_rank:
         raise UserError(f"trainer.chunk_size={chunk} must be between 1 and the per-rank batch {per_rank} "
                         f"(trainer.batch_size={t.batch_size} over {world_size} ranks)")
+    if t.chunk_tokens is not None and t.chunk_tokens < 1:
+        raise UserError(f"trainer.chunk_tokens={t.chunk_tokens}: expected a positive number of tokens")
     return per_rank, chunk
+
+
+def check_chunk_tokens(t: DictConfig, max_length: int) -> None:
+    """A budget below the longest text would give every long text a chunk of its own, over budget."""
+    if t.chunk_tokens is not None and t.chunk_tokens < max_length:
+        raise UserError(f"trainer.chunk_tokens={t.chunk_tokens} is less than one text of model.max_length="
+                        f"{max_length} tokens; expected at least {max_length}")
 
 
 def use_bf16(precision: str, world: dist.World) -> bool:
@@ -218,6 +227,7 @@ class FitConfig:
     eval_every: int
     eval_batch_size: int
     eval_dims: list[int] | None = None  # Matryoshka prefixes also evaluated
+    chunk_tokens: int | None = None  # padded tokens per forward pass; None: chunk_size alone
     save_every: int = 0  # checkpoint every N steps; 0: only on a preemption signal
     keep_last: int = 2
     resume_from: list[Path] = field(default_factory=list)  # checkpoints to try, newest first
@@ -244,9 +254,11 @@ def training(cfg: DictConfig, world: dist.World, run_dir: Path) -> Training:
     per_rank, chunk = check_batch(t, world.size)
     check_strategy(cfg)
     strategy = cfg.dist.strategy if cfg.dist.strategy != "auto" else ("ddp" if world.size > 1 else "single process")
+    budget = f", at most {t.chunk_tokens:,} padded tokens" if t.chunk_tokens is not None else ""
+    caching = " (gradient cache)" if chunk < per_rank else \
+        " (gradient cache when a batch exceeds the budget)" if t.chunk_tokens is not None else " (no caching)"
     say(f"world size {world.size} (rank {world.rank}, device {world.device}), strategy {strategy}, "
-        f"global batch {t.batch_size} = {world.size} x {per_rank}, "
-        f"chunk {chunk}{' (no caching)' if chunk == per_rank else ' (gradient cache)'}")
+        f"global batch {t.batch_size} = {world.size} x {per_rank}, chunk {chunk}{budget}{caching}")
 
     srcs = sources(cfg.data, cfg.loss)
     for s in srcs:
@@ -272,12 +284,14 @@ def training(cfg: DictConfig, world: dist.World, run_dir: Path) -> Training:
     if world.is_main:
         say(lengths_line(enc.spec))
     check_loss(cfg.loss, cfg.eval, enc.dim)
+    check_chunk_tokens(t, enc.spec.max_length)
     eng = engine(cfg, enc, world, per_rank)
     logger = Logger(run_dir, world.is_main, t.max_steps, config={**resolved, "run": run_record},
                     wandb=cfg.log.wandb, wandb_project=cfg.log.wandb_project, wandb_mode=str(cfg.log.wandb_mode),
                     progress=t.progress)
     fit = FitConfig(
-        max_steps=t.max_steps, chunk_size=chunk, accum_steps=t.accum_steps, group_by_length=t.group_by_length,
+        max_steps=t.max_steps, chunk_size=chunk, chunk_tokens=t.chunk_tokens, accum_steps=t.accum_steps,
+        group_by_length=t.group_by_length,
         mask_duplicates=cfg.data.mask_duplicates, log_every=t.log_every, eval_before=cfg.eval.before,
         eval_every=cfg.eval.every_steps, eval_batch_size=cfg.eval.batch_size, eval_dims=eval_dims(cfg.eval),
         save_every=t.save_every, keep_last=t.keep_last, resume_from=resume_from,

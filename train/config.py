@@ -206,6 +206,9 @@ class TrainerConfig:
     max_steps: int = 100
     batch_size: int = 64  # the global contrastive batch: queries per step over all ranks
     chunk_size: Optional[int] = None  # examples per forward pass on a rank; None: the whole local batch
+    # padded tokens per forward pass on a rank (texts x the chunk's longest, after length grouping):
+    # memory set by a budget, not by the length distribution; None: chunks by chunk_size alone
+    chunk_tokens: Optional[int] = None
     accum_steps: int = 1  # contrastive batches whose gradients are summed per optimizer step
     group_by_length: bool = True  # chunks of similar-length texts, each padded to its own longest
     schedule: Schedule = Schedule.linear  # after warmup

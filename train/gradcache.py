@@ -32,11 +32,28 @@ from train.losses import Pairing
 from train.model import pad
 
 
-def plan_chunks(lengths: Sequence[int], per_chunk: int, by_length: bool = True) -> list[list[int]]:
-    """Split text indices into chunks of at most `per_chunk`; longest first when grouping by
-    length, so the chunk that needs the most memory runs first and an OOM shows at once."""
+def plan_chunks(lengths: Sequence[int], per_chunk: int, by_length: bool = True,
+                max_tokens: int | None = None) -> list[list[int]]:
+    """Split text indices into chunks of at most `per_chunk` texts; longest first when grouping by
+    length, so the chunk that needs the most memory runs first and an OOM shows at once.
+
+    max_tokens: a chunk also holds at most this many tokens once padded (texts x its longest), so
+    memory follows the budget and not the length distribution: a chunk of 512-token passages holds
+    few, one of 10-token queries many. A text longer than the budget gets a chunk of its own."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i]) if by_length else list(range(len(lengths)))
-    return [order[i : i + per_chunk] for i in range(0, len(order), per_chunk)]
+    if max_tokens is None:
+        return [order[i : i + per_chunk] for i in range(0, len(order), per_chunk)]
+    chunks: list[list[int]] = []
+    longest = 0
+    for i in order:
+        grown = max(longest, lengths[i])
+        if chunks and len(chunks[-1]) < per_chunk and (len(chunks[-1]) + 1) * grown <= max_tokens:
+            chunks[-1].append(i)
+            longest = grown
+        else:
+            chunks.append([i])
+            longest = lengths[i]
+    return chunks
 
 
 def rng_state(device: torch.device):
@@ -104,27 +121,29 @@ class StepStats:
     loss: float
     chunks: int
     texts: int
-    padded_tokens: int  # tokens the model processed per forward pass (padding included)
+    padded_tokens: int  # tokens the model processed (padding included)
     real_tokens: int
+    largest_chunk: int = 0  # padded tokens of the largest forward pass: what sets the memory peak
 
 
 def contrastive_step(engine, batch: Batch, loss_fn: Callable[[Pairing], torch.Tensor], chunk_size: int,
                      group_by_length: bool = True, mask_duplicates: bool = True, scale: float = 1.0,
-                     reduce: bool = True) -> StepStats:
+                     reduce: bool = True, chunk_tokens: int | None = None) -> StepStats:
     """Forward, loss and backward of one contrastive batch on this rank.
 
     chunk_size: examples per forward pass (each example brings 1 query + group passages).
+    chunk_tokens: also at most this many padded tokens per forward pass (None: no budget).
     scale: multiplies the loss (1 / accumulated batches).  reduce: whether this batch's
     final backward reduces gradients across ranks (the optimizer step's last batch).
     """
     seqs = batch.query_ids + batch.passage_ids
     b = len(batch)
     per_chunk = chunk_size * (1 + batch.group)
-    chunks = plan_chunks([len(s) for s in seqs], per_chunk, group_by_length)
+    chunks = plan_chunks([len(s) for s in seqs], per_chunk, group_by_length, chunk_tokens)
     dev = engine.world.device
     padded = [pad([seqs[i] for i in c], engine.encoder.pad_id, engine.encoder.left_pad) for c in chunks]
     stats = StepStats(0.0, len(chunks), len(seqs), sum(ids.numel() for ids, _ in padded),
-                      sum(len(s) for s in seqs))
+                      sum(len(s) for s in seqs), max(ids.numel() for ids, _ in padded))
 
     def sync(last: bool):
         return contextlib.nullcontext() if (reduce and last) else engine.no_sync()

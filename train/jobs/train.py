@@ -118,15 +118,16 @@ def _train_step(engine, mixture: Mixture, sources: Sequence[Source], loss_fn: Ca
     world = engine.world
     t0 = time.perf_counter()
     engine.begin_step()
-    losses, padded, real, texts = [], 0, 0, 0
+    losses, padded, real, texts, largest = [], 0, 0, 0, 0
     for micro in range(cfg.accum_steps):
         picks = shard(mixture.next_batch(), world.rank, world.size)
         batch = collate(sources, picks, tokenize)
         stats = contrastive_step(engine, batch, loss_fn, cfg.chunk_size, cfg.group_by_length,
                                  cfg.mask_duplicates, scale=1.0 / cfg.accum_steps,
-                                 reduce=micro == cfg.accum_steps - 1)
+                                 reduce=micro == cfg.accum_steps - 1, chunk_tokens=cfg.chunk_tokens)
         losses.append(stats.loss)
         padded, real, texts = padded + stats.padded_tokens, real + stats.real_tokens, texts + stats.texts
+        largest = max(largest, stats.largest_chunk)
     lr = engine.lr  # the rate this step uses
     grad_norm = engine.step()
 
@@ -138,7 +139,7 @@ def _train_step(engine, mixture: Mixture, sources: Sequence[Source], loss_fn: Ca
         "step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
         "examples_per_s": len(picks) * cfg.accum_steps * world.size / seconds,
         "padded_tokens_per_text": padded / texts, "real_tokens_per_text": real / texts,
-        "chunks": stats.chunks, "seconds": seconds,
+        "chunks": stats.chunks, "largest_chunk_tokens": largest, "seconds": seconds,
     }, show)
 
 
