@@ -30,6 +30,7 @@ from train.model import freeze_unused, load_encoder  # noqa: E402
 from train.optim import param_groups  # noqa: E402
 
 LOSS = functools.partial(contrastive_loss, temperature=0.05, symmetric=True)
+ONE_WAY = functools.partial(contrastive_loss, temperature=0.05, symmetric=False)  # queries stay local
 EXPECTED_WORLD = 2
 
 
@@ -44,7 +45,7 @@ def labels_aligned(batch, world) -> bool:
 
 
 def run_case(strategy: str, zero: int, world, batch_size: int, chunk: int, accum: int, coalesce: bool = True,
-             lora: bool = False):
+             lora: bool = False, one_way: bool = False):
     from train import assets
 
     torch.manual_seed(0)
@@ -69,7 +70,8 @@ def run_case(strategy: str, zero: int, world, batch_size: int, chunk: int, accum
         rows = [(0, r) for r in range(micro * batch_size, (micro + 1) * batch_size)]
         batch = collate([source], shard(rows, world.rank, world.size), encoder.tokenize)
         aligned &= labels_aligned(batch, world)
-        stats = contrastive_step(engine, batch, LOSS, chunk, scale=1.0 / accum, reduce=micro == accum - 1)
+        stats = contrastive_step(engine, batch, ONE_WAY if one_way else LOSS, chunk, scale=1.0 / accum,
+                                 reduce=micro == accum - 1, gather_queries=not one_way)
         losses.append(dist.mean_over_ranks(stats.loss, world.device))
     grads = engine.full_grads()
     return {"grads": grads, "losses": losses, "aligned": aligned, "world_size": world.size}
@@ -87,7 +89,8 @@ def main() -> None:
             continue
         label, strategy, zero, batch_size, chunk, accum = case.split(":")
         result = run_case(strategy, int(zero), world, int(batch_size), int(chunk), int(accum),
-                          coalesce="per_chunk" not in label, lora=label.startswith("lora"))
+                          coalesce="per_chunk" not in label, lora=label.startswith("lora"),
+                          one_way=label.startswith("one_way"))
         if world.is_main:
             torch.save(result, out / f"{label}.pt")
         dist.barrier()

@@ -30,14 +30,14 @@ def torchrun(out: Path, *cases: str, timeout: int = 900, ok: bool = True) -> sub
     return proc
 
 
-def reference(batch_size: int, accum: int = 1):
+def reference(batch_size: int, accum: int = 1, **kw):
     """Mean over accumulated batches of the single-process full-batch gradient."""
     encoder = tiny_encoder()
     source = snli_source(batch_size * accum)
     losses, total = [], None
     for micro in range(accum):
         loss, g = reference_grads(encoder, snli_batch(encoder, range(micro * batch_size, (micro + 1) * batch_size),
-                                                      source))
+                                                      source), **kw)
         losses.append(loss)
         total = g if total is None else {k: total[k] + g[k] for k in g}
     return losses, {k: v / accum for k, v in total.items()}
@@ -47,7 +47,7 @@ def reference(batch_size: int, accum: int = 1):
 def torch_runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("torch_strategies")
     torchrun(out, "ddp_uncached:ddp:0:32:16:1", "ddp_cached:ddp:0:32:4:1", "ddp_accum:ddp:0:32:4:2",
-             "fsdp2_cached:fsdp2:0:32:4:1", "fsdp2_uncached:fsdp2:0:32:16:1")
+             "fsdp2_cached:fsdp2:0:32:4:1", "fsdp2_uncached:fsdp2:0:32:16:1", "one_way_cached:ddp:0:32:4:1")
     return out
 
 
@@ -61,11 +61,11 @@ def deepspeed_runs(tmp_path_factory):
     return out
 
 
-def check(result_file: Path, accum: int = 1) -> None:
+def check(result_file: Path, accum: int = 1, **kw) -> None:
     result = torch.load(result_file)
     assert result["world_size"] == 2
     assert result["aligned"], "a query's label column did not hold its own positive"
-    ref_losses, ref = reference(32, accum)
+    ref_losses, ref = reference(32, accum, **kw)
     assert result["losses"] == pytest.approx(ref_losses, abs=1e-5)
     assert max_rel_diff(result["grads"], ref) < TOL
 
@@ -74,6 +74,14 @@ def check(result_file: Path, accum: int = 1) -> None:
                                          ("fsdp2_cached", 1), ("fsdp2_uncached", 1)])
 def test_torch_strategies_match_the_full_batch(torch_runs, case, accum):
     check(torch_runs / f"{case}.pt", accum)
+
+
+def test_a_one_way_loss_without_the_query_gather_matches_the_full_batch(torch_runs):
+    """loss.symmetric=false reads only the local queries: the 2-rank step that skips their gather
+    still equals the single-process full-batch gradient of the same one-way loss."""
+    from dist_worker import ONE_WAY
+
+    check(torch_runs / "one_way_cached.pt", loss_fn=ONE_WAY)
 
 
 @pytest.mark.parametrize("case, accum", [("zero0", 1), ("zero1", 1), ("zero2", 1), ("zero3", 1),

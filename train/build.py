@@ -228,6 +228,7 @@ class FitConfig:
     eval_batch_size: int
     eval_dims: list[int] | None = None  # Matryoshka prefixes also evaluated
     chunk_tokens: int | None = None  # padded tokens per forward pass; None: chunk_size alone
+    gather_queries: bool = True  # the loss reads other ranks' queries (loss.symmetric)
     save_every: int = 0  # checkpoint every N steps; 0: only on a preemption signal
     keep_last: int = 2
     resume_from: list[Path] = field(default_factory=list)  # checkpoints to try, newest first
@@ -290,7 +291,8 @@ def training(cfg: DictConfig, world: dist.World, run_dir: Path) -> Training:
                     wandb=cfg.log.wandb, wandb_project=cfg.log.wandb_project, wandb_mode=str(cfg.log.wandb_mode),
                     progress=t.progress)
     fit = FitConfig(
-        max_steps=t.max_steps, chunk_size=chunk, chunk_tokens=t.chunk_tokens, accum_steps=t.accum_steps,
+        max_steps=t.max_steps, chunk_size=chunk, chunk_tokens=t.chunk_tokens, gather_queries=cfg.loss.symmetric,
+        accum_steps=t.accum_steps,
         group_by_length=t.group_by_length,
         mask_duplicates=cfg.data.mask_duplicates, log_every=t.log_every, eval_before=cfg.eval.before,
         eval_every=cfg.eval.every_steps, eval_batch_size=cfg.eval.batch_size, eval_dims=eval_dims(cfg.eval),

@@ -67,14 +67,16 @@ def set_rng_state(state, device: torch.device) -> None:
 
 
 def make_pairing(q: torch.Tensor, p: torch.Tensor, batch: Batch, mask_duplicates: bool,
-                 world: dist.World) -> Pairing:
+                 world: dist.World, gather_queries: bool = True) -> Pairing:
     """Local embeddings -> what the loss sees: all ranks' passages and queries, positive
     columns, text hashes for the false-negative masks. q [b, D], p [b*(1+n), D].
-    On a one-rank world nothing is gathered (the merge search's single-process loss)."""
+    On a one-rank world nothing is gathered (the merge search's single-process loss).
+    gather_queries=False: only the passage -> query direction (loss.symmetric) reads other ranks'
+    queries, so without it q_all is the local q and one collective per step is saved."""
     b, dev = q.shape[0], q.device
     gather_with_grad = dist.gather_with_grad if world.size > 1 else (lambda x: x)
     gather = dist.gather if world.size > 1 else (lambda x: x)
-    q_all = gather_with_grad(q)  # [W*b, D]
+    q_all = gather_with_grad(q) if gather_queries else q  # [W*b, D] (or [b, D])
     p_all = gather_with_grad(p)  # [W*b*(1+n), D]
     anchors = passages = None
     if mask_duplicates:
@@ -128,11 +130,13 @@ class StepStats:
 
 def contrastive_step(engine, batch: Batch, loss_fn: Callable[[Pairing], torch.Tensor], chunk_size: int,
                      group_by_length: bool = True, mask_duplicates: bool = True, scale: float = 1.0,
-                     reduce: bool = True, chunk_tokens: int | None = None) -> StepStats:
+                     reduce: bool = True, chunk_tokens: int | None = None,
+                     gather_queries: bool = True) -> StepStats:
     """Forward, loss and backward of one contrastive batch on this rank.
 
     chunk_size: examples per forward pass (each example brings 1 query + group passages).
     chunk_tokens: also at most this many padded tokens per forward pass (None: no budget).
+    gather_queries: whether the loss reads other ranks' queries (false unless loss.symmetric).
     scale: multiplies the loss (1 / accumulated batches).  reduce: whether this batch's
     final backward reduces gradients across ranks (the optimizer step's last batch).
     """
@@ -152,7 +156,7 @@ def contrastive_step(engine, batch: Batch, loss_fn: Callable[[Pairing], torch.Te
         with sync(True):
             out = engine.forward(*padded[0])  # [b*(2+n), D] in chunk order
             emb = out[torch.argsort(torch.as_tensor(chunks[0], device=out.device))]  # text order
-            pair = make_pairing(emb[:b], emb[b:], batch, mask_duplicates, engine.world)
+            pair = make_pairing(emb[:b], emb[b:], batch, mask_duplicates, engine.world, gather_queries)
             surrogate, loss = loss_backward(loss_fn, pair, scale)
             engine.backward(surrogate)
         stats.loss = float(loss)
@@ -170,7 +174,7 @@ def contrastive_step(engine, batch: Batch, loss_fn: Callable[[Pairing], torch.Te
     emb.requires_grad_(True)
 
     # 2. loss on cached embeddings: the backward stops at emb (no parameter in this graph)
-    pair = make_pairing(emb[:b], emb[b:], batch, mask_duplicates, engine.world)
+    pair = make_pairing(emb[:b], emb[b:], batch, mask_duplicates, engine.world, gather_queries)
     surrogate, loss = loss_backward(loss_fn, pair, scale)
     surrogate.backward()
     grad = emb.grad  # [b*(2+n), D]
