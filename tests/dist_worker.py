@@ -20,7 +20,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 sys.path.insert(0, str(Path(__file__).parent))
 
 import torch  # noqa: E402
-from helpers import snli_source  # noqa: E402
+from helpers import snli_source_with_cross_rank_duplicates  # noqa: E402
 
 from train import dist  # noqa: E402
 from train.data import collate, shard  # noqa: E402
@@ -62,7 +62,7 @@ def run_case(strategy: str, zero: int, world, batch_size: int, chunk: int, accum
                        max_grad_norm=None, bf16=False, per_rank_batch=per_rank * accum, zero_stage=zero,
                        coalesce_reduction=coalesce)
     engine.module.eval()
-    source = snli_source(batch_size * accum)
+    source = snli_source_with_cross_rank_duplicates(batch_size * accum, batch_size)
     engine.begin_step()
     losses, aligned = [], True
     for micro in range(accum):

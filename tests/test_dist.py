@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import max_rel_diff, reference_grads, snli_batch, snli_source, tiny_encoder
+from helpers import max_rel_diff, reference_grads, snli_batch, snli_source_with_cross_rank_duplicates, tiny_encoder
 
 WORKER = Path(__file__).parent / "dist_worker.py"
 TOL = 2e-5
@@ -30,14 +30,15 @@ def torchrun(out: Path, *cases: str, timeout: int = 900, ok: bool = True) -> sub
     return proc
 
 
-def reference(batch_size: int, accum: int = 1):
-    """Mean over accumulated batches of the single-process full-batch gradient."""
+def reference(batch_size: int, accum: int = 1, mask_duplicates: bool = True):
+    """Mean over accumulated batches of the single-process full-batch gradient, on the data the
+    worker trains on (duplicates planted across the ranks' slices)."""
     encoder = tiny_encoder()
-    source = snli_source(batch_size * accum)
+    source = snli_source_with_cross_rank_duplicates(batch_size * accum, batch_size)
     losses, total = [], None
     for micro in range(accum):
         loss, g = reference_grads(encoder, snli_batch(encoder, range(micro * batch_size, (micro + 1) * batch_size),
-                                                      source))
+                                                      source), mask_duplicates=mask_duplicates)
         losses.append(loss)
         total = g if total is None else {k: total[k] + g[k] for k in g}
     return losses, {k: v / accum for k, v in total.items()}
@@ -68,6 +69,21 @@ def check(result_file: Path, accum: int = 1) -> None:
     ref_losses, ref = reference(32, accum)
     assert result["losses"] == pytest.approx(ref_losses, abs=1e-5)
     assert max_rel_diff(result["grads"], ref) < TOL
+
+
+def test_the_planted_duplicates_cross_the_ranks_and_change_the_loss():
+    """The equivalence tests below exercise cross-rank false-negative masking: every planted
+    duplicate pairs a row of rank 0's slice with one of rank 1's, and masking them changes the
+    reference loss (so a rank that masked only its own slice would not match it)."""
+    from train.data import shard
+
+    source, rows = snli_source_with_cross_rank_duplicates(32, 32), [(0, r) for r in range(32)]
+    slices = [{source.anchors[r] for _, r in shard(rows, rank, 2)} for rank in range(2)]
+    assert slices[0] & slices[1]
+    positives = [{source.positives[r] for _, r in shard(rows, rank, 2)} for rank in range(2)]
+    negatives = {n for _, r in shard(rows, 1, 2) for n in source.negatives[r]}
+    assert positives[0] & positives[1] and positives[0] & negatives
+    assert abs(reference(32)[0][0] - reference(32, mask_duplicates=False)[0][0]) > 1e-3
 
 
 @pytest.mark.parametrize("case, accum", [("ddp_uncached", 1), ("ddp_cached", 1), ("ddp_accum", 2),
