@@ -126,8 +126,9 @@ def test_two_rank_runs_share_one_run_dir_and_save_a_loadable_model(two_rank_runs
 
 
 def test_every_strategy_trains_and_saves_the_same_model(two_rank_runs):
-    """Same data, seeds and dropout masks: DDP, FSDP2 and ZeRO-3 must end with the same weights
-    (and so the saved folders must hold the gathered, trained weights, not shards or stale copies)."""
+    """Same data, seeds and dropout masks: FSDP2 must end with DDP's weights, and ZeRO-3 with
+    DDP's up to its own reduction and optimizer arithmetic (and so the saved folders must hold
+    the gathered, trained weights, not shards or stale copies)."""
     from safetensors.torch import load_file
 
     from train import assets
@@ -142,12 +143,14 @@ def test_every_strategy_trains_and_saves_the_same_model(two_rank_runs):
 
     moved = norm({k: ddp[k] - initial[k] for k in ddp})
     assert moved > 1e-2  # training changed the weights (lr 1e-3, 3 steps)
-    for name in ("fsdp2", "deepspeed_zero3"):
+    # Measured on a 2-core CPU with these runs, twice: FSDP2 0 (bit-identical to DDP),
+    # ZeRO-3 8.0e-6 of the update's norm (largest entry 1.7e-6). Relative to the whole update, not
+    # per tensor: AdamW divides by sqrt(v), which magnifies last-digit differences of near-zero
+    # gradients (rare embedding rows) into visible ones, entry by entry.
+    for name, tolerance in (("fsdp2", 1e-6), ("deepspeed_zero3", 1e-4)):
         assert weights[name].keys() == ddp.keys()
-        # Relative to the whole update: AdamW divides by sqrt(v), which magnifies the last-digit
-        # differences of near-zero gradients (rare embedding rows) into visible ones, entry by entry.
         differ = norm({k: weights[name][k] - ddp[k] for k in ddp})
-        assert differ < 1e-3 * moved, (name, differ, moved)
+        assert differ < tolerance * moved, (name, differ, moved)
 
 
 def test_a_batch_the_world_size_does_not_divide_is_refused_at_start(tmp_path):
