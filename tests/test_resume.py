@@ -262,3 +262,70 @@ def test_lora_checkpoint_holds_the_adapter_only_and_resumes_bit_identical(tmp_pa
     lora_run(f"hydra.run.dir={run}", "trainer.resume=auto")
     assert losses(run) == {s: v for s, v in losses(ref).items() if s > 4}
     assert_same_weights(run, ref)
+
+
+# --- lineage: a resume continues one line of checkpoints ---------------------------------------------
+
+
+def fit_in_process(run: Path, resume: str | None, max_steps: int, save_every: int, keep_last: int) -> str:
+    """trainer.fit on the tiny BERT, in this process: what `python -m train` runs, minus its start-up.
+    Returns what the run printed."""
+    import contextlib
+    import io
+
+    from helpers import LOSS, plain_engine, snli_source, tiny_encoder
+
+    from train.data import Mixture
+    from train.log import Logger
+    from train.trainer import FitConfig, fit
+
+    torch.manual_seed(0)
+    run.mkdir(parents=True, exist_ok=True)
+    engine = plain_engine(tiny_encoder().train())
+    mixture = Mixture(sizes=[64], weights=[None], homogeneous=[False], batch_size=8, seed=0)
+    cfg = FitConfig(max_steps=max_steps, chunk_size=4, accum_steps=1, group_by_length=True, mask_duplicates=True,
+                    log_every=1, eval_before=False, eval_every=0, eval_batch_size=8, save_every=save_every,
+                    keep_last=keep_last, resume_from=checkpoint.candidates(resume, run))
+    logger, said = Logger(run, True, max_steps, progress=False), io.StringIO()
+    try:
+        with contextlib.redirect_stderr(said):
+            fit(engine, mixture, [snli_source(64)], LOSS, [], logger, cfg, run)
+    finally:
+        logger.close()
+    return said.getvalue()
+
+
+def steps(run: Path) -> list[int]:
+    return [s for s, _ in checkpoint.listed(run / "checkpoints")]
+
+
+def test_a_fallback_past_a_corrupt_checkpoint_keeps_the_new_line(tmp_path):
+    """Checkpoints 2, 4, 6 with 6 corrupt: the resumed run falls back to 4 and, with keep_last=1, its
+    save at step 5 must be what is kept (on main the corrupt 6 was kept and 5 deleted, so the next
+    resume found nothing that loads)."""
+    run = tmp_path / "run"
+    fit_in_process(run, None, max_steps=7, save_every=2, keep_last=0)
+    assert steps(run) == [2, 4, 6]
+    state = run / "checkpoints" / "step-00000006" / "state.pt"
+    state.write_bytes(state.read_bytes()[:100])
+    said = fit_in_process(run, "auto", max_steps=7, save_every=5, keep_last=1)
+    assert "step-00000006 is incomplete or corrupt" in said and "at step 4" in said
+    assert steps(run) == [5]
+    aside = [p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("abandoned-")]
+    assert aside == ["abandoned-step-00000006-resumed-at-00000004"]  # not deleted: the new line is at 5
+    said = fit_in_process(run, "auto", max_steps=7, save_every=5, keep_last=1)
+    assert f"resumed from {run / 'checkpoints' / 'step-00000005'} at step 5" in said
+
+
+def test_resume_auto_after_an_explicit_resume_continues_that_line(tmp_path):
+    """trainer.resume=.../step-2 while 4 and 6 exist, stopped after a save at 3; a requeue with
+    resume=auto must continue from 3, not go back to the abandoned 6 (as it did on main)."""
+    run = tmp_path / "run"
+    fit_in_process(run, None, max_steps=7, save_every=2, keep_last=3)
+    assert steps(run) == [2, 4, 6]
+    fit_in_process(run, str(run / "checkpoints" / "step-00000002"), max_steps=4, save_every=3, keep_last=2)
+    assert steps(run) == [2, 3]
+    said = fit_in_process(run, "auto", max_steps=7, save_every=3, keep_last=2)
+    assert f"resumed from {run / 'checkpoints' / 'step-00000003'} at step 3" in said
+    assert steps(run) == [3, 6]  # the new line's 6 replaced the abandoned one, which is gone now
+    assert not list((run / "checkpoints").glob("abandoned-*"))

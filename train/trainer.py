@@ -165,6 +165,15 @@ def restore(engine, mixture: Mixture, cfg: FitConfig, logger: Logger) -> tuple[i
     raise UserError(f"trainer.resume: none of the checkpoints loads ({', '.join(str(f) for f in cfg.resume_from)})")
 
 
+def abandon_newer(world: dist.World, run_dir: Path, step: int, logger: Logger) -> None:
+    """After a resume from `step`: this run dir's later checkpoints are of a line no longer followed
+    (checkpoint.py, lineage); set them aside on rank 0, agreed by every rank."""
+    moved = _agree(world, lambda: world.is_main and checkpoint.abandon_newer(run_dir / "checkpoints", step),
+                   f"resume at step {step}")
+    for p in moved or []:
+        logger.print(f"set aside {p.name}: newer than the resumed step {step}, kept until this run passes it")
+
+
 def _train_step(engine, mixture: Mixture, sources: Sequence[Source], loss_fn: Callable, logger: Logger,
                 cfg: FitConfig, step: int, tokenize: Callable) -> None:
     """One optimizer step over `accum_steps` contrastive batches, then its log record."""
@@ -204,6 +213,7 @@ def fit(engine, mixture: Mixture, sources: Sequence[Source], loss_fn: Callable, 
     start, rng = 0, None
     if cfg.resume_from:
         start, before, rng = restore(engine, mixture, cfg, logger)
+        abandon_newer(world, run_dir, start, logger)
     else:
         before = evaluate(engine, tasks, cfg.eval_batch_size, cfg.eval_dims) if tasks and cfg.eval_before else None
         if before:
