@@ -119,6 +119,8 @@ def verify(folder: Path) -> dict:
         meta = json.loads((folder / "trainer.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"trainer.json unreadable ({e})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("files", {}), dict):
+        raise ValueError("trainer.json is not a checkpoint's record")
     for name, size in meta.get("files", {}).items():
         p = folder / name
         if not p.is_file():

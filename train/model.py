@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from train import llm, lora
+from train.boundary import check_safetensors
 from train.errors import UserError
 
 POOLINGS = ("mean", "cls", "last", "latent", "echo")  # latent, echo: train/llm.py
@@ -393,6 +394,7 @@ def load_encoder(path: str, pooling: str | None = None, normalize: bool | None =
     from transformers import AutoModel, AutoTokenizer
 
     folder = resolve_model_dir(path)
+    check_safetensors(folder, f"model.path={path}")  # a truncated copy, named before transformers trips on it
     saved = read_st_config(folder)
     given = {"pooling": pooling, "normalize": normalize, "max_length": max_length,
              "prompts": dict(prompts) if prompts is not None else None, "truncate_dim": truncate_dim,

@@ -18,6 +18,7 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from train import checkpoint, dist, record
+from train.boundary import first_line, library_errors, optimizer_error, reading
 from train.config import recipe_name
 from train.data import ALIASES, Mixture, read_source
 from train.errors import UserError
@@ -62,6 +63,9 @@ def build_encoder(cfg: DictConfig):
             gradient_checkpointing=m.gradient_checkpointing, quantization=m.quantization)
     except UserError as e:  # name the recipe: a later stage often points at an earlier stage's run
         raise UserError(f"recipe {recipe_name()}: {e}") from e
+    except library_errors() as e:  # a folder that transformers, safetensors or tokenizers cannot read
+        raise UserError(f"recipe {recipe_name()}: model.path={m.path}: {first_line(e)}; expected a model folder "
+                        "that transformers can load") from e
     for note in encoder.notes:
         say(note)
     return encoder
@@ -70,10 +74,23 @@ def build_encoder(cfg: DictConfig):
 def build_optimizer(optim: DictConfig, module: torch.nn.Module) -> torch.optim.Optimizer:
     """`optim._target_` (a torch optimizer class) over decay / no-decay parameter groups."""
     kwargs = OmegaConf.to_container(optim)
-    cls = get_class(kwargs.pop("_target_"))
+    target = kwargs.pop("_target_")
+    try:
+        cls = get_class(target)
+    except (ImportError, ValueError, AttributeError) as e:
+        raise UserError(f"optim._target_={target}: {first_line(e)}; expected a torch optimizer class") from e
     if "betas" in kwargs:
         kwargs["betas"] = tuple(kwargs["betas"])
-    return cls(param_groups(module, kwargs["weight_decay"]), **kwargs)
+    try:
+        return cls(param_groups(module, kwargs["weight_decay"]), **kwargs)
+    except (ValueError, TypeError) as e:  # torch checks the values: lr >= 0, 0 <= betas < 1, ...
+        raise optimizer_error(e, target, kwargs) from e
+
+
+def check_optim(cfg: DictConfig) -> None:
+    """The optimizer and schedule settings, checked on a stand-in parameter before any model loads."""
+    stand_in = build_optimizer(cfg.optim, torch.nn.Linear(1, 1))
+    schedule(stand_in, cfg.trainer.max_steps, cfg.trainer.warmup_ratio, cfg.trainer.schedule)
 
 
 def build_sources(cfg: DictConfig) -> tuple[list, list]:
@@ -87,10 +104,11 @@ def build_sources(cfg: DictConfig) -> tuple[list, list]:
         raise UserError("no training data: set data.path=FILE or choose a data config with sources (data=...)")
     sources = []
     for name, s in specs.items():
-        sources.append(read_source(name, s.path, fields=dict(s.get("fields") or {}),
-                                   num_negatives=s.get("num_negatives"), limit=s.get("limit"),
-                                   subset=s.get("subset"), split=s.get("split", "train"),
-                                   data_files=s.get("data_files")))
+        with reading(f"data source {name!r} ({s.path})", path=s.path, expected="a readable data file"):
+            sources.append(read_source(name, s.path, fields=dict(s.get("fields") or {}),
+                                       num_negatives=s.get("num_negatives"), limit=s.get("limit"),
+                                       subset=s.get("subset"), split=s.get("split", "train"),
+                                       data_files=s.get("data_files")))
         sources[-1].instruction = s.get("instruction")
     check_fields(cfg, sources)
     return sources, list(specs.values())
@@ -116,6 +134,9 @@ def check_fields(cfg: DictConfig, sources: list) -> None:
 def check_loss(cfg: DictConfig, dim: int) -> None:
     """Matryoshka prefixes (trained and evaluated) must fit the model's dimension."""
     dims, weights = cfg.loss.matryoshka_dims or [], cfg.loss.matryoshka_weights
+    for key in ("temperature", "teacher_temperature"):
+        if key in cfg.loss and not cfg.loss[key] > 0:
+            raise UserError(f"loss.{key}={cfg.loss[key]}: expected a positive number (scores are divided by it)")
     for key, values in (("loss.matryoshka_dims", dims), ("eval.dims", cfg.eval.dims or [])):
         for d in values:
             if not 0 < d <= dim:
@@ -146,19 +167,22 @@ def check_batch(cfg: DictConfig, world_size: int) -> tuple[int, int]:
                         "the global batch is split evenly over the ranks")
     per_rank = t.batch_size // world_size
     chunk = t.chunk_size if t.chunk_size is not None else per_rank
-    if chunk < 1 or chunk > per_rank:
-        raise UserError(f"trainer.chunk_size={chunk} must be between 1 and the per-rank batch {per_rank} "
-                        f"(trainer.batch_size={t.batch_size} over {world_size} ranks)")
-    return per_rank, chunk
+    if chunk < 1:
+        raise UserError(f"trainer.chunk_size={chunk}: expected a positive integer (examples per forward pass)")
+    # A chunk that holds the whole per-rank batch (a recipe's chunk with a smaller batch on the command
+    # line) simply means no caching: the start-up line says so.
+    return per_rank, min(chunk, per_rank)
 
 
 def train_job(cfg: DictConfig, world: dist.World, run_dir: Path) -> dict:
     per_rank, chunk = check_batch(cfg, world.size)
     check_strategy(cfg)
     strategy = cfg.dist.strategy if cfg.dist.strategy != "auto" else ("ddp" if world.size > 1 else "single process")
+    caching = "gradient cache" if chunk < per_rank else "no caching"
+    if (cfg.trainer.chunk_size or 0) > per_rank:
+        caching += f": trainer.chunk_size={cfg.trainer.chunk_size} holds the whole per-rank batch"
     say(f"world size {world.size} (rank {world.rank}, device {world.device}), strategy {strategy}, "
-        f"global batch {cfg.trainer.batch_size} = {world.size} x {per_rank}, "
-        f"chunk {chunk}{' (no caching)' if chunk == per_rank else ' (gradient cache)'}")
+        f"global batch {cfg.trainer.batch_size} = {world.size} x {per_rank}, chunk {chunk} ({caching})")
 
     # Data and evaluation sets first: their errors should not wait for a model to load.
     sources, specs = build_sources(cfg)
@@ -169,11 +193,15 @@ def train_job(cfg: DictConfig, world: dist.World, run_dir: Path) -> dict:
                       homogeneous=[bool(s.get("homogeneous", False)) for s in specs],
                       batch_size=cfg.trainer.batch_size, seed=cfg.seed, temperature=cfg.data.temperature,
                       names=[s.name for s in sources])
-    tasks = build_tasks(cfg.eval.tasks)
+    with reading("eval.tasks", expected="readable evaluation files"):
+        tasks = build_tasks(cfg.eval.tasks)
     t = cfg.trainer
     for key in ("save_every", "keep_last"):
         if t[key] < 0:
             raise UserError(f"trainer.{key}={t[key]}: expected 0 or a positive integer")
+    check_optim(cfg)
+    if cfg.dist.strategy == "deepspeed" and cfg.dist.deepspeed_config:
+        dist.read_deepspeed_file(cfg.dist.deepspeed_config)
     resume_from = checkpoint.candidates(t.resume, run_dir)
     plain = OmegaConf.to_container(cfg, resolve=True)
     run_record = None
@@ -216,7 +244,8 @@ def train_job(cfg: DictConfig, world: dist.World, run_dir: Path) -> dict:
 
 
 def eval_job(cfg: DictConfig, world: dist.World, run_dir: Path) -> dict:
-    tasks = build_tasks(cfg.eval.tasks)
+    with reading("eval.tasks", expected="readable evaluation files"):
+        tasks = build_tasks(cfg.eval.tasks)
     if not tasks:
         raise UserError("recipe=eval has no tasks: choose an eval config (eval=snli) or set eval.tasks")
     encoder = build_encoder(cfg).to(world.device).eval()
