@@ -16,6 +16,8 @@ import pytest
 import torch
 from helpers import max_rel_diff, reference_grads, snli_batch, snli_source_with_cross_rank_duplicates, tiny_encoder
 
+from train.model import pad
+
 WORKER = Path(__file__).parent / "dist_worker.py"
 TOL = 2e-5
 
@@ -105,6 +107,31 @@ def test_a_crashed_rank_does_not_leave_the_other_hanging(tmp_path):
     assert proc.returncode != 0
     assert "rank 1 fails on purpose" in proc.stderr
     assert "rank: 1" in proc.stderr or "local_rank: 1" in proc.stderr
+
+
+def test_fewer_texts_than_ranks_and_faults_of_one_rank(tmp_path):
+    """make_embed on 2 ranks with 1 new text (on main: rank 1 got none, raised in pad([]) and left
+    rank 0 in the gather), then 3 with 1 cached: every rank returns the 1-process embeddings. And a
+    rank whose forward fails is agreed on before the gather."""
+    torchrun(tmp_path, "embed_shares", "embed_fault", "save_fault", timeout=300)
+    encoder = tiny_encoder()
+    texts = ["a dog runs", "rain", "two people sit on a bench"]
+    with torch.no_grad():
+        want = [encoder(*pad(encoder.tokenize(texts[:1]), encoder.pad_id)),
+                torch.cat([encoder(*pad(encoder.tokenize([t], "query"), encoder.pad_id)) for t in texts])]
+    for rank in range(2):
+        got = torch.load(tmp_path / f"embed_shares-rank{rank}.pt")
+        assert [g.shape for g in got] == [(1, 32), (3, 32)]
+        assert all(torch.allclose(g, w, atol=1e-5) for g, w in zip(got, want)), rank
+    # rank 1's forward failing: both ranks raise the same error naming it, instead of rank 0 waiting
+    for rank in range(2):
+        said = (tmp_path / f"embed_fault-rank{rank}.txt").read_text()
+        assert said == "embedding 3 texts for evaluation: rank 1: RuntimeError: out of memory (planted)"
+    # rank 0's final model save failing (a full disk): rank 1 hears of it instead of waiting at the end
+    for rank in range(2):
+        said = (tmp_path / f"save_fault-rank{rank}.txt").read_text()
+        assert said == (f"cannot save the model to {tmp_path / 'run' / 'model'}: rank 0: OSError: "
+                        "[Errno 28] No space left on device")
 
 
 def test_deepspeed_config_that_contradicts_the_trainer_is_refused(tmp_path):

@@ -46,12 +46,19 @@ def make_embed(forward: Callable, encoder: Encoder, world: dist.World, batch_siz
         ids = encoder.tokenize(texts, side, instruction=instruction) if instruction else encoder.tokenize(texts, side)
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
         per = math.ceil(len(ids) / world.size)
-        mine = order[world.rank :: world.size]
+        # Fewer texts than ranks leaves some ranks none; they embed the first text as filler, since
+        # every rank must run the same forwards and the gather (its rows are never read).
+        mine = order[world.rank :: world.size] or order[:1]
         mine += mine[-1:] * (per - len(mine))  # equal shares: repeat the last text
-        local = [forward(*(t.to(world.device) for t in pad([ids[i] for i in mine[s : s + batch_size]],
-                                                           encoder.pad_id, encoder.left_pad)))
-                 for s in range(0, per, batch_size)]
-        gathered = dist.gather(torch.cat(local).float().to(world.device)).cpu()  # [W*per, D]
+
+        def forward_mine() -> torch.Tensor:
+            return torch.cat([forward(*(t.to(world.device) for t in pad([ids[i] for i in mine[s : s + batch_size]],
+                                                                        encoder.pad_id, encoder.left_pad)))
+                              for s in range(0, per, batch_size)])
+
+        # A rank failing here alone would leave the others in the gather: agree first, name the rank.
+        local = _agree(world, forward_mine, f"embedding {len(ids)} texts for evaluation")
+        gathered = dist.gather(local.float().to(world.device)).cpu()  # [W*per, D]
         out = torch.empty((len(ids), gathered.shape[1]))
         for r in range(world.size):
             idx = order[r :: world.size]
@@ -250,10 +257,15 @@ def fit(engine, mixture: Mixture, sources: Sequence[Source], loss_fn: Callable, 
         logger.print("eval after training:\n" + side_by_side(before, after))
     state = engine.full_state_dict()  # collective for sharded strategies: every rank calls it
     out = run_dir / "model"
-    if world.is_main:
-        engine.encoder.save(out, state_dict=state or None)
-        summary = {"before": before, "after": after, "train_seconds": train_seconds, "steps": cfg.max_steps,
-                   "world_size": world.size, "model": str(out)}
-        (run_dir / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
-        logger.print(f"model saved to {out}  (train {train_seconds / 60:.1f} min)")
+
+    def save_model() -> None:
+        if world.is_main:
+            engine.encoder.save(out, state_dict=state or None)
+            summary = {"before": before, "after": after, "train_seconds": train_seconds, "steps": cfg.max_steps,
+                       "world_size": world.size, "model": str(out)}
+            (run_dir / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
+            logger.print(f"model saved to {out}  (train {train_seconds / 60:.1f} min)")
+
+    # Agreed: the other ranks learn of a failed save here, not by waiting out the final barrier.
+    _agree(world, save_model, f"cannot save the model to {out}")
     return {"before": before, "after": after, "model": str(out)}
