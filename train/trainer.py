@@ -7,7 +7,9 @@
             forward + loss + backward (gradient-cached when chunk < batch)   gradcache.py
         clip, step, schedule, zero grad                                      dist.py engine
         log; checkpoint every N steps, or on a preemption signal (then stop); evaluate every N steps
-    evaluate again, print before/after side by side, save the model
+    checkpoint at max_steps, evaluate again, print before/after side by side, save the model
+    (the signal handlers stay installed to the end: a signal there stops the run, the requeued run
+    resumes at max_steps and only evaluates and saves)
 """
 
 from __future__ import annotations
@@ -98,7 +100,7 @@ class FitConfig:
     eval_every: int
     eval_batch_size: int
     eval_dims: list[int] | None = None  # Matryoshka prefixes also evaluated
-    save_every: int = 0  # checkpoint every N steps; 0: only on a preemption signal
+    save_every: int = 0  # checkpoint every N steps; 0: only at max_steps and on a preemption signal
     keep_last: int = 2
     resume_from: list[Path] = field(default_factory=list)  # checkpoints to try, newest first
     identity: dict = field(default_factory=dict)  # settings a checkpoint must share (checkpoint.IDENTITY_KEYS)
@@ -248,13 +250,31 @@ def fit(engine, mixture: Mixture, sources: Sequence[Source], loss_fn: Callable, 
                 metrics = evaluate(engine, tasks, cfg.eval_batch_size, cfg.eval_dims)
                 logger.write({"step": step, "eval": metrics})
                 logger.print(f"eval at step {step}:\n" + side_by_side(before, metrics))
-    train_seconds = time.perf_counter() - t_start
+        train_seconds = time.perf_counter() - t_start
+        return _finish(engine, mixture, tasks, logger, cfg, run_dir, before, start, watch, train_seconds)
+
+
+def _finish(engine, mixture: Mixture, tasks: list, logger: Logger, cfg: FitConfig, run_dir: Path, before,
+            start: int, watch: Watch, train_seconds: float) -> dict:
+    """The end of the run, still under the preemption handlers: a checkpoint at max_steps first, so a
+    signal during the final evaluation, the LoRA merge or the save loses no step and exits to be
+    requeued; the requeued run resumes at max_steps, trains nothing and does only this."""
+    world = engine.world
+    final = checkpoint.step_dir(run_dir / "checkpoints", cfg.max_steps)
+    if start < cfg.max_steps:
+        logger.print(f"checkpoint {save_checkpoint(engine, mixture, cfg.max_steps, cfg, run_dir, before)}")
+
+    def stop_if_signalled() -> None:  # every rank calls it: any rank's signal stops all of them
+        if dist.any_rank(watch.signum, world.device):
+            raise Preempted(cfg.max_steps, watch.signum, str(final), watch.previous.get(watch.signum))
 
     # --- final evaluation and save ----------------------------------------------------------------
+    stop_if_signalled()
     after = evaluate(engine, tasks, cfg.eval_batch_size, cfg.eval_dims) if tasks else {}
     if after:
         logger.write({"step": cfg.max_steps, "eval": after})
         logger.print("eval after training:\n" + side_by_side(before, after))
+    stop_if_signalled()  # a signal during the save itself is held until the model is complete
     state = engine.full_state_dict()  # collective for sharded strategies: every rank calls it
     out = run_dir / "model"
 
