@@ -20,7 +20,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 sys.path.insert(0, str(Path(__file__).parent))
 
 import torch  # noqa: E402
-from helpers import snli_source  # noqa: E402
+from helpers import snli_source, snli_source_with_cross_rank_duplicates, tiny_encoder  # noqa: E402
 
 from train import dist, engines  # noqa: E402
 from train.data import collate, shard  # noqa: E402
@@ -63,7 +63,7 @@ def run_case(strategy: str, zero: int, world, batch_size: int, chunk: int, accum
                        max_grad_norm=None, bf16=False, per_rank_batch=per_rank * accum, zero_stage=zero,
                        coalesce_reduction=coalesce)
     engine.module.eval()
-    source = snli_source(batch_size * accum)
+    source = snli_source_with_cross_rank_duplicates(batch_size * accum, batch_size)
     engine.begin_step()
     losses, aligned = [], True
     for micro in range(accum):
@@ -77,6 +77,69 @@ def run_case(strategy: str, zero: int, world, batch_size: int, chunk: int, accum
     return {"grads": grads, "losses": losses, "aligned": aligned, "world_size": world.size}
 
 
+def embed_shares(world) -> list:
+    """embed.embedder's embeddings for 1 text, then 3 (1 of them cached), on every rank."""
+    from train.embed import embedder
+
+    encoder = tiny_encoder()
+    embed = embedder(encoder, world, batch_size=2)
+    return [embed(["a dog runs"], None), embed(["a dog runs", "rain", "two people sit on a bench"], "query")]
+
+
+def embed_fault(world) -> str:
+    """The error every rank raises when rank 1's evaluation forward fails."""
+    from train.embed import embedder
+    from train.errors import UserError
+
+    encoder = tiny_encoder()
+
+    def forward(ids, mask):
+        if world.rank == 1:
+            raise RuntimeError("out of memory (planted)")
+        return encoder(ids, mask)
+
+    try:
+        embedder(encoder, world, batch_size=2, forward=forward)(["a dog runs", "rain", "a bench"], None)
+    except UserError as e:
+        return str(e)
+    return "no error"
+
+
+def save_fault(world, run_dir: Path) -> str:
+    """The error every rank raises from trainer.fit when rank 0's final model save fails (a full disk)."""
+    import errno
+
+    from train.build import FitConfig
+    from train.data import Mixture
+    from train.errors import UserError
+    from train.jobs.train import fit
+    from train.log import Logger
+
+    torch.manual_seed(0)
+    run_dir.mkdir(exist_ok=True)
+    encoder = tiny_encoder().train()
+    freeze_unused(encoder)
+    engine = engines.wrap(encoder, world, "ddp", make_optimizer=lambda m: torch.optim.SGD(param_groups(m, 0.0), lr=0.1),
+                         make_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0),
+                         max_grad_norm=None, bf16=False, per_rank_batch=4)
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    engine.encoder.save = full_disk
+    cfg = FitConfig(max_steps=1, chunk_size=4, accum_steps=1, group_by_length=True, mask_duplicates=True,
+                    log_every=1, eval_before=False, eval_every=0, eval_batch_size=8)
+    logger = Logger(run_dir, world.is_main, 1, progress=False)
+    try:
+        fit(engine, Mixture(sizes=[32], weights=[None], homogeneous=[False], batch_size=8), [snli_source(32)],
+            LOSS, [], logger, cfg, run_dir)
+    except UserError as e:
+        return str(e)
+    finally:
+        logger.close()
+    return "no error"
+
+
 def main() -> None:
     out, cases = Path(sys.argv[1]), sys.argv[2:]
     world = dist.init_world("cpu")
@@ -86,6 +149,15 @@ def main() -> None:
             if world.rank == 1:
                 raise SystemExit("rank 1 fails on purpose")
             dist.gather(torch.zeros(1))
+            continue
+        if case == "embed_shares":  # fewer new texts than ranks, then some cached and some new
+            torch.save(embed_shares(world), out / f"embed_shares-rank{world.rank}.pt")
+            continue
+        if case == "embed_fault":  # rank 1's forward fails: every rank must raise, naming it
+            (out / f"embed_fault-rank{world.rank}.txt").write_text(embed_fault(world))
+            continue
+        if case == "save_fault":  # rank 0 cannot write the final model: rank 1 must not wait for it
+            (out / f"save_fault-rank{world.rank}.txt").write_text(save_fault(world, out / "run"))
             continue
         label, strategy, zero, batch_size, chunk, accum = case.split(":")
         result = run_case(strategy, int(zero), world, int(batch_size), int(chunk), int(accum),

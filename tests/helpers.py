@@ -42,7 +42,7 @@ def tiny_lora_encoder(pooling: str = "last", **lora):
     return encoder
 
 
-def reference_grads(encoder, batch, chunks=None, loss_fn=LOSS):
+def reference_grads(encoder, batch, chunks=None, loss_fn=LOSS, mask_duplicates: bool = True):
     """Full-batch gradient by plain autograd on one process: every chunk's graph kept, one
     backward. Independent of contrastive_step and of torch.distributed."""
     seqs = batch.query_ids + batch.passage_ids
@@ -52,7 +52,7 @@ def reference_grads(encoder, batch, chunks=None, loss_fn=LOSS):
     emb = torch.empty((len(seqs), parts[0].shape[1]))
     emb = emb.index_put((torch.tensor([i for c in chunks for i in c]),), torch.cat(parts))
     b = len(batch)
-    loss = loss_fn(make_pairing(emb[:b], emb[b:], batch, mask_duplicates=True, world=World()))
+    loss = loss_fn(make_pairing(emb[:b], emb[b:], batch, mask_duplicates=mask_duplicates, world=World()))
     loss.backward()
     return float(loss.detach()), grads(encoder)
 
@@ -77,6 +77,19 @@ def replayed_and_reference_grads(encoder, n: int, chunk_size: int, seed: int):
 def snli_source(n: int = 64, negatives: bool = True) -> Source:
     name = "train_triples.jsonl" if negatives else "train_pairs.jsonl"
     return read_source("snli", str(assets.path("snli") / name), limit=n)
+
+
+def snli_source_with_cross_rank_duplicates(n: int, batch_size: int) -> Source:
+    """n SNLI triples where, in every batch of `batch_size` rows, the second half (rank 1's slice
+    at 2 ranks) repeats texts of the first half (rank 0's): a query with another positive, a
+    positive, and a hard negative that is another example's positive. Only masks computed over
+    the gathered batch catch these false negatives (losses.false_negative_masks)."""
+    src, half = snli_source(n), batch_size // 2
+    for start in range(0, n, batch_size):
+        src.anchors[start + half] = src.anchors[start]  # the same query on both ranks
+        src.positives[start + half + 1] = src.positives[start + 1]  # the same positive on both
+        src.negatives[start + half + 2][0] = src.positives[start + 2]  # rank 1's negative = rank 0's positive
+    return src
 
 
 def scored_triples(path, n: int = 64) -> str:

@@ -85,42 +85,141 @@ def test_importing_any_module_of_the_package_leaves_deepspeed_unimported():
     assert int(count) > 10 and imported == "False"
 
 
-def bad_jsonl(tmp_path: Path) -> str:
-    path = tmp_path / "bad.jsonl"
-    path.write_text('{"anchor": "a", "positive": "b"}\n{"anchor": "a", "positive": "b"\n')
+PAIR = b'{"anchor": "a", "positive": "b"}\n'
+LATIN1 = b'{"anchor": "caf\xe9", "positive": "b"}\n'  # "cafe" with its accent in Latin-1, not UTF-8
+
+
+def write(path: Path, content: bytes) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
     return str(path)
 
 
-def missing_field(tmp_path: Path) -> str:
-    path = tmp_path / "missing.jsonl"
-    path.write_text('{"anchor": "a", "positive": "b"}\n{"anchor": "c"}\n')
-    return str(path)
+def tiny_bert_copy(t: Path, name: str | None = None, content: bytes = b"") -> None:
+    """t/model_copy: the tiny BERT folder; `name` given: that file replaced, or cut in half when
+    content is empty (an interrupted copy)."""
+    import shutil
+
+    from train import assets
+
+    folder = t / "model_copy"
+    shutil.copytree(assets.path("tiny-bert"), folder)
+    if name:
+        f = folder / name
+        f.write_bytes(content or f.read_bytes()[: f.stat().st_size // 2])
 
 
-def empty(tmp_path: Path) -> str:
-    path = tmp_path / "empty.jsonl"
-    path.write_text("")
-    return str(path)
+# (overrides, with {t} for the temp folder; files to write under it, or a function that prepares it;
+#  what the one error line must say). All fail before training, most before any model loads.
+BAD_INPUTS = [
+    # data files
+    (["data.path={t}/latin1.jsonl"], {"latin1.jsonl": PAIR + LATIN1},
+     "latin1.jsonl:2: not UTF-8 text (byte 0xe9 at column 16)"),
+    (["data.path={t}/latin1.csv"], {"latin1.csv": b"anchor,positive\na,b\ncaf\xe9,b\n"},
+     "latin1.csv:3: not UTF-8 text"),
+    (["data.path={t}/latin1.txt"], {"latin1.txt": b"one sentence\ncaf\xe9 two\n"}, "latin1.txt:2: not UTF-8 text"),
+    (["data.path=/nonexistent/train.jsonl"], {}, "/nonexistent/train.jsonl: no such data file"),
+    (["data.path={t}/bad.jsonl"], {"bad.jsonl": PAIR + b'{"anchor": "a"\n'}, "bad.jsonl:2: invalid JSON"),
+    (["data.path={t}/list.jsonl"], {"list.jsonl": PAIR + b"[1, 2]\n"}, "list.jsonl:2: expected a JSON object"),
+    (["data.path={t}/missing.jsonl"], {"missing.jsonl": PAIR + b'{"anchor": "c"}\n'},
+     'missing.jsonl:2: missing field "positive"'),
+    (["data.path={t}/number.jsonl"], {"number.jsonl": PAIR + b'{"anchor": 5, "positive": "b"}\n'},
+     'number.jsonl:2: field "anchor" must be text'),
+    (["data.path={t}/scores.jsonl"], {"scores.jsonl": b'{"anchor": "a", "positive": "b", "scores": ["high"]}\n'},
+     'scores.jsonl:1: field "scores" must hold numbers'),
+    (["data.path={t}/empty.jsonl"], {"empty.jsonl": b""}, "empty.jsonl: the dataset is empty"),
+    (["data.path={t}/object.json"], {"object.json": b'{"anchor": "a"}'}, "object.json: expected a JSON list"),
+    (["data.path={t}/garbage.parquet"], {"garbage.parquet": b"not a parquet file"},
+     "data source 'main' ({t}/garbage.parquet): ArrowInvalid"),
+    (["data.limit=10"], {}, "trainer.batch_size=16 is larger than the 10 examples"),
+    # evaluation files
+    (["eval.tasks.snli_sts.path=/nonexistent/sts.jsonl"], {}, "/nonexistent/sts.jsonl: no such STS file"),
+    (["eval.tasks.snli_sts.path={t}/sts.jsonl"], {"sts.jsonl": b'{"sentence1": "caf\xe9"}\n'},
+     "sts.jsonl:1: not UTF-8 text"),
+    # values a library checks
+    (["optim.lr=-1"], {}, "optim.lr=-1.0: refused by torch.optim.AdamW (Invalid learning rate: -1.0)"),
+    (["optim.weight_decay=-0.1"], {}, "optim.weight_decay=-0.1: refused by torch.optim.AdamW"),
+    (["optim.betas=[1.5,0.999]"], {}, "optim.betas=(1.5, 0.999): refused by torch.optim.AdamW"),
+    (["optim.eps=-1"], {}, "optim.eps=-1.0: refused by torch.optim.AdamW"),
+    (["optim._target_=torch.optim.NoSuchOptimizer"], {}, "optim._target_=torch.optim.NoSuchOptimizer: "),
+    (["trainer.warmup_ratio=1.5"], {}, "trainer.warmup_ratio=1.5: expected a share of the steps, from 0 to 1"),
+    (["trainer.max_steps=0"], {}, "trainer.max_steps=0: expected a positive integer"),
+    (["trainer.chunk_size=0"], {}, "trainer.chunk_size=0: expected a positive integer"),
+    (["trainer.save_every=-1"], {}, "trainer.save_every=-1: expected 0 or a positive integer"),
+    (["loss.temperature=0"], {}, "loss.temperature=0.0: expected a positive number"),
+    # model folders
+    (["model.path={t}/model_copy"], lambda t: tiny_bert_copy(t, "model.safetensors"),
+     "{t}/model_copy/model.safetensors is truncated or corrupt"),
+    (["model.path={t}/model_copy"], lambda t: tiny_bert_copy(t, "config.json", b"{not json"),
+     "model.path={t}/model_copy: "),
+    (["model.path=/nonexistent/model"], {}, "model.path=/nonexistent/model: no such model folder"),
+    (["model.path=some-org/not-cached-model"], {}, "the Hugging Face Hub could not provide it"),
+    # DeepSpeed JSON
+    (["dist=deepspeed_zero2", "dist.deepspeed_config={t}/ds.json"], {"ds.json": b'{"zero_optimization": {,}}'},
+     "dist.deepspeed_config: {t}/ds.json:1: invalid JSON"),
+    (["dist=deepspeed_zero2", "dist.deepspeed_config={t}/ds.json"], {"ds.json": b"[1]"},
+     "dist.deepspeed_config: {t}/ds.json: expected a JSON object"),
+    # checkpoints
+    (["trainer.resume=/nonexistent/run"], {}, "trainer.resume=/nonexistent/run: no checkpoint there"),
+    (["trainer.resume={t}/old/checkpoints/step-00000002"], {"old/checkpoints/step-00000002/trainer.json": b"[1]"},
+     "trainer.resume: none of the checkpoints loads"),
+]
 
 
-@pytest.mark.parametrize("make_args, message", [
-    (lambda t: ["data.path=/nonexistent/train.jsonl"], "/nonexistent/train.jsonl: no such data file"),
-    (lambda t: [f"data.path={bad_jsonl(t)}"], "bad.jsonl:2: invalid JSON"),
-    (lambda t: [f"data.path={missing_field(t)}"], 'missing.jsonl:2: missing field "positive"'),
-    (lambda t: [f"data.path={empty(t)}"], "empty.jsonl: the dataset is empty"),
-    (lambda t: ["model.path=/nonexistent/model"], "model.path=/nonexistent/model: no such model folder"),
-    (lambda t: ["model.path=some-org/not-cached-model"], "the Hugging Face Hub could not provide it"),
-    (lambda t: ["data.limit=10"], "trainer.batch_size=16 is larger than the 10 examples"),
-    (lambda t: ["trainer.chunk_size=32"], "trainer.chunk_size=32 must be between 1 and the per-rank batch 16"),
-])
-def test_bad_input_is_one_clear_line(tmp_path, make_args, message):
-    out = train(*TINY, *make_args(tmp_path), f"hydra.run.dir={tmp_path / 'run'}")
-    assert out.returncode == 2
-    assert message in out.stderr
-    assert "Traceback" not in out.stderr
-    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1
-    assert not (tmp_path / "run" / "model").exists()
+def main_in_process(args: list[str], monkeypatch) -> tuple[int, str]:
+    """`python -m train ARGS` through its entry point, in this process: (exit status, stderr)."""
+    import contextlib
+    import io
+
+    from train.__main__ import main
+
+    monkeypatch.setattr(sys, "argv", ["train", *args])
+    monkeypatch.delenv("TRAIN_RUN_STAMP", raising=False)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            main()
+            code = 0
+        except SystemExit as e:
+            code = e.code
+    os.environ.pop("TRAIN_RUN_STAMP", None)
+    return code, err.getvalue()
+
+
+@pytest.mark.parametrize("overrides, files, message", BAD_INPUTS, ids=[f"{i:02d}" for i in range(len(BAD_INPUTS))])
+def test_bad_input_is_one_clear_line(tmp_path, monkeypatch, overrides, files, message):
+    if callable(files):
+        files(tmp_path)
+    else:
+        for name, content in files.items():
+            write(tmp_path / name, content)
+    run = tmp_path / "run"
+    code, err = main_in_process([*TINY, *(o.format(t=tmp_path) for o in overrides), f"hydra.run.dir={run}"],
+                                monkeypatch)
+    lines = err.strip().splitlines()
+    assert code == 2, err[-3000:]
+    assert "Traceback" not in err and lines[-1].startswith("error: "), err[-3000:]
+    assert [line for line in lines if line.startswith("error:")] == [lines[-1]]
+    assert message.format(t=tmp_path) in lines[-1]
+    assert not (run / "model").exists() and not (run / "checkpoints").exists()
+
+
+def test_bad_input_as_a_process_exits_2_with_one_line(tmp_path):
+    """The same boundary seen from outside: a real `python -m train` process."""
+    data = write(tmp_path / "latin1.jsonl", PAIR + LATIN1)
+    out = train(*TINY, f"data.path={data}", f"hydra.run.dir={tmp_path / 'run'}")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1] == (f"error: {data}:2: not UTF-8 text (byte 0xe9 at column 16); "
+                                                   "expected a UTF-8 encoded file")
+
+
+def test_a_chunk_larger_than_the_batch_means_no_caching(tmp_path, monkeypatch):
+    """quickstart's chunk_size=16 with trainer.batch_size=8 on the command line: not an error."""
+    code, err = main_in_process(["model=tiny_bert", "trainer.batch_size=8", "trainer.max_steps=1", "data.limit=64",
+                                 "eval=none", f"hydra.run.dir={tmp_path}"], monkeypatch)
+    assert code == 0, err[-3000:]
+    assert "chunk 8 (no caching: trainer.chunk_size=16 holds the whole per-rank batch)" in err
+    assert (tmp_path / "model" / "model.safetensors").exists()
 
 
 def test_unknown_recipe_fails_naming_it(tmp_path):
@@ -156,8 +255,9 @@ def test_two_rank_runs_share_one_run_dir_and_save_a_loadable_model(two_rank_runs
 
 
 def test_every_strategy_trains_and_saves_the_same_model(two_rank_runs):
-    """Same data, seeds and dropout masks: DDP, FSDP2 and ZeRO-3 must end with the same weights
-    (and so the saved folders must hold the gathered, trained weights, not shards or stale copies)."""
+    """Same data, seeds and dropout masks: FSDP2 must end with DDP's weights, and ZeRO-3 with
+    DDP's up to its own reduction and optimizer arithmetic (and so the saved folders must hold
+    the gathered, trained weights, not shards or stale copies)."""
     from safetensors.torch import load_file
 
     from train import assets
@@ -172,12 +272,14 @@ def test_every_strategy_trains_and_saves_the_same_model(two_rank_runs):
 
     moved = norm({k: ddp[k] - initial[k] for k in ddp})
     assert moved > 1e-2  # training changed the weights (lr 1e-3, 3 steps)
-    for name in ("fsdp2", "deepspeed_zero3"):
+    # Measured on a 2-core CPU with these runs, twice: FSDP2 0 (bit-identical to DDP),
+    # ZeRO-3 8.0e-6 of the update's norm (largest entry 1.7e-6). Relative to the whole update, not
+    # per tensor: AdamW divides by sqrt(v), which magnifies last-digit differences of near-zero
+    # gradients (rare embedding rows) into visible ones, entry by entry.
+    for name, tolerance in (("fsdp2", 1e-6), ("deepspeed_zero3", 1e-4)):
         assert weights[name].keys() == ddp.keys()
-        # Relative to the whole update: AdamW divides by sqrt(v), which magnifies the last-digit
-        # differences of near-zero gradients (rare embedding rows) into visible ones, entry by entry.
         differ = norm({k: weights[name][k] - ddp[k] for k in ddp})
-        assert differ < 1e-3 * moved, (name, differ, moved)
+        assert differ < tolerance * moved, (name, differ, moved)
 
 
 def test_a_batch_the_world_size_does_not_divide_is_refused_at_start(tmp_path):

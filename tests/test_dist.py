@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import max_rel_diff, reference_grads, snli_batch, snli_source, tiny_encoder
+from helpers import max_rel_diff, reference_grads, snli_batch, snli_source_with_cross_rank_duplicates, tiny_encoder
+
+from train.model import pad
 
 WORKER = Path(__file__).parent / "dist_worker.py"
 TOL = 2e-5
@@ -30,14 +32,15 @@ def torchrun(out: Path, *cases: str, timeout: int = 900, ok: bool = True) -> sub
     return proc
 
 
-def reference(batch_size: int, accum: int = 1, **kw):
-    """Mean over accumulated batches of the single-process full-batch gradient."""
+def reference(batch_size: int, accum: int = 1, mask_duplicates: bool = True, **kw):
+    """Mean over accumulated batches of the single-process full-batch gradient, on the data the
+    worker trains on (duplicates planted across the ranks' slices)."""
     encoder = tiny_encoder()
-    source = snli_source(batch_size * accum)
+    source = snli_source_with_cross_rank_duplicates(batch_size * accum, batch_size)
     losses, total = [], None
     for micro in range(accum):
         loss, g = reference_grads(encoder, snli_batch(encoder, range(micro * batch_size, (micro + 1) * batch_size),
-                                                      source), **kw)
+                                                      source), mask_duplicates=mask_duplicates, **kw)
         losses.append(loss)
         total = g if total is None else {k: total[k] + g[k] for k in g}
     return losses, {k: v / accum for k, v in total.items()}
@@ -70,6 +73,21 @@ def check(result_file: Path, accum: int = 1, **kw) -> None:
     assert max_rel_diff(result["grads"], ref) < TOL
 
 
+def test_the_planted_duplicates_cross_the_ranks_and_change_the_loss():
+    """The equivalence tests below exercise cross-rank false-negative masking: every planted
+    duplicate pairs a row of rank 0's slice with one of rank 1's, and masking them changes the
+    reference loss (so a rank that masked only its own slice would not match it)."""
+    from train.data import shard
+
+    source, rows = snli_source_with_cross_rank_duplicates(32, 32), [(0, r) for r in range(32)]
+    slices = [{source.anchors[r] for _, r in shard(rows, rank, 2)} for rank in range(2)]
+    assert slices[0] & slices[1]
+    positives = [{source.positives[r] for _, r in shard(rows, rank, 2)} for rank in range(2)]
+    negatives = {n for _, r in shard(rows, 1, 2) for n in source.negatives[r]}
+    assert positives[0] & positives[1] and positives[0] & negatives
+    assert abs(reference(32)[0][0] - reference(32, mask_duplicates=False)[0][0]) > 1e-3
+
+
 @pytest.mark.parametrize("case, accum", [("ddp_uncached", 1), ("ddp_cached", 1), ("ddp_accum", 2),
                                          ("fsdp2_cached", 1), ("fsdp2_uncached", 1)])
 def test_torch_strategies_match_the_full_batch(torch_runs, case, accum):
@@ -97,6 +115,31 @@ def test_a_crashed_rank_does_not_leave_the_other_hanging(tmp_path):
     assert proc.returncode != 0
     assert "rank 1 fails on purpose" in proc.stderr
     assert "rank: 1" in proc.stderr or "local_rank: 1" in proc.stderr
+
+
+def test_fewer_texts_than_ranks_and_faults_of_one_rank(tmp_path):
+    """The embedder on 2 ranks with 1 new text (on main: rank 1 got none, raised in pad([]) and left
+    rank 0 in the gather), then 3 with 1 cached: every rank returns the 1-process embeddings. And a
+    rank whose forward fails is agreed on before the gather."""
+    torchrun(tmp_path, "embed_shares", "embed_fault", "save_fault", timeout=300)
+    encoder = tiny_encoder()
+    texts = ["a dog runs", "rain", "two people sit on a bench"]
+    with torch.no_grad():
+        want = [encoder(*pad(encoder.tokenize(texts[:1]), encoder.pad_id)),
+                torch.cat([encoder(*pad(encoder.tokenize([t], "query"), encoder.pad_id)) for t in texts])]
+    for rank in range(2):
+        got = torch.load(tmp_path / f"embed_shares-rank{rank}.pt")
+        assert [g.shape for g in got] == [(1, 32), (3, 32)]
+        assert all(torch.allclose(g, w, atol=1e-5) for g, w in zip(got, want)), rank
+    # rank 1's forward failing: both ranks raise the same error naming it, instead of rank 0 waiting
+    for rank in range(2):
+        said = (tmp_path / f"embed_fault-rank{rank}.txt").read_text()
+        assert said == "embedding 3 texts: rank 1: RuntimeError: out of memory (planted)"
+    # rank 0's final model save failing (a full disk): rank 1 hears of it instead of waiting at the end
+    for rank in range(2):
+        said = (tmp_path / f"save_fault-rank{rank}.txt").read_text()
+        assert said == (f"cannot save the model to {tmp_path / 'run' / 'model'}: rank 0: OSError: "
+                        "[Errno 28] No space left on device")
 
 
 def test_deepspeed_config_that_contradicts_the_trainer_is_refused(tmp_path):

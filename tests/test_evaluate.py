@@ -70,22 +70,18 @@ def test_sts_task_and_bad_files(tmp_path):
         StsTask("s", str(tmp_path / "bad.jsonl"))
 
 
-def test_truncated_dims_are_evaluated_on_renormalised_prefixes():
-    vecs = {"a": [1.0, 0.0, 0.0, 1.0], "b": [1.0, 0.0, 0.0, -1.0], "c": [0.0, 1.0, 1.0, 0.0]}
-
-    class Probe:  # a task that records what it is given
-        name = "probe"
-
-        def __call__(self, embed):
-            e = embed(["a", "b", "c"], None)
-            return {"cos_ab": float(e[0] @ e[1]), "norm": float(e[0].norm())}
-
-    def embed(texts, side):
-        return torch.tensor([vecs[t] for t in texts])
-
-    out = run_tasks([Probe()], embed, dims=[2])
-    assert out["probe/cos_ab"] == 0.0 and out["probe@2/cos_ab"] == 1.0  # a and b agree on the first 2 dims
-    assert abs(out["probe@2/norm"] - 1.0) < 1e-6
+def test_truncated_dims_are_evaluated_on_renormalised_prefixes(tmp_path):
+    """Through the real retrieval task: the 2-d prefixes are not unit vectors, and ranking them by
+    cosine (renormalised) and by dot product (not) disagree, as do the full vectors."""
+    write(tmp_path / "corpus.jsonl", [{"id": "d1", "text": "x"}, {"id": "d2", "text": "y"}])
+    write(tmp_path / "queries.jsonl", [{"id": "q1", "text": "qa"}])
+    write(tmp_path / "qrels.jsonl", [{"query_id": "q1", "doc_id": "d1"}])
+    # prefixes: qa [1, 0]; x [1, 0.1] (cosine 0.995, dot 1); y [2, 2] (cosine 0.707, dot 2)
+    # full: x is far from qa (cosine 0.33), y close (0.71)
+    table = {"qa": [1, 0, 0, 0], "x": [1, 0.1, 3, 0], "y": [2, 2, 0, 0]}
+    out = run_tasks([RetrievalTask("ir", str(tmp_path))], fake_embed(table), dims=[2])
+    assert out["ir/mrr@10"] == pytest.approx(0.5)  # full vectors: y first
+    assert out["ir@2/mrr@10"] == pytest.approx(1.0)  # renormalised prefixes: x first (raw dots: y first)
 
 
 def test_retrieval_corpus_limit_keeps_the_relevant_documents(tmp_path):

@@ -202,12 +202,24 @@ def test_each_source_and_task_gets_its_own_instruction(tmp_path):
     assert calls == [("query", "Sim"), ("query", "Find"), ("passage", None)]
 
 
-def test_last_pooling_appends_the_eos_when_the_tokenizer_cannot():
-    encoder = tiny(pooling="last", max_length=8)
-    eos = encoder.tokenizer.eos_token_id
-    encoder.tokenizer.add_eos_token = False  # as a tokenizer without the option behaves
-    encoder.tokenizer.update_post_processor()
-    assert all(ids[-1] != eos for ids in encoder.tokenize(TEXTS))
-    encoder.append_eos = True
+def test_last_pooling_appends_the_eos_when_the_tokenizer_cannot(tmp_path):
+    """A model folder whose tokenizer has no add_eos_token (a python-backend tokenizer, here
+    Perceiver's byte tokenizer, which ends a text with [SEP]): load_encoder must detect it and
+    append the EOS itself, and last-token pooling must pool that EOS."""
+    from transformers import PerceiverTokenizer
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors"):  # the tiny Llama's weights; byte ids fit its vocabulary
+        (folder / name).write_bytes((assets.path("tiny-llama") / name).read_bytes())
+    PerceiverTokenizer(model_max_length=64).save_pretrained(folder)
+    torch.manual_seed(0)
+    encoder = load_encoder(str(folder), pooling="last", max_length=8, normalize=False).eval()
+    tok, eos = encoder.tokenizer, encoder.tokenizer.eos_token_id
+    assert not hasattr(tok, "add_eos_token") and tok("a dog")["input_ids"][-1] != eos  # it cannot
     ids = encoder.tokenize(TEXTS + [" word" * 50])
     assert all(seq[-1] == eos and len(seq) <= 8 for seq in ids)
+    with torch.no_grad():
+        got = encoder(*pad(ids, encoder.pad_id))
+    want = torch.stack([plain_hidden(encoder, s)[-1] for s in ids])  # the hidden state at the EOS
+    assert torch.allclose(got, want, atol=1e-5)

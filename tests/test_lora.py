@@ -14,7 +14,7 @@ from helpers import (
     reference_grads,
     replayed_and_reference_grads,
     snli_batch,
-    snli_source,
+    snli_source_with_cross_rank_duplicates,
     tiny_lora_encoder,
 )
 
@@ -126,18 +126,32 @@ def test_gradient_cache_replays_lora_dropout_exactly():
     assert max_rel_diff(other, ref) > 1e-3  # negative control: other dropout masks, another gradient
 
 
-def test_gradient_checkpointing_gives_the_same_gradient():
-    batch = None
-    results = []
-    for checkpointing in (False, True):
-        encoder = tiny_lora_encoder()
-        if checkpointing:
-            lora.enable_checkpointing(encoder.backbone)
-        encoder.train()
-        batch = batch or snli_batch(encoder, range(8))
-        results.append(reference_grads(encoder, batch)[1])
-    assert encoder.backbone.base_model.model.is_gradient_checkpointing
-    assert max_rel_diff(results[1], results[0]) < 1e-5
+def test_gradient_checkpointing_replays_lora_dropout_through_the_cache():
+    """A checkpointed layer runs its forward again inside backward. With LoRA dropout on and the
+    gradient cache replaying every chunk, that second run must draw the first run's masks.
+    Reference: the same model without checkpointing, every chunk's graph kept."""
+    def layer_calls(encoder) -> list:
+        calls = []
+        encoder.backbone.base_model.model.layers[0].mlp.register_forward_pre_hook(lambda *_: calls.append(1))
+        return calls
+
+    plain = tiny_lora_encoder(dropout=0.3).train()
+    plain_calls = layer_calls(plain)
+    _, ref = replayed_and_reference_grads(plain, 12, chunk_size=4, seed=7)
+    results = {}
+    for preserve_rng in (True, False):  # False: the negative control, recomputed with other masks
+        encoder = tiny_lora_encoder(dropout=0.3).train()
+        lora.enable_checkpointing(encoder.backbone)
+        if not preserve_rng:
+            encoder.backbone.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False, "preserve_rng_state": False})
+        calls = layer_calls(encoder)
+        results[preserve_rng], _ = replayed_and_reference_grads(encoder, 12, chunk_size=4, seed=7)
+        assert encoder.backbone.base_model.model.is_gradient_checkpointing
+        assert len(calls) > len(plain_calls)  # the layers really ran again in backward
+    assert set(results[True]) == set(ref) and all("lora_" in k for k in ref)
+    assert max_rel_diff(results[True], ref) < 1e-5
+    assert max_rel_diff(results[False], ref) > 1e-3
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +168,8 @@ def test_ddp_with_lora_matches_the_full_batch(lora_ddp_runs, case):
     result = torch.load(lora_ddp_runs / f"{case}.pt")
     assert result["world_size"] == 2 and result["aligned"]
     encoder = tiny_lora_encoder().eval()
-    loss, ref = reference_grads(encoder, snli_batch(encoder, range(16), snli_source(16)))
+    source = snli_source_with_cross_rank_duplicates(16, 16)  # what the worker trains on
+    loss, ref = reference_grads(encoder, snli_batch(encoder, range(16), source))
     assert set(result["grads"]) == set(ref) and all("lora_" in k for k in ref)
     assert result["losses"] == pytest.approx([loss], abs=1e-5)
     assert max_rel_diff(result["grads"], ref) < 2e-5

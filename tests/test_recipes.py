@@ -35,10 +35,28 @@ def tiny_overrides(compose, name: str, tmp_path) -> list[str]:
     extra = [f"eval.tasks.{task}.limit=40" for task in cfg.eval.tasks]
     if cfg.loss.matryoshka_dims:  # the tiny model is 32-d
         extra += ["loss.matryoshka_dims=[32,16,8]", "eval.dims=[16,8]"]
+    # One batch per source: every step trains on a batch whose loss the test measures before and after.
     if cfg.data.path:
-        extra.append("data.limit=64")
-    extra += [f"data.sources.{s}.limit=64" for s in cfg.data.sources]
+        extra.append("data.limit=8")
+    extra += [f"data.sources.{s}.limit=8" for s in cfg.data.sources]
     return [*base, *extra]
+
+
+def fixed_batch_loss(cfg, model_path: str) -> float:
+    """The recipe's loss on each source's whole (8-example) data as one batch, summed over the
+    sources, dropout off, for the model at `model_path`."""
+
+    from helpers import reference_grads
+    from omegaconf import OmegaConf
+
+    from train import build
+    from train.data import collate
+
+    sources = build.sources(cfg.data, cfg.loss)
+    encoder = build.encoder(OmegaConf.merge(cfg, {"model": {"path": model_path, "lora": None}}).model).eval()
+    loss_fn = build.loss(cfg.loss)
+    return sum(reference_grads(encoder, collate(sources, [(i, r) for r in range(len(s))], encoder.tokenize),
+                               loss_fn=loss_fn)[0] for i, s in enumerate(sources))
 
 
 @pytest.mark.parametrize("name", RECIPES)
@@ -53,6 +71,8 @@ def test_recipe_runs_a_few_steps(compose, tmp_path, name):
         records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in records if "loss" in r] == [1, 2]
         assert (tmp_path / "model" / "modules.json").exists()
+        before, after = fixed_batch_loss(cfg, cfg.model.path), fixed_batch_loss(cfg, str(tmp_path / "model"))
+        assert after < before, f"the loss on the batches it trained on did not fall: {before} -> {after}"
 
 
 @pytest.mark.parametrize("name", RECIPES)

@@ -70,7 +70,7 @@ def reference(tmp_path_factory) -> Path:
 
 def test_checkpoints_are_complete_and_only_the_last_n_kept(reference):
     kept = [step for step, _ in checkpoint.listed(reference / "checkpoints")]
-    assert kept == [30, 60]  # saved at 30 and 60 (not at the last step: the model is saved then); keep_last=2
+    assert kept == [60, 90]  # saved at 30, 60 and at the last step, before the final evaluation; keep_last=2
     folder = reference / "checkpoints" / "step-00000060"
     meta = checkpoint.verify(folder)
     assert meta["step"] == 60 and meta["mixture"]["step"] == 60
@@ -107,12 +107,12 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_one_before(reference, tmp_p
     run = tmp_path / "run"
     shutil.copytree(reference, run)
     shutil.rmtree(run / "model")
-    state = run / "checkpoints" / "step-00000060" / "state.pt"
+    state = run / "checkpoints" / "step-00000090" / "state.pt"
     state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])  # a truncated write
     out = train(f"hydra.run.dir={run}", "trainer.resume=auto")
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "step-00000060 is incomplete or corrupt (state.pt has" in out.stderr
-    assert f"resumed from {run / 'checkpoints' / 'step-00000030'} at step 30" in out.stderr
+    assert "step-00000090 is incomplete or corrupt (state.pt has" in out.stderr
+    assert f"resumed from {run / 'checkpoints' / 'step-00000060'} at step 60" in out.stderr
     assert losses(run) == losses(reference)
     assert_same_weights(run, reference)
 
@@ -124,7 +124,7 @@ def test_resume_with_another_batch_size_or_without_asking_is_refused(reference, 
     assert other.returncode == 2
     assert "trainer.batch_size=16, this run has trainer.batch_size=32" in other.stderr.strip().splitlines()[-1]
     fresh = train(f"hydra.run.dir={run}")
-    assert fresh.returncode == 2 and "already holds checkpoints (step-00000060)" in fresh.stderr
+    assert fresh.returncode == 2 and "already holds checkpoints (step-00000090)" in fresh.stderr
     assert not (run / "model").exists()
 
 
@@ -163,8 +163,8 @@ def test_a_failed_save_leaves_the_previous_checkpoint_and_nothing_that_looks_val
     mixture = Mixture(sizes=[100], weights=[None], homogeneous=[False], batch_size=16)
     with pytest.raises(UserError, match="No space left on device"):
         save_checkpoint(FailingEngine(World()), mixture, 75, cfg, run, None)
-    assert [s for s, _ in checkpoint.listed(run / "checkpoints")] == [30, 60]  # keep_last=1 not applied
-    checkpoint.verify(run / "checkpoints" / "step-00000060")  # intact
+    assert [s for s, _ in checkpoint.listed(run / "checkpoints")] == [60, 90]  # keep_last=1 not applied
+    checkpoint.verify(run / "checkpoints" / "step-00000090")  # intact
     assert not (run / "checkpoints" / "step-00000075").exists()  # the half-written one is a .tmp- folder
 
 
@@ -207,7 +207,7 @@ def test_two_ranks_resume_bit_identical(strategy, tmp_path):
     """2 gloo ranks: the run resumed from the reference's step-4 checkpoint (DDP: from a run that
     torchrun's SIGTERM stopped, both ranks at the same step) ends with the reference's losses and weights."""
     ref = tmp_path / "ref"
-    out = finish(torchrun(f"dist={strategy}", f"hydra.run.dir={ref}"))
+    out = finish(torchrun(f"dist={strategy}", f"hydra.run.dir={ref}", "trainer.keep_last=3"))  # 4, 8 and 12
     assert out.returncode == 0, out.stderr[-3000:]
     assert "world size 2 (rank 1" in out.stderr
     run = tmp_path / "run"
@@ -263,3 +263,117 @@ def test_lora_checkpoint_holds_the_adapter_only_and_resumes_bit_identical(tmp_pa
     lora_run(f"hydra.run.dir={run}", "trainer.resume=auto")
     assert losses(run) == {s: v for s, v in losses(ref).items() if s > 4}
     assert_same_weights(run, ref)
+
+
+# --- lineage: a resume continues one line of checkpoints ---------------------------------------------
+
+
+def fit_in_process(run: Path, resume: str | None, max_steps: int, save_every: int, keep_last: int,
+                   tasks: list | None = None, signals: tuple[str, ...] = ()) -> str:
+    """trainer.fit on the tiny BERT, in this process: what `python -m train` runs, minus its start-up.
+    Returns what the run printed."""
+    import contextlib
+    import io
+
+    from helpers import LOSS, plain_engine, snli_source, tiny_encoder
+
+    from train.build import FitConfig
+    from train.data import Mixture
+    from train.jobs.train import fit
+    from train.log import Logger
+
+    torch.manual_seed(0)
+    run.mkdir(parents=True, exist_ok=True)
+    engine = plain_engine(tiny_encoder().train())
+    mixture = Mixture(sizes=[64], weights=[None], homogeneous=[False], batch_size=8, seed=0)
+    cfg = FitConfig(max_steps=max_steps, chunk_size=4, accum_steps=1, group_by_length=True, mask_duplicates=True,
+                    log_every=1, eval_before=False, eval_every=0, eval_batch_size=8, save_every=save_every,
+                    keep_last=keep_last, resume_from=checkpoint.candidates(resume, run),
+                    preempt_signals=list(signals))
+    logger, said = Logger(run, True, max_steps, progress=False), io.StringIO()
+    try:
+        with contextlib.redirect_stderr(said):
+            fit(engine, mixture, [snli_source(64)], LOSS, tasks or [], logger, cfg, run)
+    finally:
+        logger.close()
+    return said.getvalue()
+
+
+def steps(run: Path) -> list[int]:
+    return [s for s, _ in checkpoint.listed(run / "checkpoints")]
+
+
+def test_a_fallback_past_a_corrupt_checkpoint_keeps_the_new_line(tmp_path):
+    """Checkpoints 2, 4, 6 with 6 corrupt: the resumed run falls back to 4 and, with keep_last=1, saves
+    at 5 and at its end, 6. On main the save at 5 deleted itself and kept the corrupt 6 (no final
+    checkpoint replaced it), so the next resume found nothing that loads. max_steps differs between
+    these in-process runs only to end them where the scenario needs (fit_in_process checks no settings)."""
+    run = tmp_path / "run"
+    fit_in_process(run, None, max_steps=7, save_every=2, keep_last=0)
+    shutil.rmtree(run / "checkpoints" / "step-00000007", ignore_errors=True)  # as if stopped after step 6
+    assert steps(run) == [2, 4, 6]
+    state = run / "checkpoints" / "step-00000006" / "state.pt"
+    state.write_bytes(state.read_bytes()[:100])
+    said = fit_in_process(run, "auto", max_steps=6, save_every=5, keep_last=1)
+    assert "step-00000006 is incomplete or corrupt" in said and "at step 4" in said
+    assert "set aside abandoned-step-00000006-resumed-at-00000004" in said
+    assert steps(run) == [6]
+    checkpoint.verify(run / "checkpoints" / "step-00000006")  # the new line's 6, complete
+    assert not list((run / "checkpoints").glob("abandoned-*"))  # the corrupt 6 went once the new 6 existed
+    said = fit_in_process(run, "auto", max_steps=6, save_every=5, keep_last=1)
+    assert f"resumed from {run / 'checkpoints' / 'step-00000006'} at step 6" in said
+
+
+def test_resume_auto_after_an_explicit_resume_continues_that_line(tmp_path):
+    """trainer.resume=.../step-2 while 4 and 6 exist, stopped after step 4; a requeue with
+    resume=auto must continue from the new 4, not go back to the abandoned 6 (as it did on main)."""
+    run = tmp_path / "run"
+    fit_in_process(run, None, max_steps=7, save_every=2, keep_last=0)
+    assert {2, 4, 6} <= set(steps(run))
+    fit_in_process(run, str(run / "checkpoints" / "step-00000002"), max_steps=4, save_every=3, keep_last=2)
+    assert steps(run) == [3, 4]
+    assert [p.name for p in sorted((run / "checkpoints").glob("abandoned-*"))][0] == (
+        "abandoned-step-00000006-resumed-at-00000002")
+    said = fit_in_process(run, "auto", max_steps=7, save_every=3, keep_last=2)
+    assert f"resumed from {run / 'checkpoints' / 'step-00000004'} at step 4" in said
+    assert steps(run) == [6, 7]  # the new line's 6 and 7 replaced the abandoned ones, which are gone now
+    assert not list((run / "checkpoints").glob("abandoned-*"))
+
+
+def test_a_signal_during_the_final_evaluation_is_a_preemption_and_the_requeue_only_finishes(tmp_path):
+    """The run ends with a checkpoint at max_steps; SIGUSR1 during the final evaluation stops it there
+    (on main the handlers were gone by then: the signal's default action killed the job, with no
+    model and no checkpoint of the last steps), and the requeued run trains no step, evaluates and
+    saves the same model as a run that was never stopped."""
+    from train.preempt import Preempted
+
+    class SignalDuringEval:  # an evaluation task that is interrupted by the scheduler
+        name = "probe"
+
+        def __init__(self, send: bool):
+            self.send = send
+
+        def __call__(self, embed):
+            embed(["a dog runs"], None)
+            if self.send:
+                os.kill(os.getpid(), signal.SIGUSR1)
+                time.sleep(0.05)
+            return {"x": 1.0}
+
+    reference = tmp_path / "reference"
+    fit_in_process(reference, None, max_steps=5, save_every=0, keep_last=1, tasks=[SignalDuringEval(False)],
+                   signals=("SIGUSR1",))
+    run, seen = tmp_path / "run", []
+    old = signal.signal(signal.SIGUSR1, lambda s, f: seen.append(s))  # main's outcome without killing pytest
+    try:
+        with pytest.raises(Preempted, match="stopped by SIGUSR1 after step 5"):
+            fit_in_process(run, None, max_steps=5, save_every=0, keep_last=1, tasks=[SignalDuringEval(True)],
+                           signals=("SIGUSR1",))
+    finally:
+        signal.signal(signal.SIGUSR1, old)
+    assert steps(run) == [5] and not (run / "model").exists() and seen == []
+    said = fit_in_process(run, "auto", max_steps=5, save_every=0, keep_last=1, tasks=[SignalDuringEval(False)],
+                          signals=("SIGUSR1",))
+    assert f"resumed from {run / 'checkpoints' / 'step-00000005'} at step 5" in said
+    assert "eval after training" in said and max(losses(run)) == 5
+    assert_same_weights(run, reference)

@@ -28,6 +28,7 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from train import checkpoint, dist, engines, mining, record
+from train.boundary import first_line, library_errors, optimizer_error, reading
 from train.config import recipe_name
 from train.data import ALIASES, Mixture, Source, read_source
 from train.errors import UserError
@@ -66,6 +67,9 @@ def encoder(m: DictConfig) -> Encoder:
             save_max_length=m.save_max_length)
     except UserError as e:  # name the recipe: a later stage often points at an earlier stage's run
         raise UserError(f"recipe {recipe_name()}: {e}") from e
+    except library_errors() as e:  # a folder that transformers, safetensors or tokenizers cannot read
+        raise UserError(f"recipe {recipe_name()}: model.path={m.path}: {first_line(e)}; expected a model folder "
+                        "that transformers can load") from e
     for note in enc.notes:
         say(note)
     return enc
@@ -78,10 +82,23 @@ def plain_str(value) -> str | None:
 def optimizer(optim: DictConfig, module: torch.nn.Module) -> torch.optim.Optimizer:
     """`optim._target_` (a torch optimizer class) over decay / no-decay parameter groups."""
     kwargs = plain(optim)
-    cls = get_class(kwargs.pop("_target_"))
+    target = kwargs.pop("_target_")
+    try:
+        cls = get_class(target)
+    except (ImportError, ValueError, AttributeError) as e:
+        raise UserError(f"optim._target_={target}: {first_line(e)}; expected a torch optimizer class") from e
     if "betas" in kwargs:
         kwargs["betas"] = tuple(kwargs["betas"])
-    return cls(param_groups(module, kwargs["weight_decay"]), **kwargs)
+    try:
+        return cls(param_groups(module, kwargs["weight_decay"]), **kwargs)
+    except (ValueError, TypeError) as e:  # torch checks the values: lr >= 0, 0 <= betas < 1, ...
+        raise optimizer_error(e, target, kwargs) from e
+
+
+def check_optim(optim: DictConfig, t: DictConfig) -> None:
+    """The optimizer and schedule settings, checked on a stand-in parameter before any model loads."""
+    stand_in = optimizer(optim, torch.nn.Linear(1, 1))
+    schedule(stand_in, t.max_steps, t.warmup_ratio, str(t.schedule))
 
 
 def loss(loss_cfg: DictConfig) -> Callable:
@@ -97,11 +114,14 @@ def sources(data: DictConfig, loss_cfg: DictConfig) -> list[Source]:
         specs = dict(data.sources)
     if not specs:
         raise UserError("no training data: set data.path=FILE or choose a data config with sources (data=...)")
-    out = [read_source(name, s.path, fields=dict(s.get("fields") or {}), num_negatives=s.get("num_negatives"),
-                       limit=s.get("limit"), subset=s.get("subset"), split=s.get("split", "train"),
-                       data_files=s.get("data_files"), weight=s.get("weight"),
-                       homogeneous=bool(s.get("homogeneous", False)), instruction=s.get("instruction"))
-           for name, s in specs.items()]
+    out = []
+    for name, s in specs.items():
+        with reading(f"data source {name!r} ({s.path})", path=s.path, expected="a readable data file"):
+            out.append(read_source(name, s.path, fields=dict(s.get("fields") or {}),
+                                   num_negatives=s.get("num_negatives"), limit=s.get("limit"),
+                                   subset=s.get("subset"), split=s.get("split", "train"),
+                                   data_files=s.get("data_files"), weight=s.get("weight"),
+                                   homogeneous=bool(s.get("homogeneous", False)), instruction=s.get("instruction")))
     check_fields(data, loss_cfg, out)
     return out
 
@@ -124,7 +144,8 @@ def check_fields(data: DictConfig, loss_cfg: DictConfig, srcs: list[Source]) -> 
 
 
 def tasks(eval_cfg: DictConfig) -> list:
-    return build_tasks(eval_cfg.tasks)
+    with reading("eval.tasks", expected="readable evaluation files"):
+        return build_tasks(eval_cfg.tasks)
 
 
 def eval_dims(eval_cfg: DictConfig) -> list[int] | None:
@@ -141,6 +162,9 @@ def lengths_line(spec) -> str:
 def check_loss(loss_cfg: DictConfig, eval_cfg: DictConfig, dim: int) -> None:
     """Matryoshka prefixes (trained and evaluated) must fit the model's dimension."""
     dims, weights = loss_cfg.matryoshka_dims or [], loss_cfg.matryoshka_weights
+    for key in ("temperature", "teacher_temperature"):
+        if key in loss_cfg and not loss_cfg[key] > 0:
+            raise UserError(f"loss.{key}={loss_cfg[key]}: expected a positive number (scores are divided by it)")
     for key, values in (("loss.matryoshka_dims", dims), ("eval.dims", eval_cfg.dims or [])):
         for d in values:
             if not 0 < d <= dim:
@@ -173,9 +197,11 @@ def check_batch(t: DictConfig, world_size: int) -> tuple[int, int]:
                         "the global batch is split evenly over the ranks")
     per_rank = t.batch_size // world_size
     chunk = t.chunk_size if t.chunk_size is not None else per_rank
-    if chunk < 1 or chunk > per_rank:
-        raise UserError(f"trainer.chunk_size={chunk} must be between 1 and the per-rank batch {per_rank} "
-                        f"(trainer.batch_size={t.batch_size} over {world_size} ranks)")
+    if chunk < 1:
+        raise UserError(f"trainer.chunk_size={chunk}: expected a positive integer (examples per forward pass)")
+    # A chunk that holds the whole per-rank batch (a recipe's chunk with a smaller batch on the command
+    # line) simply means no caching: the start-up line says so.
+    chunk = min(chunk, per_rank)
     if t.chunk_tokens is not None and t.chunk_tokens < 1:
         raise UserError(f"trainer.chunk_tokens={t.chunk_tokens}: expected a positive number of tokens")
     return per_rank, chunk
@@ -256,10 +282,12 @@ def training(cfg: DictConfig, world: dist.World, run_dir: Path) -> Training:
     check_strategy(cfg)
     strategy = cfg.dist.strategy if cfg.dist.strategy != "auto" else ("ddp" if world.size > 1 else "single process")
     budget = f", at most {t.chunk_tokens:,} padded tokens" if t.chunk_tokens is not None else ""
-    caching = " (gradient cache)" if chunk < per_rank else \
-        " (gradient cache when a batch exceeds the budget)" if t.chunk_tokens is not None else " (no caching)"
+    caching = "gradient cache" if chunk < per_rank else \
+        "gradient cache when a batch exceeds the budget" if t.chunk_tokens is not None else "no caching"
+    if (t.chunk_size or 0) > per_rank:
+        caching += f": trainer.chunk_size={t.chunk_size} holds the whole per-rank batch"
     say(f"world size {world.size} (rank {world.rank}, device {world.device}), strategy {strategy}, "
-        f"global batch {t.batch_size} = {world.size} x {per_rank}, chunk {chunk}{budget}{caching}")
+        f"global batch {t.batch_size} = {world.size} x {per_rank}, chunk {chunk}{budget} ({caching})")
 
     srcs = sources(cfg.data, cfg.loss)
     for s in srcs:
@@ -267,6 +295,9 @@ def training(cfg: DictConfig, world: dist.World, run_dir: Path) -> Training:
             say(s.describe())
     mixture = Mixture.of(srcs, t.batch_size, cfg.seed, cfg.data.temperature)
     evaluators = tasks(cfg.eval)
+    check_optim(cfg.optim, t)
+    if cfg.dist.strategy == "deepspeed" and cfg.dist.deepspeed_config:
+        engines.read_deepspeed_file(cfg.dist.deepspeed_config)
     resume_from = checkpoint.candidates(t.resume, run_dir)
     resolved = plain(cfg)
     run_record = None

@@ -8,11 +8,16 @@
         deepspeed/          DeepSpeed: its own engine checkpoint (ZeRO partitions per rank)
         rng-rank<r>.pt      each rank's python / numpy / torch / CUDA generator states
 
-Atomic: every rank writes into `checkpoints/.tmp-step-...`, rank 0 writes trainer.json last and renames
-the folder to `step-...` (one rename on one filesystem), and only then deletes checkpoints beyond
-`keep_last`. A crash mid-write leaves a `.tmp-` folder that is never read and is removed by the next save.
-On load, a checkpoint whose files are missing or of the wrong size, or that fails to load, is skipped
-with a warning for the one before it.
+Atomic: every rank writes into `checkpoints/.tmp-step-...`, rank 0 writes trainer.json last, fsyncs every
+file and the folder, renames it to `step-...` (one rename on one filesystem) and fsyncs `checkpoints/`,
+and only then deletes checkpoints beyond `keep_last`. A crash mid-write leaves a `.tmp-` folder that is
+never read and is removed by the next save. On load, a checkpoint whose files are missing or of the
+wrong size, or that fails to load, is skipped with a warning for the one before it.
+
+Lineage: a run resumed from step k continues from k, so checkpoints newer than k (a corrupt one it fell
+back past, or the later steps of a run resumed from an earlier checkpoint on purpose) belong to a line
+this run no longer follows. They are renamed aside to `abandoned-step-N-resumed-at-K`, which no resume
+and no pruning sees, and deleted only once the new line has a good checkpoint at step N or later.
 
 The dropout streams are part of the state: the gradient cache replays each chunk from the RNG state
 it saved, so restoring the generators (with the sampler position) makes a resumed run bit-identical
@@ -32,10 +37,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from train.atomic import fsync_path, fsync_tree, write_json
+from train.atomic import fsync_path, fsync_tree, replace_folder, write_json
 from train.errors import UserError
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
+ABANDONED_DIR = re.compile(r"^abandoned-step-(\d{8})-")
 
 # Settings a checkpoint's optimizer state, schedule and data position were made under: resuming with
 # any of them changed would silently train something else, so it is refused, naming the key.
@@ -114,6 +120,8 @@ def verify(folder: Path) -> dict:
         meta = json.loads((folder / "trainer.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"trainer.json unreadable ({e})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("files", {}), dict):
+        raise ValueError("trainer.json is not a checkpoint's record")
     for name, size in meta.get("files", {}).items():
         p = folder / name
         if not p.is_file():
@@ -142,23 +150,44 @@ def prepare(root: Path, step: int, is_main: bool) -> Path:
 
 
 def finish(root: Path, tmp: Path, step: int, meta: dict, keep_last: int) -> Path:
-    """Rank 0, after every rank wrote its part: trainer.json last, rename, then prune old ones."""
+    """Rank 0, after every rank wrote its part: trainer.json last, fsync, rename, then prune old ones."""
     final = step_dir(root, step)
     try:
         meta = {**meta, "files": file_sizes(tmp)}
         write_json(tmp / "trainer.json", meta, indent=1)
-        fsync_tree(tmp)  # every rank's files on disk before the rename makes the checkpoint visible
-        if final.exists():  # the same step saved again (a resumed run stopped at once): replace it
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        fsync_tree(tmp)  # every rank's files on disk before the name says the checkpoint is complete
+        replace_folder(tmp, final)  # the same step saved again: the old one goes only once the new one is in
         fsync_path(root)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise UserError(f"cannot write checkpoint {final}: {e}; the previous checkpoints are untouched") from None
     if keep_last > 0:
-        for _, old in listed(root)[:-keep_last]:
+        for _, old in listed(root)[:-keep_last]:  # the current lineage only: abandoned ones are not listed
             shutil.rmtree(old, ignore_errors=True)
+        for p in root.iterdir():  # abandoned checkpoints that the new lineage has now passed
+            if (m := ABANDONED_DIR.match(p.name)) and int(m.group(1)) <= step:
+                shutil.rmtree(p, ignore_errors=True)
     return final
+
+
+def abandon_newer(root: Path, step: int) -> list[Path]:
+    """Rank 0, once every rank resumed from `step`: rename this run dir's checkpoints newer than it
+    aside (never delete them here), so that pruning and resume=auto follow the line now trained."""
+    moved = []
+    try:
+        for s, p in listed(root):
+            if s > step:
+                dest = root / f"abandoned-{p.name}-resumed-at-{step:08d}"
+                n = 1
+                while dest.exists():
+                    dest, n = root / f"abandoned-{p.name}-resumed-at-{step:08d}-{n}", n + 1
+                os.replace(p, dest)
+                moved.append(dest)
+        if moved:
+            fsync_path(root)
+    except OSError as e:
+        raise UserError(f"cannot set aside the checkpoints newer than step {step} in {root}: {e}") from None
+    return moved
 
 
 def candidates(resume: str | None, run_dir: Path) -> list[Path]:

@@ -219,7 +219,7 @@ class TrainerConfig:
     progress: bool = True  # a progress bar on rank 0 when stderr is a terminal
     device: Device = Device.auto
     # checkpoints (train/checkpoint.py): <run dir>/checkpoints/step-N, atomic, enough to continue exactly
-    save_every: int = 0  # steps between checkpoints; 0: none (a preemption signal still writes one)
+    save_every: int = 0  # steps between checkpoints; 0: none (max_steps and a preemption signal still write one)
     keep_last: int = 2  # checkpoints kept; older ones are deleted after a new one is complete
     resume: Optional[str] = None  # null: fresh start | auto: latest checkpoint in this run dir | a path
     preempt_signals: List[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1", "SIGUSR2"])

@@ -29,6 +29,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
+from train.boundary import utf8_message
 from train.errors import UserError, at
 
 ALIASES = {
@@ -73,8 +74,12 @@ class Source:
 
 def iter_jsonl(path: Path) -> Iterable[tuple[int, dict]]:
     """(line number, object) of every non-blank line; a bad line is an error naming file:line."""
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(utf8_message(path, line_no, raw, e)) from None
             if not line.strip():
                 continue
             try:
@@ -222,6 +227,8 @@ def read_source(name: str, path: str, fields: dict[str, str] | None = None, num_
                 if not isinstance(s, (list, tuple)) or len(s) < 1 + len(negs):
                     raise UserError(f'{where}: field "{cols["scores"]}" must list one teacher score for the '
                                     f"positive and each of the {len(negs)} negatives")
+                if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in s[: 1 + len(negs)]):
+                    raise UserError(f'{where}: field "{cols["scores"]}" must hold numbers, got {s[: 1 + len(negs)]}')
                 scores.append([float(x) for x in s[: 1 + len(negs)]])
         if limit is not None and len(anchors) >= limit:
             break

@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -194,3 +195,17 @@ def shutdown() -> None:
             time.sleep(0.05)
     except (RuntimeError, OSError):  # the store went away with a peer (a crash): nothing to wait for
         pass
+
+
+def agree(world: World, fn: Callable, what: str):
+    """Run `fn` on every rank; if it failed on any, raise the same UserError on all of them (a rank
+    raising alone would leave the others waiting in the next collective)."""
+    error = ""
+    try:
+        result = fn()
+    except Exception as e:  # noqa: BLE001 - reported below, on every rank
+        result, error = None, f"{type(e).__name__}: {e}" if not isinstance(e, UserError) else str(e)
+    if any_rank(int(bool(error)), world.device):
+        errors = all_gather_object(error)
+        raise UserError(f"{what}: " + "; ".join(f"rank {r}: {m}" for r, m in enumerate(errors) if m))
+    return result

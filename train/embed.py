@@ -35,12 +35,19 @@ def embedder(encoder: Encoder, world: dist.World | None = None, batch_size: int 
         ids = encoder.tokenize(texts, side, instruction=instruction) if instruction else encoder.tokenize(texts, side)
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
         per = math.ceil(len(ids) / world.size)
-        mine = order[world.rank :: world.size]
+        # Fewer texts than ranks leaves some ranks none; they embed the first text as filler, since
+        # every rank must run the same forwards and the gather (its rows are never read).
+        mine = order[world.rank :: world.size] or order[:1]
         mine += mine[-1:] * (per - len(mine))  # equal shares: repeat the last text
-        local = [forward(*(t.to(world.device) for t in pad([ids[i] for i in mine[s : s + batch_size]],
-                                                           encoder.pad_id, encoder.left_pad)))
-                 for s in range(0, per, batch_size)]
-        local = torch.cat(local).float().to(world.device)  # [per, D]
+
+        def forward_mine() -> torch.Tensor:
+            return torch.cat([forward(*(t.to(world.device) for t in pad([ids[i] for i in mine[s : s + batch_size]],
+                                                                        encoder.pad_id, encoder.left_pad)))
+                              for s in range(0, per, batch_size)])
+
+        # A rank failing here alone would leave the others in the gather: agree first, name the rank.
+        local = dist.agree(world, forward_mine, f"embedding {len(ids)} texts") if world.size > 1 else forward_mine()
+        local = local.float().to(world.device)  # [per, D]
         # this World's ranks, not the process group's: a one-process embedder (rank 0's teacher
         # inside a multi-rank mining job) must not enter a collective
         gathered = (dist.gather(local) if world.size > 1 else local).cpu()  # [W*per, D]

@@ -291,13 +291,29 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     return list(max(lists, key=len))
 
 
+def read_deepspeed_file(user_file: str) -> dict:
+    """A user's DeepSpeed JSON: an object, or one error line naming the file (and line)."""
+    import json
+
+    try:
+        with open(user_file, encoding="utf-8") as f:
+            user = json.load(f)
+    except json.JSONDecodeError as e:
+        raise UserError(f"dist.deepspeed_config: {user_file}:{e.lineno}: invalid JSON ({e.msg} at column "
+                        f"{e.colno})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"dist.deepspeed_config={user_file}: {e}; expected a readable UTF-8 JSON file") from None
+    if not isinstance(user, dict):
+        raise UserError(f"dist.deepspeed_config: {user_file}: expected a JSON object, got {type(user).__name__}")
+    return user
+
+
 def deepspeed_config(stage: int, per_rank_batch: int, world_size: int, max_grad_norm: float | None,
                      bf16: bool, user_file: str | None) -> dict:
     """The DeepSpeed config implied by the trainer's settings, with a user file merged over it.
 
     A user file that contradicts the trainer's batch settings is refused, naming both values.
     """
-    import json
 
     config = {
         "train_micro_batch_size_per_gpu": per_rank_batch,
@@ -313,10 +329,7 @@ def deepspeed_config(stage: int, per_rank_batch: int, world_size: int, max_grad_
     if stage == 3:
         config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
     if user_file:
-        try:
-            user = json.loads(open(user_file).read())
-        except (OSError, json.JSONDecodeError) as e:
-            raise UserError(f"dist.deepspeed_config={user_file}: {e}") from None
+        user = read_deepspeed_file(user_file)
         for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"):
             if key in user and user[key] != "auto" and user[key] != config[key]:
                 raise UserError(

@@ -22,6 +22,7 @@ from torch import nn
 
 from train import llm, lora
 from train.atomic import atomic_folder
+from train.boundary import check_safetensors
 from train.errors import UserError
 from train.st_folder import LATENT_FILE, POOLINGS, NeedsTrainLoader, read_st_config, resolve_model_dir, write_st_config
 
@@ -281,6 +282,7 @@ def load_encoder(path: str, pooling: str | None = None, normalize: bool | None =
     from transformers import AutoModel, AutoTokenizer
 
     folder = resolve_model_dir(path)
+    check_safetensors(folder, f"model.path={path}")  # a truncated copy, named before transformers trips on it
     saved = read_st_config(folder)
     given = {"pooling": pooling, "normalize": normalize, "max_length": max_length,
              "prompts": dict(prompts) if prompts is not None else None, "truncate_dim": truncate_dim,

@@ -28,6 +28,8 @@ def schedule(optimizer: torch.optim.Optimizer, max_steps: int, warmup_ratio: flo
     """Linear warmup to the peak learning rate, then linear or cosine decay to 0, or constant."""
     if kind not in SCHEDULES:
         raise UserError(f"trainer.schedule={kind!r}: expected one of {', '.join(SCHEDULES)}")
+    if not 0 <= warmup_ratio <= 1:
+        raise UserError(f"trainer.warmup_ratio={warmup_ratio}: expected a share of the steps, from 0 to 1")
     warmup = round(warmup_ratio * max_steps)
 
     def factor(step: int) -> float:  # `step` optimizer steps already taken

@@ -7,7 +7,9 @@
             forward + loss + backward (gradient-cached when chunk < batch)   gradcache.py
         clip, step, schedule, zero grad                                      dist.py engine
         log; checkpoint every N steps, or on a preemption signal (then stop); evaluate every N steps
-    evaluate again, print before/after side by side, save the model
+    checkpoint at max_steps, evaluate again, print before/after side by side, save the model
+    (the signal handlers stay installed to the end: a signal there stops the run, the requeued run
+    resumes at max_steps and only evaluates and saves)
 """
 
 from __future__ import annotations
@@ -45,37 +47,23 @@ def evaluate(engine, tasks: list, batch_size: int, dims: list[int] | None = None
         engine.module.train()
 
 
-def _agree(world: dist.World, fn: Callable, what: str):
-    """Run `fn` on every rank; if it failed on any, raise the same UserError on all of them (a rank
-    raising alone would leave the others waiting in the next collective)."""
-    error = ""
-    try:
-        result = fn()
-    except Exception as e:  # noqa: BLE001 - reported below, on every rank
-        result, error = None, f"{type(e).__name__}: {e}" if not isinstance(e, UserError) else str(e)
-    if dist.any_rank(int(bool(error)), world.device):
-        errors = dist.all_gather_object(error)
-        raise UserError(f"{what}: " + "; ".join(f"rank {r}: {m}" for r, m in enumerate(errors) if m))
-    return result
-
-
 def save_checkpoint(engine, mixture: Mixture, step: int, cfg: FitConfig, run_dir: Path, before) -> Path:
     """Every rank writes its part into a temp folder; rank 0 completes it and renames (checkpoint.py)."""
     world, root = engine.world, run_dir / "checkpoints"
     tmp = checkpoint.temp_dir(root, step)
-    # Each _agree ends in an all-reduce, so it is also the barrier: no rank writes into the folder
+    # Each agree ends in an all-reduce, so it is also the barrier: no rank writes into the folder
     # before rank 0 made it, and rank 0 completes it only after every rank wrote its part.
-    _agree(world, lambda: checkpoint.prepare(root, step, world.is_main), f"checkpoint at step {step}")
+    dist.agree(world, lambda: checkpoint.prepare(root, step, world.is_main), f"checkpoint at step {step}")
 
     def write() -> None:
         torch.save(checkpoint.rng_state(), tmp / f"rng-rank{world.rank}.pt")
         engine.save_state(tmp)  # collective for sharded strategies
 
-    _agree(world, write, f"cannot write the checkpoint of step {step} into {tmp}")
+    dist.agree(world, write, f"cannot write the checkpoint of step {step} into {tmp}")
     meta = {"step": step, "mixture": mixture.state_dict(), "before": before, "identity": cfg.identity,
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     final = checkpoint.step_dir(root, step)
-    _agree(world, lambda: world.is_main and checkpoint.finish(root, tmp, step, meta, cfg.keep_last),
+    dist.agree(world, lambda: world.is_main and checkpoint.finish(root, tmp, step, meta, cfg.keep_last),
            f"checkpoint at step {step}")
     return final
 
@@ -110,6 +98,15 @@ def restore(engine, mixture: Mixture, cfg: FitConfig, logger: Logger) -> tuple[i
         logger.print(f"resumed from {folder} at step {meta['step']}")
         return meta["step"], meta["before"], rng
     raise UserError(f"trainer.resume: none of the checkpoints loads ({', '.join(str(f) for f in cfg.resume_from)})")
+
+
+def abandon_newer(world: dist.World, run_dir: Path, step: int, logger: Logger) -> None:
+    """After a resume from `step`: this run dir's later checkpoints are of a line no longer followed
+    (checkpoint.py, lineage); set them aside on rank 0, agreed by every rank."""
+    moved = dist.agree(world, lambda: world.is_main and checkpoint.abandon_newer(run_dir / "checkpoints", step),
+                   f"resume at step {step}")
+    for p in moved or []:
+        logger.print(f"set aside {p.name}: newer than the resumed step {step}, kept until this run passes it")
 
 
 def _train_step(engine, mixture: Mixture, sources: Sequence[Source], loss_fn: Callable, logger: Logger,
@@ -153,6 +150,7 @@ def fit(engine, mixture: Mixture, sources: Sequence[Source], loss_fn: Callable, 
     start, rng = 0, None
     if cfg.resume_from:
         start, before, rng = restore(engine, mixture, cfg, logger)
+        abandon_newer(world, run_dir, start, logger)
     else:
         before = evaluate(engine, tasks, cfg.eval_batch_size, cfg.eval_dims) if tasks and cfg.eval_before else None
         if before:
@@ -180,19 +178,42 @@ def fit(engine, mixture: Mixture, sources: Sequence[Source], loss_fn: Callable, 
                 metrics = evaluate(engine, tasks, cfg.eval_batch_size, cfg.eval_dims)
                 logger.write({"step": step, "eval": metrics})
                 logger.print(f"eval at step {step}:\n" + side_by_side(before, metrics))
-    train_seconds = time.perf_counter() - t_start
+        train_seconds = time.perf_counter() - t_start
+        return _finish(engine, mixture, tasks, logger, cfg, run_dir, before, start, watch, train_seconds)
+
+
+def _finish(engine, mixture: Mixture, tasks: list, logger: Logger, cfg: FitConfig, run_dir: Path, before,
+            start: int, watch: Watch, train_seconds: float) -> dict:
+    """The end of the run, still under the preemption handlers: a checkpoint at max_steps first, so a
+    signal during the final evaluation, the LoRA merge or the save loses no step and exits to be
+    requeued; the requeued run resumes at max_steps, trains nothing and does only this."""
+    world = engine.world
+    final = checkpoint.step_dir(run_dir / "checkpoints", cfg.max_steps)
+    if start < cfg.max_steps:
+        logger.print(f"checkpoint {save_checkpoint(engine, mixture, cfg.max_steps, cfg, run_dir, before)}")
+
+    def stop_if_signalled() -> None:  # every rank calls it: any rank's signal stops all of them
+        if dist.any_rank(watch.signum, world.device):
+            raise Preempted(cfg.max_steps, watch.signum, str(final), watch.previous.get(watch.signum))
 
     # --- final evaluation and save ----------------------------------------------------------------
+    stop_if_signalled()
     after = evaluate(engine, tasks, cfg.eval_batch_size, cfg.eval_dims) if tasks else {}
     if after:
         logger.write({"step": cfg.max_steps, "eval": after})
         logger.print("eval after training:\n" + side_by_side(before, after))
+    stop_if_signalled()  # a signal during the save itself is held until the model is complete
     state = engine.full_state_dict()  # collective for sharded strategies: every rank calls it
     out = run_dir / "model"
-    if world.is_main:
-        engine.encoder.save(out, state_dict=state or None)
-        summary = {"before": before, "after": after, "train_seconds": train_seconds, "steps": cfg.max_steps,
-                   "world_size": world.size, "model": str(out)}
-        write_json(run_dir / "eval.json", summary)
-        logger.print(f"model saved to {out}  (train {train_seconds / 60:.1f} min)")
+
+    def save_model() -> None:
+        if world.is_main:
+            engine.encoder.save(out, state_dict=state or None)
+            summary = {"before": before, "after": after, "train_seconds": train_seconds, "steps": cfg.max_steps,
+                       "world_size": world.size, "model": str(out)}
+            write_json(run_dir / "eval.json", summary)
+            logger.print(f"model saved to {out}  (train {train_seconds / 60:.1f} min)")
+
+    # Agreed: the other ranks learn of a failed save here, not by waiting out the final barrier.
+    dist.agree(world, save_model, f"cannot save the model to {out}")
     return {"before": before, "after": after, "model": str(out)}
