@@ -29,6 +29,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
+from train import sampler
 from train.errors import UserError, at
 
 ALIASES = {
@@ -281,18 +282,16 @@ class Mixture:
         if not self.cursors:
             self.cursors = [[0, 0] for _ in self.sizes]
 
-    def _order(self, src: int, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, 7919, src, epoch]).permutation(self.sizes[src])
-
     def _take(self, src: int, k: int) -> list[int]:
+        """The next k rows of source `src`: positions of its per-epoch order, computed one by one
+        (train/sampler.py), so a step costs O(k) whatever the source's size."""
         rows: list[int] = []
+        n = self.sizes[src]
         while len(rows) < k:
             epoch, pos = self.cursors[src]
-            order = self._order(src, epoch)
-            got = order[pos : pos + k - len(rows)].tolist()
-            rows += got
-            pos += len(got)
-            self.cursors[src] = [epoch + 1, 0] if pos >= self.sizes[src] else [epoch, pos]
+            stop = min(n, pos + k - len(rows))
+            rows += sampler.permute(np.arange(pos, stop), n, sampler.keys(self.seed, src, epoch)).tolist()
+            self.cursors[src] = [epoch + 1, 0] if stop >= n else [epoch, stop]
         return rows
 
     def next_batch(self) -> list[tuple[int, int]]:
