@@ -143,3 +143,105 @@ def test_collate_layout_hashes_and_sharding():
     single = Source("u", ["x", "y"], None, [], None)
     b2 = collate([single], [(0, 0), (0, 1)], tokenize)
     assert b2.group == 1 and b2.anchor_hash.tolist() == b2.passage_hash.tolist()
+
+
+# --- the Arrow cache ---------------------------------------------------------------------------------
+
+
+def _parts(cache):
+    return sorted(p for p in cache.glob("*/part-*.arrow"))
+
+
+def test_a_file_is_converted_once_and_read_from_the_cache(tmp_path, monkeypatch):
+    from train import data
+
+    path = write_jsonl(tmp_path / "d.jsonl", [{"query": f"q{i}", "pos": f"d{i}", "neg": [f"n{i}"]} for i in range(5)])
+    calls = []
+    convert = data._convert
+    monkeypatch.setattr(data, "_convert", lambda *a: calls.append(1) or convert(*a))
+    first = read_source("d", path, cache_dir=str(tmp_path / "cache"))
+    again = read_source("d", path, cache_dir=str(tmp_path / "cache"))
+    assert calls == [1] and len(_parts(tmp_path / "cache")) == 1
+    assert list(again.anchors) == [f"q{i}" for i in range(5)] and again.negatives[3] == ["n3"]
+    assert first.take([4, 0]) == [("q4", "d4", ["n4"], None), ("q0", "d0", ["n0"], None)]
+    # Other reading options are another cache; the first stays.
+    read_source("d", path, cache_dir=str(tmp_path / "cache"), limit=2)
+    assert calls == [1, 1] and len(_parts(tmp_path / "cache")) == 2
+
+
+def test_a_changed_file_is_read_again_and_its_stale_cache_removed(tmp_path):
+    path = tmp_path / "d.jsonl"
+    write_jsonl(path, [{"query": "old", "pos": "p"}] * 3)
+    assert read_source("d", str(path), cache_dir=str(tmp_path / "cache")).anchors[0] == "old"
+    old = _parts(tmp_path / "cache")
+    write_jsonl(path, [{"query": "new", "pos": "p"}] * 3)  # same size: the fingerprint still differs
+    src = read_source("d", str(path), cache_dir=str(tmp_path / "cache"))
+    assert list(src.anchors) == ["new"] * 3
+    assert len(_parts(tmp_path / "cache")) == 1 and not old[0].exists()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete_meta", "garbage"])
+def test_a_corrupt_cache_is_rebuilt(tmp_path, capsys, damage):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"query": f"q{i}", "pos": f"d{i}"} for i in range(50)])
+    read_source("d", path, cache_dir=str(tmp_path / "cache"))
+    (part,) = _parts(tmp_path / "cache")
+    if damage == "truncate":
+        part.write_bytes(part.read_bytes()[:100])
+    elif damage == "delete_meta":
+        (part.parent / "meta.json").unlink()
+    else:
+        part.write_bytes(b"\0" * part.stat().st_size)  # right size, not Arrow
+    src = read_source("d", path, cache_dir=str(tmp_path / "cache"))
+    assert list(src.positives) == [f"d{i}" for i in range(50)]
+    assert "rebuilding it" in capsys.readouterr().err
+
+
+def test_conversion_in_several_processes_keeps_order_and_line_numbers(tmp_path, monkeypatch):
+    from train import data
+
+    monkeypatch.setattr(data, "BATCH_ROWS", 7)  # several record batches per part
+    rows = [{"query": f"q{i}", "pos": f"d{i}", "negatives": [f"a{i}", f"b{i}"], "scores": [1, 0.5, i]}
+            for i in range(200)]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" + ("\n" if i % 13 == 0 else "") for i, r in enumerate(rows)))
+    one = read_source("d", str(path), cache_dir=str(tmp_path / "c1"))
+    two = read_source("d", str(path), cache_dir=str(tmp_path / "c2"), num_proc=3)
+    assert len(_parts(tmp_path / "c2")) == 3
+    assert one.take(range(200)) == two.take(range(200))
+    assert two.take([199]) == [("q199", "d199", ["a199", "b199"], [1.0, 0.5, 199.0])]
+    lines = path.read_text().splitlines()
+    bad = max(i for i, line in enumerate(lines) if line) + 1 - 3  # a line in the last worker's share
+    lines[bad - 1] = '{"query": "x", "pos": ""}'
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(UserError, match=f'd.jsonl:{bad}: field "pos" is empty'):
+        read_source("d", str(path), cache_dir=str(tmp_path / "c3"), num_proc=3)
+    assert not list((tmp_path / "c3").glob("*/meta.json")) and not list((tmp_path / "c3").glob(".tmp-*"))
+
+
+def test_hub_datasets_are_used_in_place_and_bad_rows_refused_when_read(tmp_path):
+    import datasets
+
+    from train import arrow_store, data
+
+    rows = [{"question": f"q{i}", "answer": f"a{i}", "negative_1": f"x{i}", "negative_2": f"y{i}"} for i in range(20)]
+    rows[11]["answer"] = " "
+    ds = datasets.load_dataset("json", data_files=write_jsonl(tmp_path / "h.jsonl", rows), split="train",
+                               cache_dir=str(tmp_path / "hf"))
+    src = data._hub_source("h", "hub:org/h", ds, {}, num_negatives=1, limit=None)
+    assert isinstance(src.anchors, arrow_store.Column) and src.num_negatives == 1
+    assert src.take([3]) == [("q3", "a3", ["x3"], None)]
+    with pytest.raises(UserError, match='hub:org/h:12: field "answer" is empty'):
+        src.take([10, 11])
+    with pytest.raises(UserError, match='missing field "doc"'):
+        data._hub_source("h", "hub:org/h", ds, {"positive": "doc"}, None, None)
+
+
+def test_sources_mixed_into_one_batch_must_share_their_number_of_negatives():
+    from train.data import check_shapes
+
+    pairs = Source("pairs", ["a"], ["p"], [], None)
+    triples = Source("triples", ["a"], ["p"], [["n"]], None)
+    check_shapes([pairs, triples], [True, False])  # homogeneous: batches of one source each
+    check_shapes([pairs, triples], [True, True])
+    with pytest.raises(UserError, match="differ in their number of negatives \\('pairs' has 0, 'triples' has 1\\)"):
+        check_shapes([pairs, triples], [False, False])

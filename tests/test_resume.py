@@ -8,7 +8,6 @@ and dropout on (its RNG replayed per chunk).
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import shutil
@@ -22,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from train import checkpoint
+from train import arrow_store, checkpoint
 
 STEPS = 90
 RUN = ["model=tiny_bert", "trainer.batch_size=16", "trainer.chunk_size=4", "trainer.log_every=10",
@@ -134,8 +133,28 @@ def test_run_record_names_commit_versions_and_data_hashes(reference):
     assert record["git"] is None or len(record["git"]["commit"]) == 40
     pairs = record["data"]["pairs"]
     assert pairs["records"] == 300
-    assert pairs["sha256"] == hashlib.sha256(Path(pairs["origin"]).read_bytes()).hexdigest()
+    data = Path(pairs["origin"])
+    assert pairs["size"] == data.stat().st_size and pairs["mtime_ns"] == data.stat().st_mtime_ns
+    assert pairs["sampled_blake2b"] == arrow_store.fingerprint(data)["sampled_blake2b"]  # blocks, not the file
     assert "trainer.save_every=30" in record["command"] and (reference / "config.yaml").exists()
+
+
+def test_a_data_file_changed_since_the_checkpoint_is_refused_naming_it(tmp_path):
+    from train import record
+    from train.data import read_source
+    from train.errors import UserError
+
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps({"query": f"q{i}", "pos": f"p{i}"}) + "\n" for i in range(40)))
+    saved = record.data_identity([read_source("main", str(path))])
+    os.utime(path, ns=(1, 1))  # touched or copied: the same data, still resumable
+    checkpoint.check_compatible(tmp_path / "ck", saved, record.data_identity([read_source("main", str(path))]))
+    checkpoint.check_compatible(tmp_path / "ck", {}, saved)  # a checkpoint from before data files were recorded
+    path.write_text(path.read_text().replace("q7", "q8"))
+    now = record.data_identity([read_source("main", str(path))])
+    with pytest.raises(UserError, match=f"the data file of source 'main' changed since the checkpoint was written "
+                                        f"\\(then: {path}: .*; now: {path}: "):
+        checkpoint.check_compatible(tmp_path / "ck", saved, now)
 
 
 class FailingEngine:

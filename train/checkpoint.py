@@ -43,6 +43,9 @@ IDENTITY_KEYS = ("seed", "model", "data", "loss", "optim", "trainer.batch_size",
                  "dist.strategy", "dist.zero_stage", "world_size")
 
 
+DATA_FILE = "data_file."  # identity keys of the data files' fingerprints (record.data_identity)
+
+
 def step_dir(root: Path, step: int) -> Path:
     return root / f"step-{step:08d}"
 
@@ -82,6 +85,12 @@ def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
 def check_compatible(path: Path, saved: dict, now: dict) -> None:
     """Refuse a resume whose settings differ from the checkpoint's, naming the first difference."""
     for key in sorted(set(saved) | set(now)):
+        if key.startswith(DATA_FILE):
+            if key in saved and key in now and saved[key] != now[key]:  # older checkpoints recorded none
+                raise UserError(f"cannot resume from {path}: the data file of source {key[len(DATA_FILE):]!r} "
+                                f"changed since the checkpoint was written (then: {saved[key]}; now: {now[key]}); "
+                                "put the file back, or start a fresh run dir")
+            continue
         if saved.get(key) != now.get(key):
             raise UserError(f"cannot resume from {path}: it was written with {key}={saved.get(key)!r}, this run "
                             f"has {key}={now.get(key)!r}; change it back, or start a fresh run dir "

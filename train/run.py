@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from train import checkpoint, dist, record
 from train.config import recipe_name
-from train.data import ALIASES, Mixture, read_source
+from train.data import ALIASES, Mixture, check_shapes, read_source
 from train.errors import UserError
 from train.evaluate import build_tasks, run_tasks, side_by_side
 from train.log import Logger, say
@@ -86,12 +86,16 @@ def build_sources(cfg: DictConfig) -> tuple[list, list]:
     if not specs:
         raise UserError("no training data: set data.path=FILE or choose a data config with sources (data=...)")
     sources = []
+    if d.num_proc < 1 or d.num_workers < 0 or d.fingerprint not in ("sampled", "full"):
+        raise UserError(f"data.num_proc={d.num_proc}, data.num_workers={d.num_workers}, data.fingerprint="
+                        f"{d.fingerprint}: expected num_proc >= 1, num_workers >= 0, fingerprint sampled or full")
     for name, s in specs.items():
         sources.append(read_source(name, s.path, fields=dict(s.get("fields") or {}),
                                    num_negatives=s.get("num_negatives"), limit=s.get("limit"),
                                    subset=s.get("subset"), split=s.get("split", "train"),
-                                   data_files=s.get("data_files")))
+                                   data_files=s.get("data_files"), cache_dir=d.cache_dir, num_proc=d.num_proc))
         sources[-1].instruction = s.get("instruction")
+    check_shapes(sources, [bool(s.get("homogeneous", False)) for s in specs.values()])
     check_fields(cfg, sources)
     return sources, list(specs.values())
 
@@ -178,8 +182,8 @@ def train_job(cfg: DictConfig, world: dist.World, run_dir: Path) -> dict:
     plain = OmegaConf.to_container(cfg, resolve=True)
     run_record = None
     if world.is_main:
-        run_record = record.write(run_dir, record.data_fingerprints(sources, specs), world.size,
-                                  str(resume_from[0]) if resume_from else None)
+        fingerprints = record.data_fingerprints(sources, full=cfg.data.fingerprint == "full")
+        run_record = record.write(run_dir, fingerprints, world.size, str(resume_from[0]) if resume_from else None)
 
     encoder = build_encoder(cfg).to(world.device)
     frozen = freeze_unused(encoder)  # on the device: the probe's gradients are cheap there
@@ -209,7 +213,8 @@ def train_job(cfg: DictConfig, world: dist.World, run_dir: Path) -> dict:
             mask_duplicates=cfg.data.mask_duplicates, log_every=t.log_every, eval_before=cfg.eval.before,
             eval_every=cfg.eval.every_steps, eval_batch_size=cfg.eval.batch_size,
             eval_dims=list(cfg.eval.dims) if cfg.eval.dims else None, save_every=t.save_every,
-            keep_last=t.keep_last, resume_from=resume_from, identity=checkpoint.identity(plain, world.size),
+            keep_last=t.keep_last, resume_from=resume_from,
+            identity={**checkpoint.identity(plain, world.size), **record.data_identity(sources)},
             preempt_signals=list(t.preempt_signals)), run_dir)
     finally:
         logger.close()
