@@ -215,7 +215,7 @@ def train_job(cfg: DictConfig, world: dist.World, run_dir: Path) -> dict:
             eval_dims=list(cfg.eval.dims) if cfg.eval.dims else None, save_every=t.save_every,
             keep_last=t.keep_last, resume_from=resume_from,
             identity={**checkpoint.identity(plain, world.size), **record.data_identity(sources)},
-            preempt_signals=list(t.preempt_signals)), run_dir)
+            preempt_signals=list(t.preempt_signals), num_workers=cfg.data.num_workers), run_dir)
     finally:
         logger.close()
 

@@ -3,7 +3,7 @@
     evaluate the starting model (or restore a checkpoint: weights, optimizer, schedule, data position, RNG)
     for each optimizer step:
         for each accumulated contrastive batch:
-            draw the global batch, keep this rank's slice, tokenize
+            the next global batch's slice of this rank, tokenized ahead (prefetch.py)
             forward + loss + backward (gradient-cached when chunk < batch)   gradcache.py
         clip, step, schedule, zero grad                                      dist.py engine
         log; checkpoint every N steps, or on a preemption signal (then stop); evaluate every N steps
@@ -22,13 +22,14 @@ from typing import Callable, Sequence
 import torch
 
 from train import checkpoint, dist
-from train.data import Mixture, Source, collate, shard
+from train.data import Mixture, Source
 from train.errors import UserError
 from train.evaluate import run_tasks, side_by_side
 from train.gradcache import contrastive_step
 from train.log import Logger, say
 from train.model import Encoder, pad
 from train.preempt import Preempted, Watch
+from train.prefetch import Prefetcher
 
 
 def make_embed(forward: Callable, encoder: Encoder, world: dist.World, batch_size: int):
@@ -96,6 +97,7 @@ class FitConfig:
     resume_from: list[Path] = field(default_factory=list)  # checkpoints to try, newest first
     identity: dict = field(default_factory=dict)  # settings a checkpoint must share (checkpoint.IDENTITY_KEYS)
     preempt_signals: list[str] = field(default_factory=list)
+    num_workers: int = 0  # threads preparing batches ahead of the step (0: in line)
 
 
 def _agree(world: dist.World, fn: Callable, what: str):
@@ -165,16 +167,14 @@ def restore(engine, mixture: Mixture, cfg: FitConfig, logger: Logger) -> tuple[i
     raise UserError(f"trainer.resume: none of the checkpoints loads ({', '.join(str(f) for f in cfg.resume_from)})")
 
 
-def _train_step(engine, mixture: Mixture, sources: Sequence[Source], loss_fn: Callable, logger: Logger,
-                cfg: FitConfig, step: int, tokenize: Callable) -> None:
+def _train_step(engine, data: Prefetcher, loss_fn: Callable, logger: Logger, cfg: FitConfig, step: int) -> None:
     """One optimizer step over `accum_steps` contrastive batches, then its log record."""
     world = engine.world
     t0 = time.perf_counter()
     engine.begin_step()
     losses, padded, real, texts = [], 0, 0, 0
     for micro in range(cfg.accum_steps):
-        picks = shard(mixture.next_batch(), world.rank, world.size)
-        batch = collate(sources, picks, tokenize)
+        batch = data.next()  # this rank's slice of the next global batch, tokenized
         stats = contrastive_step(engine, batch, loss_fn, cfg.chunk_size, cfg.group_by_length,
                                  cfg.mask_duplicates, scale=1.0 / cfg.accum_steps,
                                  reduce=micro == cfg.accum_steps - 1)
@@ -189,16 +189,15 @@ def _train_step(engine, mixture: Mixture, sources: Sequence[Source], loss_fn: Ca
     seconds = time.perf_counter() - t0
     logger.train_step(step, {
         "step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-        "examples_per_s": len(picks) * cfg.accum_steps * world.size / seconds,
+        "examples_per_s": len(batch) * cfg.accum_steps * world.size / seconds,
         "padded_tokens_per_text": padded / texts, "real_tokens_per_text": real / texts,
-        "chunks": stats.chunks, "seconds": seconds,
+        "chunks": stats.chunks, "seconds": seconds, "data_wait_s": data.take_waited(),
     }, show)
 
 
 def fit(engine, mixture: Mixture, sources: Sequence[Source], loss_fn: Callable, tasks: list, logger: Logger,
         cfg: FitConfig, run_dir: Path) -> dict:
     world = engine.world
-    tokenize = engine.encoder.tokenize
 
     # --- the starting point: a checkpoint, or the model as loaded -----------------------------------
     start, rng = 0, None
@@ -217,9 +216,9 @@ def fit(engine, mixture: Mixture, sources: Sequence[Source], loss_fn: Callable, 
         checkpoint.set_rng_state(rng)  # last: nothing between here and the first step draws from it
     t_start = time.perf_counter()
     watch = Watch(cfg.preempt_signals)
-    with watch:
+    with watch, Prefetcher(mixture, sources, engine.encoder, world.rank, world.size, cfg.num_workers) as data:
         for step in range(start + 1, cfg.max_steps + 1):
-            _train_step(engine, mixture, sources, loss_fn, logger, cfg, step, tokenize)
+            _train_step(engine, data, loss_fn, logger, cfg, step)
             signum = dist.any_rank(watch.signum, world.device)  # any rank's signal stops every rank here
             due = cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps
             if due or (signum and step < cfg.max_steps):
