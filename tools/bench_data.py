@@ -10,6 +10,7 @@ so that peak RSS is that process's own:
              (seconds from the interpreter's start, imports included), peak RSS
   step       data time per step at --batch (draw the global batch, read, tokenize, collate; 1 rank)
   texts/s    read + tokenize + collate alone with 0, 1 and 2 prefetch threads (2 texts per pair)
+  memory     peak RSS, and at the end private (RssAnon) and file-backed (RssFile) resident memory
 Tokenizer: the shipped MiniLM's (through the tiny BERT, whose tokenizer it is). Keep --dir outside
 the repo; delete the corpora when done (a 10M-pair corpus is about 1.9 GB, its cache as much).
 """
@@ -47,6 +48,13 @@ def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def resident_mb() -> dict:
+    """Now: private (anonymous) memory and file-backed pages (the memory-mapped Arrow parts among them:
+    page cache, shared by the ranks of a node, dropped under pressure), in MiB."""
+    status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+    return {k: int(status[k].split()[0]) / 1024 for k in ("RssAnon", "RssFile")}
+
+
 def measure(args) -> dict:
     """One phase in this process; prints a JSON line."""
     from train import assets
@@ -59,7 +67,7 @@ def measure(args) -> dict:
     source = read_source("bench", args.corpus, cache_dir=args.cache, num_proc=args.num_proc)
     out["read_s"] = time.perf_counter() - t
     if args.phase == "convert":
-        return {**out, "peak_rss_mb": peak_mb(), "rows": len(source)}
+        return {**out, "peak_rss_mb": peak_mb(), "rows": len(source), **resident_mb()}
     encoder = load_encoder(str(assets.path("tiny-bert")), pooling="mean", max_length=32)
     mixture = Mixture(sizes=[len(source)], weights=[None], homogeneous=[False], batch_size=args.batch, seed=0)
     workers = args.workers[0] if args.phase == "texts" else 0
@@ -72,7 +80,8 @@ def measure(args) -> dict:
         for _ in range(args.steps):
             data.next()
         per_step = (time.perf_counter() - t) / args.steps
-    out.update(data_s_per_step=per_step, texts_per_s=2 * args.batch / per_step, peak_rss_mb=peak_mb())
+    out.update(data_s_per_step=per_step, texts_per_s=2 * args.batch / per_step, peak_rss_mb=peak_mb(), **resident_mb(),
+               load_average=os.getloadavg())
     return out
 
 

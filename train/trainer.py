@@ -151,7 +151,9 @@ def restore(engine, mixture: Mixture, cfg: FitConfig, logger: Logger) -> tuple[i
             checkpoint.check_compatible(folder, meta["identity"], cfg.identity)
             try:
                 engine.load_state(folder)
-                rng = torch.load(folder / f"rng-rank{world.rank}.pt", weights_only=False)  # our own file
+                rng = None  # on another world size each rank's dropout stream starts afresh from the seed
+                if meta["identity"].get("world_size") == world.size:
+                    rng = torch.load(folder / f"rng-rank{world.rank}.pt", weights_only=False)  # our own file
             except Exception as e:  # noqa: BLE001 - any failure to load means: try the previous one
                 problem = f"{type(e).__name__}: {e}"
             if dist.any_rank(int(bool(problem)), world.device):
@@ -162,7 +164,8 @@ def restore(engine, mixture: Mixture, cfg: FitConfig, logger: Logger) -> tuple[i
             continue
         mixture.load_state_dict(meta["mixture"])
         logger.rewind(meta["step"])
-        logger.print(f"resumed from {folder} at step {meta['step']}")
+        moved = f" (written on {meta['identity'].get('world_size')} ranks, resumed on {world.size})"
+        logger.print(f"resumed from {folder} at step {meta['step']}" + (moved if rng is None else ""))
         return meta["step"], meta["before"], rng
     raise UserError(f"trainer.resume: none of the checkpoints loads ({', '.join(str(f) for f in cfg.resume_from)})")
 
