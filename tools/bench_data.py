@@ -8,8 +8,9 @@ so that peak RSS is that process's own:
   convert    one-off conversion into the Arrow cache (read + validate + write), seconds, peak RSS
   start      a cached start: process start -> sources read -> first global batch collated
              (seconds from the interpreter's start, imports included), peak RSS
-  step       data time per step at --batch (draw the global batch, read, tokenize, collate; 1 rank)
-  texts/s    read + tokenize + collate alone with 0, 1 and 2 prefetch threads (2 texts per pair)
+  step       data time per step at --batch (draw the global batch, read, tokenize, collate; 1 rank, in line)
+  texts/s    read + tokenize + collate alone with 0, 1 and 2 prefetch threads (2 texts per pair):
+             --texts-batches batches of --texts-batch pairs, timed from the prefetcher's start
   memory     peak RSS, and at the end private (RssAnon) and file-backed (RssFile) resident memory
 Tokenizer: the shipped MiniLM's (through the tiny BERT, whose tokenizer it is). Keep --dir outside
 the repo; delete the corpora when done (a 10M-pair corpus is about 1.9 GB, its cache as much).
@@ -69,9 +70,20 @@ def measure(args) -> dict:
     if args.phase == "convert":
         return {**out, "peak_rss_mb": peak_mb(), "rows": len(source), **resident_mb()}
     encoder = load_encoder(str(assets.path("tiny-bert")), pooling="mean", max_length=32)
+    if args.phase == "texts":
+        # Throughput: K batches counted from the prefetcher's start, so that the batches the threads
+        # prepare ahead are not counted as free (up to 2 x workers more than K are in flight at the end).
+        mixture = Mixture(sizes=[len(source)], weights=[None], homogeneous=[False], batch_size=args.texts_batch,
+                          seed=0)
+        t = time.perf_counter()
+        with Prefetcher(mixture, [source], encoder, 0, 1, args.workers[0]) as data:
+            for _ in range(args.texts_batches):
+                data.next()
+            seconds = time.perf_counter() - t
+        return {**out, "texts_per_s": 2 * args.texts_batch * args.texts_batches / seconds, "peak_rss_mb": peak_mb(),
+                **resident_mb(), "load_average": os.getloadavg()}
     mixture = Mixture(sizes=[len(source)], weights=[None], homogeneous=[False], batch_size=args.batch, seed=0)
-    workers = args.workers[0] if args.phase == "texts" else 0
-    with Prefetcher(mixture, [source], encoder, 0, 1, workers) as data:
+    with Prefetcher(mixture, [source], encoder, 0, 1, 0) as data:
         t = time.perf_counter()
         data.next()
         out["first_batch_s"] = time.perf_counter() - t
@@ -80,15 +92,15 @@ def measure(args) -> dict:
         for _ in range(args.steps):
             data.next()
         per_step = (time.perf_counter() - t) / args.steps
-    out.update(data_s_per_step=per_step, texts_per_s=2 * args.batch / per_step, peak_rss_mb=peak_mb(), **resident_mb(),
-               load_average=os.getloadavg())
+    out.update(data_s_per_step=per_step, peak_rss_mb=peak_mb(), **resident_mb(), load_average=os.getloadavg())
     return out
 
 
 def run_phase(corpus: Path, cache: Path, phase: str, args, workers: int = 0) -> dict:
     cmd = [sys.executable, __file__, "--measure", phase, "--corpus", str(corpus), "--cache", str(cache),
            "--batch", str(args.batch), "--steps", str(args.steps), "--workers", str(workers),
-           "--num-proc", str(args.num_proc)]
+           "--num-proc", str(args.num_proc), "--texts-batch", str(args.texts_batch),
+           "--texts-batches", str(args.texts_batches)]
     done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     if done.returncode:
         raise SystemExit(done.stderr[-3000:])
@@ -103,6 +115,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--num-proc", type=int, default=1)
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--texts-batch", type=int, default=4096, help="pairs per batch of the texts/s measure")
+    p.add_argument("--texts-batches", type=int, default=16, help="batches of the texts/s measure")
+    p.add_argument("--phases", default="convert,start,texts")
     p.add_argument("--measure", help=argparse.SUPPRESS)
     p.add_argument("--corpus", help=argparse.SUPPRESS)
     p.add_argument("--cache", help=argparse.SUPPRESS)
@@ -121,9 +136,12 @@ def main() -> None:
             print(f"wrote {corpus} ({corpus.stat().st_size / 2**30:.2f} GiB) in {time.perf_counter() - t:.0f} s",
                   flush=True)
         cache = root / f"cache_{pairs}"
-        row = {"pairs": pairs, "convert": run_phase(corpus, cache, "convert", args),
-               "start": run_phase(corpus, cache, "start", args)}
-        row["texts"] = {w: run_phase(corpus, cache, "texts", args, w) for w in args.workers}
+        row: dict = {"pairs": pairs}
+        for phase in ("convert", "start"):
+            if phase in args.phases:
+                row[phase] = run_phase(corpus, cache, phase, args)
+        if "texts" in args.phases:
+            row["texts"] = {w: run_phase(corpus, cache, "texts", args, w) for w in args.workers}
         print(json.dumps(row), flush=True)
 
 
