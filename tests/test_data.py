@@ -41,6 +41,22 @@ def test_csv_and_parquet(tmp_path):
     assert read_source("pq", str(tmp_path / "d.parquet")).positives == ["px", "py"]
 
 
+def test_parquet_is_read_a_batch_at_a_time_with_row_numbers_across_batches(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    n = 20_000  # three reading batches of 8,192
+    positives = [f"p{i}" for i in range(n)]
+    pq.write_table(pa.table({"query": [f"q{i}" for i in range(n)], "positive": positives}), tmp_path / "d.parquet")
+    src = read_source("pq", str(tmp_path / "d.parquet"))
+    assert len(src) == n and src.take([0, 8192, n - 1]) == [("q0", "p0", [], None), ("q8192", "p8192", [], None),
+                                                         (f"q{n - 1}", f"p{n - 1}", [], None)]
+    positives[10_000] = " "
+    pq.write_table(pa.table({"query": [f"q{i}" for i in range(n)], "positive": positives}), tmp_path / "e.parquet")
+    with pytest.raises(UserError, match='e.parquet:10001: field "positive" is empty'):
+        read_source("pq", str(tmp_path / "e.parquet"))
+
+
 def test_num_negatives_and_field_mapping(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"q": "a", "d": "b", "hn": ["c", "d", "e"]}])
     src = read_source("m", path, fields={"anchor": "q", "positive": "d", "negatives": "hn"}, num_negatives=2)

@@ -146,7 +146,8 @@ def _iter_csv(path: Path, delimiter: str) -> Iterable[tuple[int, dict]]:
 def _iter_parquet(path: Path) -> Iterable[tuple[int, dict]]:
     import pyarrow.parquet as pq
 
-    yield from enumerate(pq.read_table(path).to_pylist(), 1)
+    rows = (row for batch in pq.ParquetFile(path).iter_batches(batch_size=8192) for row in batch.to_pylist())
+    yield from enumerate(rows, 1)  # a batch at a time in memory, not the whole file
 
 
 def _iter_text(path: Path, start: int = 0, end: int | None = None, first_line: int = 1
