@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if "TRAIN_DATA_CACHE" not in os.environ:  # the Arrow caches of test files, not in the user's cache
+    os.environ["TRAIN_DATA_CACHE"] = tempfile.mkdtemp(prefix="train-data-cache-")
+    atexit.register(shutil.rmtree, os.environ["TRAIN_DATA_CACHE"], True)
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

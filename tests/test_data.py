@@ -41,6 +41,22 @@ def test_csv_and_parquet(tmp_path):
     assert read_source("pq", str(tmp_path / "d.parquet")).positives == ["px", "py"]
 
 
+def test_parquet_is_read_a_batch_at_a_time_with_row_numbers_across_batches(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    n = 20_000  # three reading batches of 8,192
+    positives = [f"p{i}" for i in range(n)]
+    pq.write_table(pa.table({"query": [f"q{i}" for i in range(n)], "positive": positives}), tmp_path / "d.parquet")
+    src = read_source("pq", str(tmp_path / "d.parquet"))
+    assert len(src) == n and src.take([0, 8192, n - 1]) == [("q0", "p0", [], None), ("q8192", "p8192", [], None),
+                                                         (f"q{n - 1}", f"p{n - 1}", [], None)]
+    positives[10_000] = " "
+    pq.write_table(pa.table({"query": [f"q{i}" for i in range(n)], "positive": positives}), tmp_path / "e.parquet")
+    with pytest.raises(UserError, match='e.parquet:10001: field "positive" is empty'):
+        read_source("pq", str(tmp_path / "e.parquet"))
+
+
 def test_num_negatives_and_field_mapping(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"q": "a", "d": "b", "hn": ["c", "d", "e"]}])
     src = read_source("m", path, fields={"anchor": "q", "positive": "d", "negatives": "hn"}, num_negatives=2)
@@ -143,3 +159,140 @@ def test_collate_layout_hashes_and_sharding():
     single = Source("u", ["x", "y"], None, [], None)
     b2 = collate([single], [(0, 0), (0, 1)], tokenize)
     assert b2.group == 1 and b2.anchor_hash.tolist() == b2.passage_hash.tolist()
+
+
+# --- the Arrow cache ---------------------------------------------------------------------------------
+
+
+def _parts(cache):
+    return sorted(p for p in cache.glob("*/part-*.arrow"))
+
+
+def test_a_file_is_converted_once_and_read_from_the_cache(tmp_path, monkeypatch):
+    from train import data
+
+    path = write_jsonl(tmp_path / "d.jsonl", [{"query": f"q{i}", "pos": f"d{i}", "neg": [f"n{i}"]} for i in range(5)])
+    calls = []
+    convert = data._convert
+    monkeypatch.setattr(data, "_convert", lambda *a: calls.append(1) or convert(*a))
+    first = read_source("d", path, cache_dir=str(tmp_path / "cache"))
+    again = read_source("d", path, cache_dir=str(tmp_path / "cache"))
+    assert calls == [1] and len(_parts(tmp_path / "cache")) == 1
+    assert list(again.anchors) == [f"q{i}" for i in range(5)] and again.negatives[3] == ["n3"]
+    assert first.take([4, 0]) == [("q4", "d4", ["n4"], None), ("q0", "d0", ["n0"], None)]
+    # Other reading options are another cache; the first stays.
+    read_source("d", path, cache_dir=str(tmp_path / "cache"), limit=2)
+    assert calls == [1, 1] and len(_parts(tmp_path / "cache")) == 2
+
+
+def test_a_changed_file_is_read_again_and_its_stale_cache_removed(tmp_path):
+    path = tmp_path / "d.jsonl"
+    write_jsonl(path, [{"query": "old", "pos": "p"}] * 3)
+    assert read_source("d", str(path), cache_dir=str(tmp_path / "cache")).anchors[0] == "old"
+    old = _parts(tmp_path / "cache")
+    write_jsonl(path, [{"query": "new", "pos": "p"}] * 3)  # same size: the fingerprint still differs
+    src = read_source("d", str(path), cache_dir=str(tmp_path / "cache"))
+    assert list(src.anchors) == ["new"] * 3
+    assert len(_parts(tmp_path / "cache")) == 1 and not old[0].exists()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete_meta", "garbage"])
+def test_a_corrupt_cache_is_rebuilt(tmp_path, capsys, damage):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"query": f"q{i}", "pos": f"d{i}"} for i in range(50)])
+    read_source("d", path, cache_dir=str(tmp_path / "cache"))
+    (part,) = _parts(tmp_path / "cache")
+    if damage == "truncate":
+        part.write_bytes(part.read_bytes()[:100])
+    elif damage == "delete_meta":
+        (part.parent / "meta.json").unlink()
+    else:
+        part.write_bytes(b"\0" * part.stat().st_size)  # right size, not Arrow
+    src = read_source("d", path, cache_dir=str(tmp_path / "cache"))
+    assert list(src.positives) == [f"d{i}" for i in range(50)]
+    assert "rebuilding it" in capsys.readouterr().err
+
+
+def test_conversion_in_several_processes_keeps_order_and_line_numbers(tmp_path, monkeypatch):
+    from train import data
+
+    monkeypatch.setattr(data, "BATCH_ROWS", 7)  # several record batches per part
+    rows = [{"query": f"q{i}", "pos": f"d{i}", "negatives": [f"a{i}", f"b{i}"], "scores": [1, 0.5, i]}
+            for i in range(200)]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" + ("\n" if i % 13 == 0 else "") for i, r in enumerate(rows)))
+    one = read_source("d", str(path), cache_dir=str(tmp_path / "c1"))
+    two = read_source("d", str(path), cache_dir=str(tmp_path / "c2"), num_proc=3)
+    assert len(_parts(tmp_path / "c2")) == 3
+    assert one.take(range(200)) == two.take(range(200))
+    assert two.take([199]) == [("q199", "d199", ["a199", "b199"], [1.0, 0.5, 199.0])]
+    lines = path.read_text().splitlines()
+    bad = max(i for i, line in enumerate(lines) if line) + 1 - 3  # a line in the last worker's share
+    lines[bad - 1] = '{"query": "x", "pos": ""}'
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(UserError, match=f'd.jsonl:{bad}: field "pos" is empty'):
+        read_source("d", str(path), cache_dir=str(tmp_path / "c3"), num_proc=3)
+    assert not list((tmp_path / "c3").glob("*/meta.json")) and not list((tmp_path / "c3").glob(".tmp-*"))
+
+
+def test_hub_datasets_are_used_in_place_and_bad_rows_refused_when_read(tmp_path):
+    import datasets
+
+    from train import arrow_store, data
+
+    rows = [{"question": f"q{i}", "answer": f"a{i}", "negative_1": f"x{i}", "negative_2": f"y{i}"} for i in range(20)]
+    rows[11]["answer"] = " "
+    ds = datasets.load_dataset("json", data_files=write_jsonl(tmp_path / "h.jsonl", rows), split="train",
+                               cache_dir=str(tmp_path / "hf"))
+    src = data._hub_source("h", "hub:org/h", ds, {}, num_negatives=1, limit=None)
+    assert isinstance(src.anchors, arrow_store.Column) and src.num_negatives == 1
+    assert src.take([3]) == [("q3", "a3", ["x3"], None)]
+    with pytest.raises(UserError, match='hub:org/h:12: field "answer" is empty'):
+        src.take([10, 11])
+    with pytest.raises(UserError, match='missing field "doc"'):
+        data._hub_source("h", "hub:org/h", ds, {"positive": "doc"}, None, None)
+
+
+def test_sources_mixed_into_one_batch_must_share_their_number_of_negatives():
+    from train.data import check_shapes
+
+    pairs = Source("pairs", ["a"], ["p"], [], None)
+    triples = Source("triples", ["a"], ["p"], [["n"]], None)
+    check_shapes([pairs, triples], [True, False])  # homogeneous: batches of one source each
+    check_shapes([pairs, triples], [True, True])
+    with pytest.raises(UserError, match="differ in their number of negatives \\('pairs' has 0, 'triples' has 1\\)"):
+        check_shapes([pairs, triples], [False, False])
+
+
+RSS_PROBE = """
+import sys
+from train.data import Mixture, collate, read_source, shard
+src = read_source("big", sys.argv[1], cache_dir=sys.argv[2])
+m = Mixture(sizes=[len(src)], weights=[None], homogeneous=[False], batch_size=256, seed=0)
+for _ in range(3):
+    collate([src], shard(m.next_batch(), 0, 1), lambda texts, side: [[len(t)] for t in texts])
+status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+print(status["RssAnon"].split()[0], status["RssFile"].split()[0])
+"""
+
+
+def test_resident_memory_does_not_grow_with_the_corpus(tmp_path):
+    """Convert + read + 3 batches in a fresh process, on 20k and 200k pairs. Python lists of the
+    records (the reader before the Arrow cache) grew the private (anonymous) memory by 56 MB here.
+    File-backed pages of the memory map are not counted: they are page cache, shared by the ranks
+    of a node and dropped under pressure; with the file just written (all of it cached) the kernel
+    maps neighbouring cached pages at each fault, so they approach the file's size (docs/benchmarks.md)."""
+    import subprocess
+    import sys
+
+    anon = []
+    for n in (20_000, 200_000):
+        path = tmp_path / f"p{n}.jsonl"
+        with open(path, "w") as f:
+            for i in range(n):
+                f.write(json.dumps({"query": f"query number {i} about a topic", "pos": f"a passage {i} " * 4}) + "\n")
+        out = subprocess.run([sys.executable, "-c", RSS_PROBE, str(path), str(tmp_path / "cache")],
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        anon.append(int(out.stdout.split()[0]) / 1024)  # KiB -> MiB
+        path.unlink()
+    assert anon[1] - anon[0] < 10, anon

@@ -8,7 +8,6 @@ and dropout on (its RNG replayed per chunk).
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import shutil
@@ -22,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from train import checkpoint
+from train import arrow_store, checkpoint
 
 STEPS = 90
 RUN = ["model=tiny_bert", "trainer.batch_size=16", "trainer.chunk_size=4", "trainer.log_every=10",
@@ -134,8 +133,40 @@ def test_run_record_names_commit_versions_and_data_hashes(reference):
     assert record["git"] is None or len(record["git"]["commit"]) == 40
     pairs = record["data"]["pairs"]
     assert pairs["records"] == 300
-    assert pairs["sha256"] == hashlib.sha256(Path(pairs["origin"]).read_bytes()).hexdigest()
+    data = Path(pairs["origin"])
+    assert pairs["size"] == data.stat().st_size and pairs["mtime_ns"] == data.stat().st_mtime_ns
+    assert pairs["sampled_blake2b"] == arrow_store.fingerprint(data)["sampled_blake2b"]  # blocks, not the file
     assert "trainer.save_every=30" in record["command"] and (reference / "config.yaml").exists()
+
+
+def test_a_data_file_changed_since_the_checkpoint_is_refused_naming_it(tmp_path):
+    from train import record
+    from train.data import read_source
+    from train.errors import UserError
+
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps({"query": f"q{i}", "pos": f"p{i}"}) + "\n" for i in range(40)))
+    saved = record.data_identity([read_source("main", str(path))])
+    os.utime(path, ns=(1, 1))  # touched or copied: the same data, still resumable
+    checkpoint.check_compatible(tmp_path / "ck", saved, record.data_identity([read_source("main", str(path))]))
+    checkpoint.check_compatible(tmp_path / "ck", {}, saved)  # a checkpoint from before data files were recorded
+    path.write_text(path.read_text().replace("q7", "q8"))
+    now = record.data_identity([read_source("main", str(path))])
+    with pytest.raises(UserError, match=f"the data file of source 'main' changed since the checkpoint was written "
+                                        f"\\(then: {path}: .*; now: {path}: "):
+        checkpoint.check_compatible(tmp_path / "ck", saved, now)
+
+
+def test_sharded_checkpoints_on_another_world_size_are_refused_naming_the_way():
+    from train.errors import UserError
+
+    for strategy, hint in (("deepspeed", "ds_to_universal"), ("fsdp2", "not supported yet")):
+        saved, now = {"dist.strategy": strategy, "world_size": 2}, {"dist.strategy": strategy, "world_size": 1}
+        message = f"on 1 ranks: it was written by dist.strategy={strategy} on 2 ranks.*{hint}"
+        with pytest.raises(UserError, match=message):
+            checkpoint.check_compatible(Path("ck"), saved, now)
+    checkpoint.check_compatible(Path("ck"), {"dist.strategy": "ddp", "world_size": 2},
+                                {"dist.strategy": "ddp", "world_size": 1})
 
 
 class FailingEngine:
@@ -377,3 +408,41 @@ def test_a_signal_during_the_final_evaluation_is_a_preemption_and_the_requeue_on
     assert f"resumed from {run / 'checkpoints' / 'step-00000005'} at step 5" in said
     assert "eval after training" in said and max(losses(run)) == 5
     assert_same_weights(run, reference)
+
+
+def test_resume_on_another_world_size_ends_where_the_uninterrupted_run_does(tmp_path):
+    """The global batch and the sampler do not depend on the world size, so a checkpoint taken on 2
+    ranks resumes on 1 and the reverse (DDP). Dropout off (a copy of the tiny BERT with its dropout
+    probabilities at 0): each rank's dropout stream cannot be carried over to another layout, and
+    without dropout the step's gradient is the global batch's on any number of ranks."""
+    from helpers import max_rel_diff
+
+    from train import assets
+
+    model = tmp_path / "tiny-bert"
+    shutil.copytree(assets.path("tiny-bert"), model)
+    config = json.loads((model / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (model / "config.json").write_text(json.dumps(config))
+    common = [f"model.path={model}", "dist=ddp"]
+
+    def single(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "train", *TWO, *common, *args], capture_output=True, text=True,
+                              timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    runs = [single(f"hydra.run.dir={one}"), finish(torchrun(*common, f"hydra.run.dir={two}"))]
+    assert all(r.returncode == 0 for r in runs), [r.stderr[-2000:] for r in runs]
+    for source, resume in ((two, single), (one, lambda *a: finish(torchrun(*common, *a)))):
+        run = tmp_path / f"from-{source.name}"
+        shutil.copytree(source / "checkpoints" / "step-00000004", run / "checkpoints" / "step-00000004")
+        out = resume(f"hydra.run.dir={run}", "trainer.resume=auto")
+        assert out.returncode == 0, out.stderr[-3000:]
+        sizes = (2, 1) if source == two else (1, 2)
+        assert f"(written on {sizes[0]} ranks, resumed on {sizes[1]})" in out.stderr
+        for reference in (one, two):
+            assert losses(run) == pytest.approx({s: v for s, v in losses(reference).items() if s > 4}, rel=1e-5)
+            # Per tensor, relative to its largest entry with a floor (helpers.max_rel_diff): a tensor that
+            # training leaves at ~0 (attention key biases) holds only rounding noise.
+            worst = max_rel_diff(weights(run), weights(reference))
+            assert worst < 1e-4, (source.name, reference.name, worst)

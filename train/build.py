@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from train import checkpoint, dist, engines, mining, record
 from train.boundary import first_line, library_errors, optimizer_error, reading
 from train.config import recipe_name
-from train.data import ALIASES, Mixture, Source, read_source
+from train.data import ALIASES, Mixture, Source, check_shapes, read_source
 from train.errors import UserError
 from train.evaluate import build_tasks
 from train.log import Logger, say
@@ -114,14 +114,19 @@ def sources(data: DictConfig, loss_cfg: DictConfig) -> list[Source]:
         specs = dict(data.sources)
     if not specs:
         raise UserError("no training data: set data.path=FILE or choose a data config with sources (data=...)")
+    if data.num_proc < 1 or data.num_workers < 0:
+        raise UserError(f"data.num_proc={data.num_proc}, data.num_workers={data.num_workers}: expected num_proc >= 1 "
+                        "and num_workers >= 0")
     out = []
     for name, s in specs.items():
         with reading(f"data source {name!r} ({s.path})", path=s.path, expected="a readable data file"):
             out.append(read_source(name, s.path, fields=dict(s.get("fields") or {}),
                                    num_negatives=s.get("num_negatives"), limit=s.get("limit"),
                                    subset=s.get("subset"), split=s.get("split", "train"),
-                                   data_files=s.get("data_files"), weight=s.get("weight"),
-                                   homogeneous=bool(s.get("homogeneous", False)), instruction=s.get("instruction")))
+                                   data_files=s.get("data_files"), cache_dir=data.cache_dir, num_proc=data.num_proc,
+                                   weight=s.get("weight"), homogeneous=bool(s.get("homogeneous", False)),
+                                   instruction=s.get("instruction")))
+    check_shapes(out, [s.homogeneous for s in out])
     check_fields(data, loss_cfg, out)
     return out
 
@@ -260,6 +265,7 @@ class FitConfig:
     resume_from: list[Path] = field(default_factory=list)  # checkpoints to try, newest first
     identity: dict = field(default_factory=dict)  # settings a checkpoint must share (checkpoint.IDENTITY_KEYS)
     preempt_signals: list[str] = field(default_factory=list)
+    num_workers: int = 0  # threads preparing batches ahead of the step (data.num_workers)
 
 
 @dataclass
@@ -302,8 +308,8 @@ def training(cfg: DictConfig, world: dist.World, run_dir: Path) -> Training:
     resolved = plain(cfg)
     run_record = None
     if world.is_main:
-        run_record = record.write(run_dir, record.data_fingerprints(srcs), world.size,
-                                  str(resume_from[0]) if resume_from else None)
+        fingerprints = record.data_fingerprints(srcs, full=cfg.data.fingerprint == "full")
+        run_record = record.write(run_dir, fingerprints, world.size, str(resume_from[0]) if resume_from else None)
 
     enc = encoder(cfg.model).to(world.device)
     frozen = freeze_unused(enc)  # on the device: the probe's gradients are cheap there
@@ -328,7 +334,8 @@ def training(cfg: DictConfig, world: dist.World, run_dir: Path) -> Training:
         mask_duplicates=cfg.data.mask_duplicates, log_every=t.log_every, eval_before=cfg.eval.before,
         eval_every=cfg.eval.every_steps, eval_batch_size=cfg.eval.batch_size, eval_dims=eval_dims(cfg.eval),
         save_every=t.save_every, keep_last=t.keep_last, resume_from=resume_from,
-        identity=checkpoint.identity(resolved, world.size), preempt_signals=list(t.preempt_signals))
+        identity={**checkpoint.identity(resolved, world.size), **record.data_identity(srcs)},
+        preempt_signals=list(t.preempt_signals), num_workers=cfg.data.num_workers)
     return Training(eng, mixture, srcs, loss(cfg.loss), evaluators, logger, fit, run_dir)
 
 

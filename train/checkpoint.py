@@ -50,6 +50,9 @@ IDENTITY_KEYS = ("seed", "model", "data", "loss", "optim", "trainer.batch_size",
                  "dist.strategy", "dist.zero_stage", "world_size")
 
 
+DATA_FILE = "data_file."  # identity keys of the data files' fingerprints (record.data_identity)
+
+
 def step_dir(root: Path, step: int) -> Path:
     return root / f"step-{step:08d}"
 
@@ -89,6 +92,24 @@ def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
 def check_compatible(path: Path, saved: dict, now: dict) -> None:
     """Refuse a resume whose settings differ from the checkpoint's, naming the first difference."""
     for key in sorted(set(saved) | set(now)):
+        if key == "world_size" and saved.get(key) != now.get(key):
+            # The global batch and the sampler do not depend on the world size, and one process's or
+            # DDP's state is whole (rank 0 wrote it). Sharded states are laid out per rank: ZeRO's
+            # partitions, and FSDP2's shards (torch.distributed.checkpoint can reshard, untested here).
+            if now.get("dist.strategy") in ("deepspeed", "fsdp2"):
+                how = ("or convert it with DeepSpeed's universal checkpoint (deepspeed/checkpoint/ds_to_universal.py), "
+                       "which this trainer does not load" if now["dist.strategy"] == "deepspeed" else
+                       "resharding FSDP2 checkpoints is not supported yet")
+                raise UserError(f"cannot resume from {path} on {now[key]} ranks: it was written by "
+                                f"dist.strategy={now['dist.strategy']} on {saved.get(key)} ranks, whose state is "
+                                f"sharded per rank; resume on {saved.get(key)} ranks, {how}")
+            continue
+        if key.startswith(DATA_FILE):
+            if key in saved and key in now and saved[key] != now[key]:  # older checkpoints recorded none
+                raise UserError(f"cannot resume from {path}: the data file of source {key[len(DATA_FILE):]!r} "
+                                f"changed since the checkpoint was written (then: {saved[key]}; now: {now[key]}); "
+                                "put the file back, or start a fresh run dir")
+            continue
         if saved.get(key) != now.get(key):
             raise UserError(f"cannot resume from {path}: it was written with {key}={saved.get(key)!r}, this run "
                             f"has {key}={now.get(key)!r}; change it back, or start a fresh run dir "

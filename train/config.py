@@ -87,6 +87,11 @@ class Strategy(Choice):
     deepspeed = "deepspeed"
 
 
+class Fingerprint(Choice):
+    sampled = "sampled"
+    full = "full"
+
+
 class TaskKind(Choice):
     sts = "sts"
     retrieval = "retrieval"
@@ -179,6 +184,10 @@ class DataConfig:
     mask_duplicates: bool = True  # drop in-batch candidates that are copies of a positive
     limit: Optional[int] = None  # with `path`: read at most this many records
     require: List[str] = field(default_factory=list)  # fields every source must have: negatives, scores
+    cache_dir: Optional[str] = None  # Arrow cache of local files; None: $TRAIN_DATA_CACHE or $TRAIN_CACHE/data
+    num_proc: int = 1  # processes converting a local .jsonl/.txt file into the Arrow cache (once)
+    num_workers: int = 0  # threads preparing (reading, tokenizing, collating) batches ahead of the step
+    fingerprint: Fingerprint = Fingerprint.sampled  # the run record's hash of each data file (full: reads it all)
 
 
 @dataclass

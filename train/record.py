@@ -5,13 +5,12 @@ the command line, working directory, host, the code's git commit (and whether th
 changes), Python and package versions, and one fingerprint per data source. The resolved config is
 `config.yaml` beside it, metrics are `metrics.jsonl`, the model `model/`.
 
-A data fingerprint hashes the records as read (anchor, positive, negatives, scores), so it identifies a
-Hub dataset as well as a local file; local files also get their sha256.
+A data fingerprint is taken from a local file's metadata and sampled blocks (`data.fingerprint=full`: every
+byte), a hub dataset's from `datasets`' own fingerprint: start-up never reads the corpus for it.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -22,7 +21,9 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+from train import arrow_store
 from train.atomic import write_json
+from train.checkpoint import DATA_FILE
 from train.config import ROOT
 
 PACKAGES = ("torch", "transformers", "accelerate", "deepspeed", "peft", "hydra-core", "omegaconf", "datasets",
@@ -53,33 +54,29 @@ def versions() -> dict[str, str]:
     return out
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def content_fingerprint(source) -> str:
-    """blake2b over a source's records as read: the same data gives the same value wherever it came from."""
-    h = hashlib.blake2b(digest_size=16)
-    for i in range(len(source)):
-        parts = [source.anchors[i], source.positives[i] if source.positives is not None else "",
-                 *(source.negatives[i] if source.negatives else []),
-                 *(map(repr, source.scores[i]) if source.scores is not None else [])]
-        h.update("\x1f".join(parts).encode("utf-8") + b"\x1e")
-    return h.hexdigest()
-
-
-def data_fingerprints(sources) -> dict[str, dict]:
+def data_fingerprints(sources, full: bool = False) -> dict[str, dict]:
+    """Per source: where it came from, its size, and for a local file its size, modification time and
+    a blake2b of sampled blocks (full=True: of the whole file, which reads it all); a hub dataset carries
+    the fingerprint `datasets` gave it. Nothing here reads the records, so it costs the same at any size."""
     out = {}
     for source in sources:
-        entry = {"origin": source.origin, "records": len(source), "content_blake2b": content_fingerprint(source)}
-        path = Path(source.path)
-        if path.is_file():
-            entry["sha256"] = file_sha256(path)
+        entry = {"origin": source.origin, "records": len(source)}
+        if source.path is not None:
+            entry.update(arrow_store.fingerprint(source.path, full))
+        entry.update(source.fingerprint or {})
         out[source.name] = entry
+    return out
+
+
+def data_identity(sources) -> dict[str, str]:
+    """The local data files a checkpoint was trained on, for resume to refuse a changed one: size and
+    sampled blocks, not the modification time (a copy or a `touch` is not a change)."""
+    out = {}
+    for source in sources:
+        if source.path is not None:
+            fp = arrow_store.fingerprint(source.path)
+            digest = fp.get("blake2b") or fp["sampled_blake2b"]
+            out[f"{DATA_FILE}{source.name}"] = f"{source.path}: {fp['size']:,} bytes, blake2b {digest}"
     return out
 
 

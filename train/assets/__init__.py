@@ -344,7 +344,7 @@ def _prepare_wiki(out: Path) -> None:
     (out / "README.md").write_text(
         f"Wikipedia (CC BY-SA): {len(articles)} articles from the sample dumps in the PyPI wheel "
         "gensim==4.4.0 (enwiki-*), redirects and disambiguation pages left out, markup stripped by "
-        "train/wikitext.py.\n"
+        "train/assets/wikitext.py.\n"
         f"sentences.jsonl: {len(texts)} unique sentences of {SENTENCE_WORDS[0]}-{SENTENCE_WORDS[1]} "
         "words, field `text` (SimCSE unsupervised training).\n"
         f"title_passage.jsonl: {len(rows)} weak pairs, fields `query` and `positive` (E5-style): the query "

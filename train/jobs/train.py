@@ -3,7 +3,7 @@
     evaluate the starting model (or restore a checkpoint: weights, optimizer, schedule, data position, RNG)
     for each optimizer step:
         for each accumulated contrastive batch:
-            draw the global batch, keep this rank's slice, tokenize
+            the next global batch's slice of this rank, tokenized ahead (prefetch.py)
             forward + loss + backward (gradient-cached when chunk < batch)   gradcache.py
         clip, step, schedule, zero grad                                      dist.py engine
         log; checkpoint every N steps, or on a preemption signal (then stop); evaluate every N steps
@@ -23,13 +23,14 @@ import torch
 from train import checkpoint, dist
 from train.atomic import write_json
 from train.build import FitConfig, Training
-from train.data import Mixture, Source, collate, shard
+from train.data import Mixture, Source
 from train.embed import embedder
 from train.errors import UserError
 from train.evaluate import run_tasks, side_by_side
 from train.gradcache import contrastive_step
 from train.log import Logger, say
 from train.preempt import Preempted, Watch
+from train.prefetch import Prefetcher
 
 
 def run(t: Training) -> dict:
@@ -84,7 +85,9 @@ def restore(engine, mixture: Mixture, cfg: FitConfig, logger: Logger) -> tuple[i
             checkpoint.check_compatible(folder, meta["identity"], cfg.identity)
             try:
                 engine.load_state(folder)
-                rng = torch.load(folder / f"rng-rank{world.rank}.pt", weights_only=False)  # our own file
+                rng = None  # on another world size each rank's dropout stream starts afresh from the seed
+                if meta["identity"].get("world_size") == world.size:
+                    rng = torch.load(folder / f"rng-rank{world.rank}.pt", weights_only=False)  # our own file
             except Exception as e:  # noqa: BLE001 - any failure to load means: try the previous one
                 problem = f"{type(e).__name__}: {e}"
             if dist.any_rank(int(bool(problem)), world.device):
@@ -95,7 +98,8 @@ def restore(engine, mixture: Mixture, cfg: FitConfig, logger: Logger) -> tuple[i
             continue
         mixture.load_state_dict(meta["mixture"])
         logger.rewind(meta["step"])
-        logger.print(f"resumed from {folder} at step {meta['step']}")
+        moved = f" (written on {meta['identity'].get('world_size')} ranks, resumed on {world.size})"
+        logger.print(f"resumed from {folder} at step {meta['step']}" + (moved if rng is None else ""))
         return meta["step"], meta["before"], rng
     raise UserError(f"trainer.resume: none of the checkpoints loads ({', '.join(str(f) for f in cfg.resume_from)})")
 
@@ -109,16 +113,14 @@ def abandon_newer(world: dist.World, run_dir: Path, step: int, logger: Logger) -
         logger.print(f"set aside {p.name}: newer than the resumed step {step}, kept until this run passes it")
 
 
-def _train_step(engine, mixture: Mixture, sources: Sequence[Source], loss_fn: Callable, logger: Logger,
-                cfg: FitConfig, step: int, tokenize: Callable) -> None:
+def _train_step(engine, data: Prefetcher, loss_fn: Callable, logger: Logger, cfg: FitConfig, step: int) -> None:
     """One optimizer step over `accum_steps` contrastive batches, then its log record."""
     world = engine.world
     t0 = time.perf_counter()
     engine.begin_step()
     losses, padded, real, texts, largest = [], 0, 0, 0, 0
     for micro in range(cfg.accum_steps):
-        picks = shard(mixture.next_batch(), world.rank, world.size)
-        batch = collate(sources, picks, tokenize)
+        batch = data.next()  # this rank's slice of the next global batch, tokenized
         stats = contrastive_step(engine, batch, loss_fn, cfg.chunk_size, cfg.group_by_length,
                                  cfg.mask_duplicates, scale=1.0 / cfg.accum_steps,
                                  reduce=micro == cfg.accum_steps - 1, chunk_tokens=cfg.chunk_tokens,
@@ -135,16 +137,16 @@ def _train_step(engine, mixture: Mixture, sources: Sequence[Source], loss_fn: Ca
     seconds = time.perf_counter() - t0
     logger.train_step(step, {
         "step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-        "examples_per_s": len(picks) * cfg.accum_steps * world.size / seconds,
+        "examples_per_s": len(batch) * cfg.accum_steps * world.size / seconds,
         "padded_tokens_per_text": padded / texts, "real_tokens_per_text": real / texts,
         "chunks": stats.chunks, "largest_chunk_tokens": largest, "seconds": seconds,
+        "data_wait_s": data.take_waited(),
     }, show)
 
 
 def fit(engine, mixture: Mixture, sources: Sequence[Source], loss_fn: Callable, tasks: list, logger: Logger,
         cfg: FitConfig, run_dir: Path) -> dict:
     world = engine.world
-    tokenize = engine.encoder.tokenize
 
     # --- the starting point: a checkpoint, or the model as loaded -----------------------------------
     start, rng = 0, None
@@ -164,9 +166,9 @@ def fit(engine, mixture: Mixture, sources: Sequence[Source], loss_fn: Callable, 
         checkpoint.set_rng_state(rng)  # last: nothing between here and the first step draws from it
     t_start = time.perf_counter()
     watch = Watch(cfg.preempt_signals)
-    with watch:
+    with watch, Prefetcher(mixture, sources, engine.encoder, world.rank, world.size, cfg.num_workers) as data:
         for step in range(start + 1, cfg.max_steps + 1):
-            _train_step(engine, mixture, sources, loss_fn, logger, cfg, step, tokenize)
+            _train_step(engine, data, loss_fn, logger, cfg, step)
             signum = dist.any_rank(watch.signum, world.device)  # any rank's signal stops every rank here
             due = cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps
             if due or (signum and step < cfg.max_steps):

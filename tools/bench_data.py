@@ -1,0 +1,149 @@
+"""The data path at scale: conversion, start-up, memory and time per step against the corpus size.
+
+    python tools/bench_data.py --pairs 1000000 10000000 --dir /tmp/bench_data [--batch 32768] [--steps 3]
+
+For each size it writes a synthetic JSONL corpus of (query, positive) pairs (10 and 20 words from
+a fixed vocabulary, seeded) into --dir if it is not there, then measures, each in a fresh process
+so that peak RSS is that process's own:
+  convert    one-off conversion into the Arrow cache (read + validate + write), seconds, peak RSS
+  start      a cached start: process start -> sources read -> first global batch collated
+             (seconds from the interpreter's start, imports included), peak RSS
+  step       data time per step at --batch (draw the global batch, read, tokenize, collate; 1 rank, in line)
+  texts/s    read + tokenize + collate alone with 0, 1 and 2 prefetch threads (2 texts per pair):
+             --texts-batches batches of --texts-batch pairs, timed from the prefetcher's start
+  memory     peak RSS, and at the end private (RssAnon) and file-backed (RssFile) resident memory
+Tokenizer: the shipped MiniLM's (through the tiny BERT, whose tokenizer it is). Keep --dir outside
+the repo; delete the corpora when done (a 10M-pair corpus is about 1.9 GB, its cache as much).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+T_START = time.perf_counter()
+
+
+def write_corpus(path: Path, pairs: int) -> None:
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    vocab = np.array([f"w{i}" for i in range(30_000)])
+    tmp = path.with_suffix(".part")
+    with open(tmp, "w") as f:
+        for start in range(0, pairs, 100_000):
+            n = min(100_000, pairs - start)
+            words = vocab[rng.integers(0, len(vocab), size=(n, 30))]
+            f.write("".join(json.dumps({"query": " ".join(w[:10]), "positive": " ".join(w[10:])}) + "\n"
+                            for w in words.tolist()))
+    tmp.replace(path)
+
+
+def peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def resident_mb() -> dict:
+    """Now: private (anonymous) memory and file-backed pages (the memory-mapped Arrow parts among them:
+    page cache, shared by the ranks of a node, dropped under pressure), in MiB."""
+    status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+    return {k: int(status[k].split()[0]) / 1024 for k in ("RssAnon", "RssFile")}
+
+
+def measure(args) -> dict:
+    """One phase in this process; prints a JSON line."""
+    from train import assets
+    from train.data import Mixture, read_source
+    from train.model import load_encoder
+    from train.prefetch import Prefetcher
+
+    out: dict = {}
+    t = time.perf_counter()
+    source = read_source("bench", args.corpus, cache_dir=args.cache, num_proc=args.num_proc)
+    out["read_s"] = time.perf_counter() - t
+    if args.phase == "convert":
+        return {**out, "peak_rss_mb": peak_mb(), "rows": len(source), **resident_mb()}
+    encoder = load_encoder(str(assets.path("tiny-bert")), pooling="mean", max_length=32)
+    if args.phase == "texts":
+        # Throughput: K batches counted from the prefetcher's start, so that the batches the threads
+        # prepare ahead are not counted as free (up to 2 x workers more than K are in flight at the end).
+        mixture = Mixture(sizes=[len(source)], weights=[None], homogeneous=[False], batch_size=args.texts_batch,
+                          seed=0)
+        t = time.perf_counter()
+        with Prefetcher(mixture, [source], encoder, 0, 1, args.workers[0]) as data:
+            for _ in range(args.texts_batches):
+                data.next()
+            seconds = time.perf_counter() - t
+        return {**out, "texts_per_s": 2 * args.texts_batch * args.texts_batches / seconds, "peak_rss_mb": peak_mb(),
+                **resident_mb(), "load_average": os.getloadavg()}
+    mixture = Mixture(sizes=[len(source)], weights=[None], homogeneous=[False], batch_size=args.batch, seed=0)
+    with Prefetcher(mixture, [source], encoder, 0, 1, 0) as data:
+        t = time.perf_counter()
+        data.next()
+        out["first_batch_s"] = time.perf_counter() - t
+        out["start_to_first_batch_s"] = time.perf_counter() - T_START
+        t = time.perf_counter()
+        for _ in range(args.steps):
+            data.next()
+        per_step = (time.perf_counter() - t) / args.steps
+    out.update(data_s_per_step=per_step, peak_rss_mb=peak_mb(), **resident_mb(), load_average=os.getloadavg())
+    return out
+
+
+def run_phase(corpus: Path, cache: Path, phase: str, args, workers: int = 0) -> dict:
+    cmd = [sys.executable, __file__, "--measure", phase, "--corpus", str(corpus), "--cache", str(cache),
+           "--batch", str(args.batch), "--steps", str(args.steps), "--workers", str(workers),
+           "--num-proc", str(args.num_proc), "--texts-batch", str(args.texts_batch),
+           "--texts-batches", str(args.texts_batches)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if done.returncode:
+        raise SystemExit(done.stderr[-3000:])
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pairs", type=int, nargs="+", default=[1_000_000])
+    p.add_argument("--dir", default="/tmp/bench_data")
+    p.add_argument("--batch", type=int, default=32_768)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--num-proc", type=int, default=1)
+    p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--texts-batch", type=int, default=4096, help="pairs per batch of the texts/s measure")
+    p.add_argument("--texts-batches", type=int, default=16, help="batches of the texts/s measure")
+    p.add_argument("--phases", default="convert,start,texts")
+    p.add_argument("--measure", help=argparse.SUPPRESS)
+    p.add_argument("--corpus", help=argparse.SUPPRESS)
+    p.add_argument("--cache", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.measure:
+        args.phase = args.measure
+        print(json.dumps(measure(args)))
+        return
+    root = Path(args.dir)
+    root.mkdir(parents=True, exist_ok=True)
+    for pairs in args.pairs:
+        corpus = root / f"pairs_{pairs}.jsonl"
+        if not corpus.exists():
+            t = time.perf_counter()
+            write_corpus(corpus, pairs)
+            print(f"wrote {corpus} ({corpus.stat().st_size / 2**30:.2f} GiB) in {time.perf_counter() - t:.0f} s",
+                  flush=True)
+        cache = root / f"cache_{pairs}"
+        row: dict = {"pairs": pairs}
+        for phase in ("convert", "start"):
+            if phase in args.phases:
+                row[phase] = run_phase(corpus, cache, phase, args)
+        if "texts" in args.phases:
+            row["texts"] = {w: run_phase(corpus, cache, "texts", args, w) for w in args.workers}
+        print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""This rank's batches prepared ahead of the step: read, tokenized and collated in worker threads.
+
+    Prefetcher(mixture, sources, encoder, rank, world, workers).next() -> Batch     (in order)
+
+The global batches are still drawn in order from a copy of the mixture (it is a pure function of
+step and cursors, so drawing ahead changes nothing); only the reading and tokenizing of this rank's
+slice runs in the threads. The trainer's own mixture is advanced to a batch's position when that
+batch is handed out, so a checkpoint records what was trained on, not what was prepared.
+
+Threads, not processes: Arrow reads and the fast tokenizers run in native code that releases the
+GIL, and threads share the memory-mapped sources at no cost. Each thread tokenizes with its own copy
+of the tokenizer: a Rust tokenizer whose settings are changed (truncation on for texts, off for a
+prompt alone) while another thread encodes with it fails with "Already borrowed".
+
+Token ids stay unpadded lists: chunks are padded (and moved to the device) by the gradient cache on
+the training thread, so there is no batch tensor to pin here.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Sequence
+
+from train.data import Batch, Mixture, Source, collate, shard
+
+
+class Prefetcher:
+    def __init__(self, mixture: Mixture, sources: Sequence[Source], encoder, rank: int, world: int, workers: int):
+        self.mixture, self.sources, self.encoder, self.rank, self.world = mixture, sources, encoder, rank, world
+        self.waited = 0.0  # seconds next() spent waiting for data since the last take_waited()
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="prefetch") if workers else None
+        self.ahead = copy.deepcopy(mixture)  # draws the batches being prepared
+        self.queue: deque[tuple[Future, dict]] = deque()
+        self.depth = 2 * workers  # batches in flight: each worker busy, one more waiting per worker
+        self.local = threading.local()
+        for _ in range(self.depth):
+            self._submit()
+
+    def _tokenize(self, texts, side=None, **kw):
+        if not hasattr(self.local, "encoder"):  # this thread's own tokenizer (see the module docstring)
+            own = copy.copy(self.encoder)
+            own.tokenizer = copy.deepcopy(self.encoder.tokenizer)
+            self.local.encoder = own
+        return self.local.encoder.tokenize(texts, side, **kw)
+
+    def _submit(self) -> None:
+        picks = shard(self.ahead.next_batch(), self.rank, self.world)
+        self.queue.append((self.pool.submit(collate, self.sources, picks, self._tokenize), self.ahead.state_dict()))
+
+    def next(self) -> Batch:
+        t0 = time.perf_counter()
+        if self.pool is None:  # in line: the step waits for all of it
+            batch = collate(self.sources, shard(self.mixture.next_batch(), self.rank, self.world),
+                            self.encoder.tokenize)
+        else:
+            future, state = self.queue.popleft()
+            batch = future.result()  # re-raises a worker's error (a bad row) here, in the training thread
+            self.mixture.load_state_dict(state)
+            self._submit()
+        self.waited += time.perf_counter() - t0
+        return batch
+
+    def take_waited(self) -> float:
+        waited, self.waited = self.waited, 0.0
+        return waited
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> Prefetcher:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
