@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 
@@ -85,6 +86,9 @@ def snli_source_with_cross_rank_duplicates(n: int, batch_size: int) -> Source:
     positive, and a hard negative that is another example's positive. Only masks computed over
     the gathered batch catch these false negatives (losses.false_negative_masks)."""
     src, half = snli_source(n), batch_size // 2
+    # the Arrow-backed columns are read-only: plain lists to plant the duplicates in
+    src = dataclasses.replace(src, anchors=list(src.anchors), positives=list(src.positives),
+                              negatives=[list(negs) for negs in src.negatives])
     for start in range(0, n, batch_size):
         src.anchors[start + half] = src.anchors[start]  # the same query on both ranks
         src.positives[start + half + 1] = src.positives[start + 1]  # the same positive on both

@@ -424,7 +424,7 @@ def test_resume_on_another_world_size_ends_where_the_uninterrupted_run_does(tmp_
     config = json.loads((model / "config.json").read_text())
     config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     (model / "config.json").write_text(json.dumps(config))
-    common = [f"model.path={model}", "dist=ddp"]
+    common = [f"model.path={model}", "dist=ddp", "trainer.keep_last=3"]  # 4, 8 and the final 12 kept
 
     def single(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "train", *TWO, *common, *args], capture_output=True, text=True,
@@ -444,5 +444,7 @@ def test_resume_on_another_world_size_ends_where_the_uninterrupted_run_does(tmp_
             assert losses(run) == pytest.approx({s: v for s, v in losses(reference).items() if s > 4}, rel=1e-5)
             # Per tensor, relative to its largest entry with a floor (helpers.max_rel_diff): a tensor that
             # training leaves at ~0 (attention key biases) holds only rounding noise.
+            # Adam turns rounding noise of the other reduction order into full-size steps on entries
+            # whose gradient is ~0: measured 1.1e-4 here (2 -> 1 against the 1-rank run), so 3e-4.
             worst = max_rel_diff(weights(run), weights(reference))
-            assert worst < 1e-4, (source.name, reference.name, worst)
+            assert worst < 3e-4, (source.name, reference.name, worst)
