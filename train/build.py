@@ -64,7 +64,7 @@ def encoder(m: DictConfig) -> Encoder:
             truncate_dim=m.truncate_dim, bidirectional=m.bidirectional, pool_prompt=m.pool_prompt,
             instruction_template=m.instruction_template, latents=m.latents, latent_heads=m.latent_heads,
             lora_config=plain(m.lora), gradient_checkpointing=m.gradient_checkpointing, quantization=m.quantization,
-            save_max_length=m.save_max_length)
+            save_max_length=m.save_max_length, head=plain_str(m.head))
     except UserError as e:  # name the recipe: a later stage often points at an earlier stage's run
         raise UserError(f"recipe {recipe_name()}: {e}") from e
     except library_errors() as e:  # a folder that transformers, safetensors or tokenizers cannot read
@@ -180,10 +180,12 @@ def check_loss(loss_cfg: DictConfig, eval_cfg: DictConfig, dim: int) -> None:
 
 
 def check_strategy(cfg: DictConfig) -> None:
-    """LoRA adapters and latent-attention weights are saved from the unsharded module."""
+    """LoRA adapters, latent-attention weights and the MLP head are saved from the unsharded module."""
     sharded = cfg.dist.strategy == "fsdp2" or (cfg.dist.strategy == "deepspeed" and cfg.dist.zero_stage == 3)
-    if sharded and (cfg.model.lora is not None or cfg.model.pooling == "latent"):
-        what = "model.lora" if cfg.model.lora is not None else "model.pooling=latent"
+    head = cfg.model.head not in (None, "none")
+    if sharded and (cfg.model.lora is not None or cfg.model.pooling == "latent" or head):
+        what = ("model.lora" if cfg.model.lora is not None else f"model.head={cfg.model.head}" if head
+                else "model.pooling=latent")
         raise UserError(f"{what} with dist.strategy={cfg.dist.strategy}"
                         f"{' zero_stage=3' if cfg.dist.strategy == 'deepspeed' else ''} is not supported: "
                         "use dist.strategy=ddp (LoRA keeps the trainable state small enough for it)")

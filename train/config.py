@@ -50,6 +50,14 @@ class Pooling(Choice):
     echo = "echo"  # echo embeddings (train/llm.py)
 
 
+class Head(Choice):
+    """SimCSE's MLP over the pooled embedding (arXiv 2104.08821, pooling ablation, Table 6)."""
+
+    none = "none"
+    mlp = "mlp"  # kept at test time: saved as a sentence-transformers Dense module (supervised SimCSE)
+    mlp_train = "mlp_train"  # training only, left out of the saved model (unsupervised SimCSE)
+
+
 class Dtype(Choice):
     float32 = "float32"
     bfloat16 = "bfloat16"
@@ -148,6 +156,7 @@ class ModelConfig:
     # folder's own (its sentence_bert_config.json), else max_length
     save_max_length: Optional[int] = None
     prompts: Optional[Dict[str, str]] = None  # {query: "query: ", passage: "passage: "}; None: the folder's
+    head: Optional[Head] = None  # none | mlp | mlp_train (a dense layer + tanh); None: the folder's, else none
     dtype: Dtype = Dtype.float32  # weights
     attn_implementation: Optional[Attention] = None  # None: transformers' default
     truncate_dim: Optional[int] = None  # keep the first N dimensions (a Matryoshka-trained model), re-normalised
@@ -192,7 +201,7 @@ class DataConfig:
 
 @dataclass
 class LossConfig:
-    temperature: float = 0.05  # SimCSE (arXiv 2104.08552): 0.05
+    temperature: float = 0.05  # SimCSE (arXiv 2104.08821): 0.05
     symmetric: bool = False  # add the passage -> query direction
     infonce_weight: float = 1.0
     distill_weight: float = 0.0  # KL to teacher scores over each query's candidates (E5: 1.0, InfoNCE 0.2)
