@@ -200,3 +200,15 @@ def test_e5_finetune_steps_are_three_epochs_of_ms_marco(compose):
     cfg = compose(["recipe=e5_finetune"])
     assert cfg.trainer.batch_size == 256
     assert cfg.trainer.max_steps == math.ceil(3 * 502_939 / 256)  # 5,894
+
+
+@pytest.mark.parametrize("head, dense", [("mlp", True), ("mlp_train", False)])
+def test_simcse_head_trains_and_is_saved_as_its_variant_says(compose, tmp_path, head, dense):
+    from sentence_transformers import SentenceTransformer
+
+    overrides = [o for o in tiny_overrides(compose, "simcse_sup", tmp_path) if not o.startswith("eval.tasks.")]
+    cfg = compose([*overrides, "eval=none", "model.pooling=cls", f"model.head={head}"])
+    run(cfg, tmp_path)
+    saved = tmp_path / "model"
+    assert (saved / "2_Dense" / "model.safetensors").exists() == dense
+    assert SentenceTransformer(str(saved), device="cpu").encode(["a test"]).shape == (1, 32)
