@@ -27,7 +27,7 @@ import torch
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
-from train import checkpoint, dist, engines, mining, record
+from train import card, checkpoint, dist, engines, mining, record
 from train.boundary import first_line, library_errors, optimizer_error, reading
 from train.config import recipe_name
 from train.data import ALIASES, Mixture, Source, check_shapes, read_source
@@ -282,6 +282,41 @@ class Training:
     logger: Logger
     fit: FitConfig
     run_dir: Path
+    card: card.CardInfo | None = None  # rank 0: what model/README.md says besides the results
+
+
+def given_overrides() -> list[str]:
+    """The command line's overrides of this Hydra run; [] outside one (called from Python)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:
+        return []
+
+
+def card_info(cfg: DictConfig, run_dir: Path, run_record: dict, enc: Encoder, world_size: int) -> card.CardInfo:
+    overrides = []
+    for given in given_overrides():
+        key, _, value = given.lstrip("+~").partition("=")
+        node = OmegaConf.select(cfg, key, default=None)
+        resolved = value if node is None or OmegaConf.is_dict(node) else plain(node) if OmegaConf.is_list(node) \
+            else node  # a group choice (data=...) is itself the resolved value
+        overrides.append((given, str(resolved)))
+    spec, t = enc.spec, cfg.trainer
+    model = {"pooling": spec.pooling, "normalize": spec.normalize, "head": spec.head, "dimension": enc.dim,
+             "max_seq_length (saved)": spec.save_max_length or spec.max_length,
+             "max_length (training)": spec.max_length, "prompts": dict(spec.prompts) or "none"}
+    training_values = {"steps": t.max_steps, "global batch": t.batch_size, "world size": world_size,
+                       "strategy": str(cfg.dist.strategy), "lr": cfg.optim.lr,
+                       "weight decay": cfg.optim.weight_decay, "schedule": f"{t.schedule}, warmup {t.warmup_ratio}",
+                       "loss": ", ".join(f"{k} {v}" for k, v in plain(cfg.loss).items() if v is not None)}
+    tasks = {name: {"kind": str(task.kind), "path": task.path, "limit": task.limit}
+             for name, task in cfg.eval.tasks.items()}
+    return card.CardInfo(name=run_dir.resolve().name, recipe=recipe_name(), command=run_record["command"],
+                         base_model=str(cfg.model.path), overrides=overrides, model=model, training=training_values,
+                         data=run_record.get("data") or {}, tasks=tasks, git=run_record.get("git"),
+                         versions=run_record.get("versions") or {})
 
 
 def training(cfg: DictConfig, world: dist.World, run_dir: Path) -> Training:
@@ -338,7 +373,8 @@ def training(cfg: DictConfig, world: dist.World, run_dir: Path) -> Training:
         save_every=t.save_every, keep_last=t.keep_last, resume_from=resume_from,
         identity={**checkpoint.identity(resolved, world.size), **record.data_identity(srcs)},
         preempt_signals=list(t.preempt_signals), num_workers=cfg.data.num_workers)
-    return Training(eng, mixture, srcs, loss(cfg.loss), evaluators, logger, fit, run_dir)
+    info = card_info(cfg, run_dir, run_record, enc, world.size) if world.is_main else None
+    return Training(eng, mixture, srcs, loss(cfg.loss), evaluators, logger, fit, run_dir, info)
 
 
 @dataclass

@@ -235,10 +235,11 @@ class Encoder(nn.Module):
 
     # --- saving --------------------------------------------------------------------------------
 
-    def save(self, out: str | Path, state_dict: dict | None = None) -> Path:
+    def save(self, out: str | Path, state_dict: dict | None = None, texts: dict[str, str] | None = None) -> Path:
         """Write a sentence-transformers folder atomically: a temp folder, then a rename.
 
-        `state_dict` replaces the module's own (a consolidated FSDP/ZeRO-3 state dict).
+        `state_dict` replaces the module's own (a consolidated FSDP/ZeRO-3 state dict); `texts`
+        are more files of the folder (README.md: the model card), written inside the same rename.
         """
         adapter = lora.is_lora(self.backbone)  # build.check_strategy keeps these off sharded strategies
         with atomic_folder(out) as tmp:
@@ -259,6 +260,8 @@ class Encoder(nn.Module):
 
                     save_file({k: v.detach().cpu().contiguous() for k, v in self.latent.state_dict().items()},
                               folder / LATENT_FILE)
+            for name, text in (texts or {}).items():
+                (tmp / name).write_text(text, encoding="utf-8")
         return Path(out)
 
 

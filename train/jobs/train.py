@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from train import checkpoint, dist
+from train import card, checkpoint, dist
 from train.atomic import write_json
 from train.build import FitConfig, Training
 from train.data import Mixture, Source
@@ -35,7 +35,7 @@ from train.prefetch import Prefetcher
 
 def run(t: Training) -> dict:
     try:
-        return fit(t.engine, t.mixture, t.sources, t.loss_fn, t.tasks, t.logger, t.fit, t.run_dir)
+        return fit(t.engine, t.mixture, t.sources, t.loss_fn, t.tasks, t.logger, t.fit, t.run_dir, t.card)
     finally:
         t.logger.close()
 
@@ -145,7 +145,7 @@ def _train_step(engine, data: Prefetcher, loss_fn: Callable, logger: Logger, cfg
 
 
 def fit(engine, mixture: Mixture, sources: Sequence[Source], loss_fn: Callable, tasks: list, logger: Logger,
-        cfg: FitConfig, run_dir: Path) -> dict:
+        cfg: FitConfig, run_dir: Path, card_info: card.CardInfo | None = None) -> dict:
     world = engine.world
 
     # --- the starting point: a checkpoint, or the model as loaded -----------------------------------
@@ -181,11 +181,11 @@ def fit(engine, mixture: Mixture, sources: Sequence[Source], loss_fn: Callable, 
                 logger.write({"step": step, "eval": metrics})
                 logger.print(f"eval at step {step}:\n" + side_by_side(before, metrics))
         train_seconds = time.perf_counter() - t_start
-        return _finish(engine, mixture, tasks, logger, cfg, run_dir, before, start, watch, train_seconds)
+        return _finish(engine, mixture, tasks, logger, cfg, run_dir, before, start, watch, train_seconds, card_info)
 
 
 def _finish(engine, mixture: Mixture, tasks: list, logger: Logger, cfg: FitConfig, run_dir: Path, before,
-            start: int, watch: Watch, train_seconds: float) -> dict:
+            start: int, watch: Watch, train_seconds: float, card_info: card.CardInfo | None = None) -> dict:
     """The end of the run, still under the preemption handlers: a checkpoint at max_steps first, so a
     signal during the final evaluation, the LoRA merge or the save loses no step and exits to be
     requeued; the requeued run resumes at max_steps, trains nothing and does only this."""
@@ -210,7 +210,8 @@ def _finish(engine, mixture: Mixture, tasks: list, logger: Logger, cfg: FitConfi
 
     def save_model() -> None:
         if world.is_main:
-            engine.encoder.save(out, state_dict=state or None)
+            texts = {"README.md": card.render(card_info, before, after)} if card_info else None
+            engine.encoder.save(out, state_dict=state or None, texts=texts)
             summary = {"before": before, "after": after, "train_seconds": train_seconds, "steps": cfg.max_steps,
                        "world_size": world.size, "model": str(out)}
             write_json(run_dir / "eval.json", summary)
