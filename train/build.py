@@ -32,7 +32,7 @@ from train.boundary import first_line, library_errors, optimizer_error, reading
 from train.config import recipe_name
 from train.data import ALIASES, Mixture, Source, check_shapes, read_source
 from train.errors import UserError
-from train.evaluate import build_tasks
+from train.evaluate import build_tasks, metric_names
 from train.log import Logger, say
 from train.lora import trainable_share
 from train.losses import embedding_loss
@@ -157,6 +157,23 @@ def eval_dims(eval_cfg: DictConfig) -> list[int] | None:
     return list(eval_cfg.dims) if eval_cfg.dims else None
 
 
+def check_selection(eval_cfg: DictConfig, evaluators: list) -> None:
+    """eval.every / eval.select / eval.keep_last: refused up front when they cannot work together."""
+    if eval_cfg.every < 0:
+        raise UserError(f"eval.every={eval_cfg.every}: expected 0 (before and after only) or a number of steps")
+    if eval_cfg.keep_last and not eval_cfg.select:
+        raise UserError("eval.keep_last=true saves the last step beside the selected one: set eval.select=METRIC")
+    if not eval_cfg.select:
+        return
+    if not eval_cfg.every:
+        raise UserError(f"eval.select={eval_cfg.select} chooses among the evaluations during training: "
+                        "set eval.every=N (steps)")
+    names = metric_names(evaluators, eval_dims(eval_cfg))
+    if eval_cfg.select not in names:
+        raise UserError(f"eval.select={eval_cfg.select}: not a metric of the evaluation tasks; expected one of "
+                        f"{', '.join(names) or '(none: no eval.tasks)'}")
+
+
 def lengths_line(spec) -> str:
     """Training truncation and the saved model's inference length differ on purpose: both are said."""
     kept = spec.save_max_length or spec.max_length
@@ -262,6 +279,8 @@ class FitConfig:
     eval_dims: list[int] | None = None  # Matryoshka prefixes also evaluated
     chunk_tokens: int | None = None  # padded tokens per forward pass; None: chunk_size alone
     gather_queries: bool = True  # the loss reads other ranks' queries (loss.symmetric)
+    select: str | None = None  # a metric: model/ is the best evaluated step by it
+    keep_last_model: bool = False  # with select: the last step's model as model-last/ too
     save_every: int = 0  # checkpoint every N steps; 0: only on a preemption signal
     keep_last: int = 2
     resume_from: list[Path] = field(default_factory=list)  # checkpoints to try, newest first
@@ -341,6 +360,7 @@ def training(cfg: DictConfig, world: dist.World, run_dir: Path) -> Training:
     check_optim(cfg.optim, t)
     if cfg.dist.strategy == "deepspeed" and cfg.dist.deepspeed_config:
         engines.read_deepspeed_file(cfg.dist.deepspeed_config)
+    check_selection(cfg.eval, evaluators)
     resume_from = checkpoint.candidates(t.resume, run_dir)
     resolved = plain(cfg)
     run_record = None
@@ -369,7 +389,8 @@ def training(cfg: DictConfig, world: dist.World, run_dir: Path) -> Training:
         accum_steps=t.accum_steps,
         group_by_length=t.group_by_length,
         mask_duplicates=cfg.data.mask_duplicates, log_every=t.log_every, eval_before=cfg.eval.before,
-        eval_every=cfg.eval.every_steps, eval_batch_size=cfg.eval.batch_size, eval_dims=eval_dims(cfg.eval),
+        eval_every=cfg.eval.every, eval_batch_size=cfg.eval.batch_size, eval_dims=eval_dims(cfg.eval),
+        select=cfg.eval.select, keep_last_model=cfg.eval.keep_last,
         save_every=t.save_every, keep_last=t.keep_last, resume_from=resume_from,
         identity={**checkpoint.identity(resolved, world.size), **record.data_identity(srcs)},
         preempt_signals=list(t.preempt_signals), num_workers=cfg.data.num_workers)

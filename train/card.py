@@ -102,7 +102,9 @@ def _kv(d: dict) -> list[str]:
 def render(info: CardInfo, before: dict[str, float] | None, after: dict[str, float],
            best: dict | None = None) -> str:
     """The card's text. `best`: {"step", "metric", "metrics"} when a step was selected during training."""
-    front = yaml.safe_dump(metadata(info, after), sort_keys=False, allow_unicode=True, width=1000)
+    # the metadata's results are those of the model in this folder: the selected step's, when one was
+    front = yaml.safe_dump(metadata(info, best["metrics"] if best else after), sort_keys=False,
+                           allow_unicode=True, width=1000)
     lines = ["---", front.rstrip(), "---", "", f"# {info.name}", "",
              f"A sentence-transformers model trained with `train` (recipe `{info.recipe}`) from "
              f"`{info.base_model}`.", "", "## Usage", "", "```python",

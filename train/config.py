@@ -103,6 +103,7 @@ class Fingerprint(Choice):
 class TaskKind(Choice):
     sts = "sts"
     retrieval = "retrieval"
+    pairs = "pairs"  # retrieval from a (query, positive) JSONL: each query's own positive among the cut's
 
 
 class WandbMode(Choice):
@@ -258,7 +259,11 @@ class EvalTaskConfig:
 class EvalConfig:
     tasks: Dict[str, EvalTaskConfig] = field(default_factory=dict)
     before: bool = True  # evaluate the starting model too, for a before/after table
-    every_steps: int = 0  # also evaluate every N steps; 0: before and after only
+    every: int = 0  # also evaluate every N steps during training (sharded over the ranks); 0: before and after only
+    # a metric ("snli_sts/spearman", higher is better): with `every`, model/ is the evaluated step
+    # where it was highest (the last step included), not simply the last one (SimCSE: STS-B dev)
+    select: Optional[str] = None
+    keep_last: bool = False  # with select: also save the last step's model, as model-last/
     batch_size: int = 256
     dims: Optional[List[int]] = None  # also evaluate these embedding prefixes (Matryoshka)
 
