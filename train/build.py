@@ -27,7 +27,7 @@ import torch
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
-from train import card, checkpoint, dist, engines, mining, record
+from train import card, checkpoint, dist, engines, mining, mteb_eval, record
 from train.boundary import first_line, library_errors, optimizer_error, reading
 from train.config import recipe_name
 from train.data import ALIASES, Mixture, Source, check_shapes, read_source
@@ -405,15 +405,20 @@ class Evaluation:
     batch_size: int
     dims: list[int] | None
     model: str  # as the user named it
+    mteb_tasks: list = field(default_factory=list)  # eval=mteb: mteb task objects (train/mteb_eval.py)
+    mteb_instructions: bool = False
 
 
 def evaluation(cfg: DictConfig, world: dist.World) -> Evaluation:
     evaluators = tasks(cfg.eval)
-    if not evaluators:
-        raise UserError("recipe=eval has no tasks: choose an eval config (eval=snli) or set eval.tasks")
+    m = cfg.eval.mteb
+    mteb_tasks = mteb_eval.resolve(list(m.tasks), m.benchmark) if m is not None else []  # before the model loads
+    if not evaluators and not mteb_tasks:
+        raise UserError("recipe=eval has no tasks: choose an eval config (eval=snli, eval=mteb) or set eval.tasks")
     enc = encoder(cfg.model).to(world.device).eval()
     check_loss(cfg.loss, cfg.eval, enc.dim)
-    return Evaluation(enc, evaluators, cfg.eval.batch_size, eval_dims(cfg.eval), cfg.model.path)
+    return Evaluation(enc, evaluators, cfg.eval.batch_size, eval_dims(cfg.eval), cfg.model.path, mteb_tasks,
+                      bool(m.instructions) if m is not None else False)
 
 
 @dataclass

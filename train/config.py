@@ -256,8 +256,18 @@ class EvalTaskConfig:
 
 
 @dataclass
+class MtebConfig:
+    """recipe=eval eval=mteb: the mteb package's tasks (train/mteb_eval.py); one of tasks or benchmark."""
+
+    tasks: List[str] = field(default_factory=list)  # mteb task names (its mock tasks too: MockRetrievalTask)
+    benchmark: Optional[str] = None  # an mteb benchmark name: "MTEB(eng, v2)", "BEIR"
+    instructions: bool = False  # query-side texts get each task's instruction (model.instruction_template)
+
+
+@dataclass
 class EvalConfig:
     tasks: Dict[str, EvalTaskConfig] = field(default_factory=dict)
+    mteb: Optional[MtebConfig] = None  # eval=mteb
     before: bool = True  # evaluate the starting model too, for a before/after table
     every: int = 0  # also evaluate every N steps during training (sharded over the ranks); 0: before and after only
     # a metric ("snli_sts/spearman", higher is better): with `every`, model/ is the evaluated step
