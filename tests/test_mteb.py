@@ -112,3 +112,32 @@ def test_a_hub_task_while_offline_is_one_line_naming_task_and_setting(monkeypatc
         mteb_eval.evaluate(tasks, lambda texts, side: torch.ones(len(texts), 4), "x", None)
     assert str(e.value).startswith("eval.mteb: task STSBenchmark needs its data from the Hugging Face Hub, and "
                                    "HF_HUB_OFFLINE=1 and HF_DATASETS_OFFLINE=1 are set")
+
+
+@pytest.mark.parametrize("name, count", [("simcse_sts", 7), ("beir", None), ("mteb_eng", 56)])
+def test_paper_eval_configs_name_real_mteb_tasks_and_their_published_row(compose, name, count):
+    cfg = compose(["recipe=eval", f"eval={name}"])
+    tasks = mteb_eval.resolve(list(cfg.eval.mteb.tasks), cfg.eval.mteb.benchmark)  # no data is loaded
+    assert count is None or len(tasks) == count
+    assert cfg.eval.paper.source and "average" in cfg.eval.paper.scores
+    if name == "simcse_sts":  # SimCSE Table 5, sup-SimCSE-BERT-base: the average is the mean of the seven
+        per_task = [v for k, v in cfg.eval.paper.scores.items() if k != "average"]
+        assert sum(per_task) / 7 == pytest.approx(cfg.eval.paper.scores.average, abs=0.01)
+
+
+def test_paper_vs_run_prints_both_rows(tmp_path):
+    (tmp_path / "mteb").mkdir()
+    paper = "eval:\n  paper:\n    source: a paper\n    scores: {STS12: 75.3, average: 80.0}\n"
+    (tmp_path / "config.yaml").write_text(paper)
+    (tmp_path / "mteb" / "summary.json").write_text(json.dumps(
+        {"tasks": [{"task": "STS12", "type": "STS", "main_score": "cosine_spearman", "score": 0.7}],
+         "by_type": {"STS": 0.7}, "mean": 0.7}))
+    out = subprocess.run([sys.executable, "tools/paper_vs_run.py", str(tmp_path)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == "paper: a paper"
+    assert lines[2].split() == ["STS12", "75.30", "70.00", "-5.30"]
+    assert lines[3].split() == ["average", "80.00", "70.00", "-10.00"]
+    missing = subprocess.run([sys.executable, "tools/paper_vs_run.py", str(tmp_path / "nope")], capture_output=True,
+                             text=True)
+    assert missing.returncode == 2 and missing.stderr.startswith("error: ") and len(missing.stderr.splitlines()) == 1

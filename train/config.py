@@ -265,9 +265,19 @@ class MtebConfig:
 
 
 @dataclass
+class PaperRow:
+    """A paper's published figures for an eval config (x 100, as papers print them), keyed by mteb
+    task name, "average" or "average <task type>"; tools/paper_vs_run.py prints them beside a run's."""
+
+    source: str = MISSING  # paper and table
+    scores: Dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
 class EvalConfig:
     tasks: Dict[str, EvalTaskConfig] = field(default_factory=dict)
     mteb: Optional[MtebConfig] = None  # eval=mteb
+    paper: Optional[PaperRow] = None  # the published row this evaluation reproduces
     before: bool = True  # evaluate the starting model too, for a before/after table
     every: int = 0  # also evaluate every N steps during training (sharded over the ranks); 0: before and after only
     # a metric ("snli_sts/spearman", higher is better): with `every`, model/ is the evaluated step
