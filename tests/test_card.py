@@ -22,7 +22,10 @@ def test_card_from_hand_made_inputs():
     meta = yaml.safe_load(front)
     assert meta["base_model"] == "google-bert/bert-base-uncased"
     assert meta["datasets"] == ["princeton-nlp/datasets-for-simcse"]  # the wiki asset has no Hub name
-    assert meta["model-index"][0]["results"][0]["metrics"] == [{"type": "spearman", "value": 0.625}]
+    # the folder holds the selected step's model: its figures are the metadata's, not the last step's
+    assert meta["model-index"][0]["results"][0]["metrics"] == [{"type": "spearman", "value": 0.7}]
+    plain = yaml.safe_load(render(info, before, after).split("---\n", 2)[1])
+    assert plain["model-index"][0]["results"][0]["metrics"] == [{"type": "spearman", "value": 0.625}]
     assert "| `sts/spearman` | 0.5000 | 0.6250 | +0.1250 | 0.7000 |" in body
     assert "best (step 250)" in body and "`sts` (cut to its first 100)" in body
     assert "| `optim.lr=1e-5` | `1e-05` |" in body and "| wiki |" in body
