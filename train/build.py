@@ -32,7 +32,7 @@ from train.boundary import first_line, library_errors, optimizer_error, reading
 from train.config import recipe_name
 from train.data import ALIASES, Mixture, Source, check_shapes, read_source
 from train.errors import UserError
-from train.evaluate import build_tasks, metric_names
+from train.evaluate import build_tasks, defined_tasks, metric_names
 from train.log import Logger, say
 from train.lora import trainable_share
 from train.losses import embedding_loss
@@ -331,7 +331,7 @@ def card_info(cfg: DictConfig, run_dir: Path, run_record: dict, enc: Encoder, wo
                        "weight decay": cfg.optim.weight_decay, "schedule": f"{t.schedule}, warmup {t.warmup_ratio}",
                        "loss": ", ".join(f"{k} {v}" for k, v in plain(cfg.loss).items() if v is not None)}
     tasks = {name: {"kind": str(task.kind), "path": task.path, "limit": task.limit}
-             for name, task in cfg.eval.tasks.items()}
+             for name, task in defined_tasks(cfg.eval.tasks).items()}  # not the ones tuned for another eval config
     return card.CardInfo(name=run_dir.resolve().name, recipe=recipe_name(), command=run_record["command"],
                          base_model=str(cfg.model.path), overrides=overrides, model=model, training=training_values,
                          data=run_record.get("data") or {}, tasks=tasks, git=run_record.get("git"),
