@@ -39,10 +39,35 @@ def test_quickstart_path_on_real_minilm_saves_a_sentence_transformers_model(tmp_
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 2 + 2  # 2 steps, 2 evaluations
     assert "trainer:" in (run / "config.yaml").read_text()
 
+    card_is_the_runs_own(run, summary)
+
     texts = ["A soccer game with multiple males playing.", "Some men are playing a sport."]
     ours = load_encoder(str(run / "model")).eval()
     st = SentenceTransformer(str(run / "model"), device="cpu")
     assert torch.allclose(st.encode(texts, convert_to_tensor=True), encode(ours, texts, "query"), atol=1e-5)
+
+
+def card_is_the_runs_own(run: Path, summary: dict) -> None:
+    """model/README.md: sentence-transformers metadata, and the run's own figures, data
+    fingerprints, overrides and versions, compared with the files the run wrote beside it."""
+    import yaml
+
+    text = (run / "model" / "README.md").read_text()
+    _, front, body = text.split("---\n", 2)
+    meta = yaml.safe_load(front)
+    assert (meta["library_name"], meta["pipeline_tag"]) == ("sentence-transformers", "sentence-similarity")
+    assert meta["base_model"] == "sentence-transformers/all-MiniLM-L6-v2" and meta["datasets"] == ["stanfordnlp/snli"]
+    assert {"spearman", "ndcg@10"} <= set(meta["metrics"])
+    results = {(r["dataset"]["name"], m["type"]): m["value"] for r in meta["model-index"][0]["results"]
+               for m in r["metrics"]}
+    assert results == {tuple(k.split("/")): round(v, 4) for k, v in summary["after"].items()}
+    before, after = summary["before"]["snli_sts/spearman"], summary["after"]["snli_sts/spearman"]
+    assert f"| `snli_sts/spearman` | {before:.4f} | {after:.4f} | {after - before:+.4f} |" in body
+    record = json.loads((run / "run.json").read_text())
+    fingerprint = {k: v for k, v in record["data"]["main"].items() if k not in ("origin", "records")}
+    assert fingerprint and all(f"{k} `{v}`" in body for k, v in fingerprint.items())
+    assert f"Command: `{record['command']}`" in body and "(recipe `quickstart`)" in body
+    assert "| `data.limit=64` | `64` |" in body and f"- torch {torch.__version__}" in body
 
 
 def test_eval_recipe_evaluates_a_saved_model(tmp_path):

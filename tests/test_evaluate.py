@@ -12,7 +12,7 @@ import torch
 from scipy.stats import spearmanr
 
 from train.errors import UserError
-from train.evaluate import RetrievalTask, StsTask, build_tasks, run_tasks, spearman
+from train.evaluate import PairsTask, RetrievalTask, StsTask, build_tasks, run_tasks, spearman
 from train.retrieval import topk
 
 
@@ -108,3 +108,30 @@ def test_tasks_tuned_for_an_eval_config_that_is_not_chosen_are_left_out(compose)
                             {"tasks": {"snli_st": {"limit": 5}}})
     with pytest.raises(UserError, match=r"eval.tasks.snli_st has settings but no kind: .*\(snli_sts, snli_ir\)"):
         build_tasks(tuned.tasks)
+
+
+def test_pairs_task_is_the_retrieval_task_it_stands_for(tmp_path):
+    """A pairs file as retrieval: "qa" listed twice has both its definitions relevant; "x" is shared
+    by two queries and is one document; limit=3 keeps the first three distinct queries and only
+    their positives. Scored by hand as the same BEIR-layout folder would be."""
+    write(tmp_path / "pairs.jsonl", [{"query": "qa", "positive": "x"}, {"query": "qb", "positive": "y"},
+                                     {"query": "qa", "positive": "z"}, {"query": "qc", "positive": "x"},
+                                     {"query": "qd", "positive": "w"}])
+    table = {"x": [1, 0, 0], "y": [0.8, 0.6, 0], "z": [0.6, 0, 0.8],  # documents of unit length
+             "qa": [1, 0.1, 0], "qb": [1, 0, 0.6], "qc": [0.1, 1, 0]}
+    task = PairsTask("p", str(tmp_path / "pairs.jsonl"), limit=3)
+    assert sorted(task.doc_texts) == ["x", "y", "z"] and task.query_texts == ["qa", "qb", "qc"]
+    m = task(fake_embed(table))
+    # qa: x 1.0, y 0.86, z 0.6 -> relevant x, z at ranks 1, 3
+    # qb: z 1.08, x 1.0, y 0.8 -> relevant y at rank 3
+    # qc: y 0.68, x 0.1, z 0.06 -> relevant x at rank 2
+    ndcg = [(1 + 1 / math.log2(4)) / (1 + 1 / math.log2(3)), 1 / math.log2(4), 1 / math.log2(3)]
+    assert m["ndcg@10"] == pytest.approx(sum(ndcg) / 3)
+    assert m["mrr@10"] == pytest.approx((1 + 1 / 3 + 1 / 2) / 3)
+    assert m["recall@10"] == 1.0
+
+
+def test_pairs_task_without_a_positive_field_is_refused(tmp_path):
+    write(tmp_path / "p.jsonl", [{"query": "a", "text2": "b"}])
+    with pytest.raises(UserError, match=r"p.jsonl:1: a pairs task needs a positive field named one of positive"):
+        PairsTask("p", str(tmp_path / "p.jsonl"))

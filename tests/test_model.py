@@ -119,3 +119,86 @@ def test_st_config_written_in_the_long_standing_layout(tiny_encoder_factory, tmp
                                             "sentence_transformers.models.Normalize"]
     pooling = json.loads((folder / "1_Pooling" / "config.json").read_text())
     assert pooling["pooling_mode_lasttoken"] and not pooling["pooling_mode_mean_tokens"]
+
+
+# --- SimCSE's MLP head ------------------------------------------------------------------------------
+
+
+def _no_dropout(encoder):
+    for m in encoder.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    return encoder
+
+
+def _cls_by_hand(encoder, texts):
+    """The backbone's [CLS] vectors, computed apart from the encoder's pooling and head."""
+    ids, mask = pad(encoder.tokenize(texts), encoder.pad_id)
+    with torch.no_grad():
+        return encoder.backbone(input_ids=ids, attention_mask=mask).last_hidden_state[:, 0]
+
+
+def test_kept_mlp_head_is_a_dense_module_that_loads_everywhere(tiny_encoder_factory, tmp_path):
+    """Supervised SimCSE: [CLS] -> dense + tanh at test time too; saved as a sentence-transformers
+    Dense module between pooling and normalisation, read back by our loader and by theirs."""
+    import torch.nn.functional as F
+    from sentence_transformers import SentenceTransformer
+
+    encoder = tiny_encoder_factory(pooling="cls", head="mlp").eval()
+    texts = ["A man plays a guitar.", "Two dogs run through the snow after a red ball."]
+    w, b = encoder.mlp[0].weight.detach(), encoder.mlp[0].bias.detach()
+    assert w.shape == (32, 32) and float(w.std()) == pytest.approx(0.02, rel=0.2) and not b.any()  # BERT's init
+    with torch.no_grad():
+        encoder.mlp[0].bias.uniform_(-0.1, 0.1)  # a trained head has a bias; a zero one would hide a lost bias
+    b = encoder.mlp[0].bias.detach().clone()
+    by_hand = F.normalize(torch.tanh(_cls_by_hand(encoder, texts) @ w.T + b), dim=-1)
+    ours = encode(encoder, texts, None)
+    assert torch.allclose(ours, by_hand, atol=1e-6)
+
+    folder = encoder.save(tmp_path / "model")
+    modules = json.loads((folder / "modules.json").read_text())
+    assert [(m["path"], m["type"].rsplit(".", 1)[1]) for m in modules] == [
+        ("", "Transformer"), ("1_Pooling", "Pooling"), ("2_Dense", "Dense"), ("3_Normalize", "Normalize")]
+    st = SentenceTransformer(str(folder), device="cpu")
+    assert torch.allclose(st.encode(texts, convert_to_tensor=True), ours, atol=1e-5)
+    again = load_encoder(str(folder)).eval()
+    assert again.spec.head == "mlp" and torch.allclose(encode(again, texts, None), ours, atol=1e-6)
+
+
+def test_training_only_mlp_head_is_left_out_of_the_saved_model(tiny_encoder_factory, tmp_path):
+    """Unsupervised SimCSE, "w/ MLP (train)": the head shapes training, the test-time embedding is
+    the plain [CLS]; the saved model has no head at all."""
+    import torch.nn.functional as F
+    from sentence_transformers import SentenceTransformer
+
+    encoder = _no_dropout(tiny_encoder_factory(pooling="cls", head="mlp_train"))
+    texts = ["A man plays a guitar.", "Two dogs run through the snow after a red ball."]
+    cls = _cls_by_hand(encoder, texts)
+    w, b = encoder.mlp[0].weight.detach(), encoder.mlp[0].bias.detach()
+    ids, mask = pad(encoder.tokenize(texts), encoder.pad_id)
+    with torch.no_grad():
+        trained = encoder.train()(ids, mask)
+        tested = encoder.eval()(ids, mask)
+    assert torch.allclose(trained, F.normalize(torch.tanh(cls @ w.T + b), dim=-1), atol=1e-6)
+    assert torch.allclose(tested, F.normalize(cls, dim=-1), atol=1e-6)
+
+    folder = encoder.save(tmp_path / "model")
+    assert not (folder / "2_Dense").exists()
+    assert [m["path"] for m in json.loads((folder / "modules.json").read_text())] == ["", "1_Pooling", "2_Normalize"]
+    assert torch.allclose(SentenceTransformer(str(folder), device="cpu").encode(texts, convert_to_tensor=True),
+                          tested, atol=1e-5)
+    again = load_encoder(str(folder))
+    assert again.spec.head == "none" and again.mlp is None
+
+
+def test_a_dense_module_we_cannot_compute_is_refused(tmp_path):
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.models import Dense, Normalize, Pooling, Transformer
+
+    from train import assets
+
+    st = SentenceTransformer(modules=[Transformer(str(assets.path("tiny-bert"))), Pooling(32, "mean"),
+                                      Dense(32, 16), Normalize()], device="cpu")
+    st.save(str(tmp_path / "st"))
+    with pytest.raises(UserError, match=r"2_Dense/config.json: a Dense module 32 -> 16 .* expected SimCSE's head"):
+        load_encoder(str(tmp_path / "st"))

@@ -4,6 +4,7 @@ process, through `run()`; and the recipes' bad-input refusals name recipe, field
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import yaml
@@ -168,3 +169,46 @@ def test_lora_llm_recipe_is_e5_mistrals_setup(compose):
     assert cfg.eval.tasks.snli_ir.instruction.startswith("Given a premise")
     offline = compose(["recipe=lora_llm", "data=lora_llm_offline"])
     assert offline.model.path.endswith("smollm2") and offline.model.lora.r == 16
+
+
+def test_simcse_recipes_are_the_papers_variants(compose):
+    """The values SimCSE states, written out here (not read from the YAML): Gao, Yao, Chen, arXiv
+    2104.08821. Pooling ablation (sec. 6.3, Table 6): unsupervised SimCSE takes [CLS] "w/ MLP
+    (train)", the MLP in training only; supervised SimCSE takes [CLS] "w/ MLP", kept at test time.
+    Training details (appendix A): unsupervised batch 64, lr 3e-5, one epoch of 10^6 Wikipedia
+    sentences; supervised batch 512, lr 5e-5, 3 epochs of 275,601 NLI triples; max length 32;
+    temperature 0.05 (sec. 3). Weight decay: the paper states none, and its released run scripts
+    leave transformers' Trainer at its default weight_decay=0.0."""
+    paper = {
+        "simcse_unsup": {"head": "mlp_train", "pooling": "cls", "batch": 64, "lr": 3e-5, "steps": 10**6 // 64},
+        "simcse_sup": {"head": "mlp", "pooling": "cls", "batch": 512, "lr": 5e-5, "steps": round(3 * 275_601 / 512)},
+    }
+    for recipe, want in paper.items():
+        cfg = compose([f"recipe={recipe}"])
+        got = {"head": cfg.model.head, "pooling": cfg.model.pooling, "batch": cfg.trainer.batch_size,
+               "lr": cfg.optim.lr, "steps": cfg.trainer.max_steps}
+        assert got == want, recipe
+        assert (cfg.optim.weight_decay, cfg.loss.temperature, cfg.model.max_length) == (0.0, 0.05, 32), recipe
+        # the offline twin runs MiniLM (mean pooling) without a head, as its README row was measured
+        offline = compose([f"recipe={recipe}", f"data={recipe}_offline"])
+        assert offline.model.head is None and offline.optim.weight_decay == 0.0
+
+
+def test_e5_finetune_steps_are_three_epochs_of_ms_marco(compose):
+    """E5 (arXiv 2212.03533), fine-tuning: batch 256, 3 epochs; MS MARCO passage ranking has
+    502,939 training queries (Nguyen et al., MS MARCO; the count of its queries.train.tsv)."""
+    cfg = compose(["recipe=e5_finetune"])
+    assert cfg.trainer.batch_size == 256
+    assert cfg.trainer.max_steps == math.ceil(3 * 502_939 / 256)  # 5,894
+
+
+@pytest.mark.parametrize("head, dense", [("mlp", True), ("mlp_train", False)])
+def test_simcse_head_trains_and_is_saved_as_its_variant_says(compose, tmp_path, head, dense):
+    from sentence_transformers import SentenceTransformer
+
+    overrides = [o for o in tiny_overrides(compose, "simcse_sup", tmp_path) if not o.startswith("eval.tasks.")]
+    cfg = compose([*overrides, "eval=none", "model.pooling=cls", f"model.head={head}"])
+    run(cfg, tmp_path)
+    saved = tmp_path / "model"
+    assert (saved / "2_Dense" / "model.safetensors").exists() == dense
+    assert SentenceTransformer(str(saved), device="cpu").encode(["a test"]).shape == (1, 32)

@@ -27,12 +27,12 @@ import torch
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
-from train import checkpoint, dist, engines, mining, record
+from train import card, checkpoint, dist, engines, mining, mteb_eval, record
 from train.boundary import first_line, library_errors, optimizer_error, reading
 from train.config import recipe_name
 from train.data import ALIASES, Mixture, Source, check_shapes, read_source
 from train.errors import UserError
-from train.evaluate import build_tasks
+from train.evaluate import build_tasks, defined_tasks, metric_names
 from train.log import Logger, say
 from train.lora import trainable_share
 from train.losses import embedding_loss
@@ -64,7 +64,7 @@ def encoder(m: DictConfig) -> Encoder:
             truncate_dim=m.truncate_dim, bidirectional=m.bidirectional, pool_prompt=m.pool_prompt,
             instruction_template=m.instruction_template, latents=m.latents, latent_heads=m.latent_heads,
             lora_config=plain(m.lora), gradient_checkpointing=m.gradient_checkpointing, quantization=m.quantization,
-            save_max_length=m.save_max_length)
+            save_max_length=m.save_max_length, head=plain_str(m.head))
     except UserError as e:  # name the recipe: a later stage often points at an earlier stage's run
         raise UserError(f"recipe {recipe_name()}: {e}") from e
     except library_errors() as e:  # a folder that transformers, safetensors or tokenizers cannot read
@@ -157,6 +157,23 @@ def eval_dims(eval_cfg: DictConfig) -> list[int] | None:
     return list(eval_cfg.dims) if eval_cfg.dims else None
 
 
+def check_selection(eval_cfg: DictConfig, evaluators: list) -> None:
+    """eval.every / eval.select / eval.keep_last: refused up front when they cannot work together."""
+    if eval_cfg.every < 0:
+        raise UserError(f"eval.every={eval_cfg.every}: expected 0 (before and after only) or a number of steps")
+    if eval_cfg.keep_last and not eval_cfg.select:
+        raise UserError("eval.keep_last=true saves the last step beside the selected one: set eval.select=METRIC")
+    if not eval_cfg.select:
+        return
+    if not eval_cfg.every:
+        raise UserError(f"eval.select={eval_cfg.select} chooses among the evaluations during training: "
+                        "set eval.every=N (steps)")
+    names = metric_names(evaluators, eval_dims(eval_cfg))
+    if eval_cfg.select not in names:
+        raise UserError(f"eval.select={eval_cfg.select}: not a metric of the evaluation tasks; expected one of "
+                        f"{', '.join(names) or '(none: no eval.tasks)'}")
+
+
 def lengths_line(spec) -> str:
     """Training truncation and the saved model's inference length differ on purpose: both are said."""
     kept = spec.save_max_length or spec.max_length
@@ -180,10 +197,12 @@ def check_loss(loss_cfg: DictConfig, eval_cfg: DictConfig, dim: int) -> None:
 
 
 def check_strategy(cfg: DictConfig) -> None:
-    """LoRA adapters and latent-attention weights are saved from the unsharded module."""
+    """LoRA adapters, latent-attention weights and the MLP head are saved from the unsharded module."""
     sharded = cfg.dist.strategy == "fsdp2" or (cfg.dist.strategy == "deepspeed" and cfg.dist.zero_stage == 3)
-    if sharded and (cfg.model.lora is not None or cfg.model.pooling == "latent"):
-        what = "model.lora" if cfg.model.lora is not None else "model.pooling=latent"
+    head = cfg.model.head not in (None, "none")
+    if sharded and (cfg.model.lora is not None or cfg.model.pooling == "latent" or head):
+        what = ("model.lora" if cfg.model.lora is not None else f"model.head={cfg.model.head}" if head
+                else "model.pooling=latent")
         raise UserError(f"{what} with dist.strategy={cfg.dist.strategy}"
                         f"{' zero_stage=3' if cfg.dist.strategy == 'deepspeed' else ''} is not supported: "
                         "use dist.strategy=ddp (LoRA keeps the trainable state small enough for it)")
@@ -260,6 +279,8 @@ class FitConfig:
     eval_dims: list[int] | None = None  # Matryoshka prefixes also evaluated
     chunk_tokens: int | None = None  # padded tokens per forward pass; None: chunk_size alone
     gather_queries: bool = True  # the loss reads other ranks' queries (loss.symmetric)
+    select: str | None = None  # a metric: model/ is the best evaluated step by it
+    keep_last_model: bool = False  # with select: the last step's model as model-last/ too
     save_every: int = 0  # checkpoint every N steps; 0: only on a preemption signal
     keep_last: int = 2
     resume_from: list[Path] = field(default_factory=list)  # checkpoints to try, newest first
@@ -280,6 +301,41 @@ class Training:
     logger: Logger
     fit: FitConfig
     run_dir: Path
+    card: card.CardInfo | None = None  # rank 0: what model/README.md says besides the results
+
+
+def given_overrides() -> list[str]:
+    """The command line's overrides of this Hydra run; [] outside one (called from Python)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:
+        return []
+
+
+def card_info(cfg: DictConfig, run_dir: Path, run_record: dict, enc: Encoder, world_size: int) -> card.CardInfo:
+    overrides = []
+    for given in given_overrides():
+        key, _, value = given.lstrip("+~").partition("=")
+        node = OmegaConf.select(cfg, key, default=None)
+        resolved = value if node is None or OmegaConf.is_dict(node) else plain(node) if OmegaConf.is_list(node) \
+            else node  # a group choice (data=...) is itself the resolved value
+        overrides.append((given, str(resolved)))
+    spec, t = enc.spec, cfg.trainer
+    model = {"pooling": spec.pooling, "normalize": spec.normalize, "head": spec.head, "dimension": enc.dim,
+             "max_seq_length (saved)": spec.save_max_length or spec.max_length,
+             "max_length (training)": spec.max_length, "prompts": dict(spec.prompts) or "none"}
+    training_values = {"steps": t.max_steps, "global batch": t.batch_size, "world size": world_size,
+                       "strategy": str(cfg.dist.strategy), "lr": cfg.optim.lr,
+                       "weight decay": cfg.optim.weight_decay, "schedule": f"{t.schedule}, warmup {t.warmup_ratio}",
+                       "loss": ", ".join(f"{k} {v}" for k, v in plain(cfg.loss).items() if v is not None)}
+    tasks = {name: {"kind": str(task.kind), "path": task.path, "limit": task.limit}
+             for name, task in defined_tasks(cfg.eval.tasks).items()}  # not the ones tuned for another eval config
+    return card.CardInfo(name=run_dir.resolve().name, recipe=recipe_name(), command=run_record["command"],
+                         base_model=str(cfg.model.path), overrides=overrides, model=model, training=training_values,
+                         data=run_record.get("data") or {}, tasks=tasks, git=run_record.get("git"),
+                         versions=run_record.get("versions") or {})
 
 
 def training(cfg: DictConfig, world: dist.World, run_dir: Path) -> Training:
@@ -304,6 +360,7 @@ def training(cfg: DictConfig, world: dist.World, run_dir: Path) -> Training:
     check_optim(cfg.optim, t)
     if cfg.dist.strategy == "deepspeed" and cfg.dist.deepspeed_config:
         engines.read_deepspeed_file(cfg.dist.deepspeed_config)
+    check_selection(cfg.eval, evaluators)
     resume_from = checkpoint.candidates(t.resume, run_dir)
     resolved = plain(cfg)
     run_record = None
@@ -332,11 +389,13 @@ def training(cfg: DictConfig, world: dist.World, run_dir: Path) -> Training:
         accum_steps=t.accum_steps,
         group_by_length=t.group_by_length,
         mask_duplicates=cfg.data.mask_duplicates, log_every=t.log_every, eval_before=cfg.eval.before,
-        eval_every=cfg.eval.every_steps, eval_batch_size=cfg.eval.batch_size, eval_dims=eval_dims(cfg.eval),
+        eval_every=cfg.eval.every, eval_batch_size=cfg.eval.batch_size, eval_dims=eval_dims(cfg.eval),
+        select=cfg.eval.select, keep_last_model=cfg.eval.keep_last,
         save_every=t.save_every, keep_last=t.keep_last, resume_from=resume_from,
         identity={**checkpoint.identity(resolved, world.size), **record.data_identity(srcs)},
         preempt_signals=list(t.preempt_signals), num_workers=cfg.data.num_workers)
-    return Training(eng, mixture, srcs, loss(cfg.loss), evaluators, logger, fit, run_dir)
+    info = card_info(cfg, run_dir, run_record, enc, world.size) if world.is_main else None
+    return Training(eng, mixture, srcs, loss(cfg.loss), evaluators, logger, fit, run_dir, info)
 
 
 @dataclass
@@ -346,15 +405,20 @@ class Evaluation:
     batch_size: int
     dims: list[int] | None
     model: str  # as the user named it
+    mteb_tasks: list = field(default_factory=list)  # eval=mteb: mteb task objects (train/mteb_eval.py)
+    mteb_instructions: bool = False
 
 
 def evaluation(cfg: DictConfig, world: dist.World) -> Evaluation:
     evaluators = tasks(cfg.eval)
-    if not evaluators:
-        raise UserError("recipe=eval has no tasks: choose an eval config (eval=snli) or set eval.tasks")
+    m = cfg.eval.mteb
+    mteb_tasks = mteb_eval.resolve(list(m.tasks), m.benchmark) if m is not None else []  # before the model loads
+    if not evaluators and not mteb_tasks:
+        raise UserError("recipe=eval has no tasks: choose an eval config (eval=snli, eval=mteb) or set eval.tasks")
     enc = encoder(cfg.model).to(world.device).eval()
     check_loss(cfg.loss, cfg.eval, enc.dim)
-    return Evaluation(enc, evaluators, cfg.eval.batch_size, eval_dims(cfg.eval), cfg.model.path)
+    return Evaluation(enc, evaluators, cfg.eval.batch_size, eval_dims(cfg.eval), cfg.model.path, mteb_tasks,
+                      bool(m.instructions) if m is not None else False)
 
 
 @dataclass

@@ -50,6 +50,14 @@ class Pooling(Choice):
     echo = "echo"  # echo embeddings (train/llm.py)
 
 
+class Head(Choice):
+    """SimCSE's MLP over the pooled embedding (arXiv 2104.08821, pooling ablation, Table 6)."""
+
+    none = "none"
+    mlp = "mlp"  # kept at test time: saved as a sentence-transformers Dense module (supervised SimCSE)
+    mlp_train = "mlp_train"  # training only, left out of the saved model (unsupervised SimCSE)
+
+
 class Dtype(Choice):
     float32 = "float32"
     bfloat16 = "bfloat16"
@@ -95,6 +103,7 @@ class Fingerprint(Choice):
 class TaskKind(Choice):
     sts = "sts"
     retrieval = "retrieval"
+    pairs = "pairs"  # retrieval from a (query, positive) JSONL: each query's own positive among the cut's
 
 
 class WandbMode(Choice):
@@ -148,6 +157,7 @@ class ModelConfig:
     # folder's own (its sentence_bert_config.json), else max_length
     save_max_length: Optional[int] = None
     prompts: Optional[Dict[str, str]] = None  # {query: "query: ", passage: "passage: "}; None: the folder's
+    head: Optional[Head] = None  # none | mlp | mlp_train (a dense layer + tanh); None: the folder's, else none
     dtype: Dtype = Dtype.float32  # weights
     attn_implementation: Optional[Attention] = None  # None: transformers' default
     truncate_dim: Optional[int] = None  # keep the first N dimensions (a Matryoshka-trained model), re-normalised
@@ -192,7 +202,7 @@ class DataConfig:
 
 @dataclass
 class LossConfig:
-    temperature: float = 0.05  # SimCSE (arXiv 2104.08552): 0.05
+    temperature: float = 0.05  # SimCSE (arXiv 2104.08821): 0.05
     symmetric: bool = False  # add the passage -> query direction
     infonce_weight: float = 1.0
     distill_weight: float = 0.0  # KL to teacher scores over each query's candidates (E5: 1.0, InfoNCE 0.2)
@@ -246,10 +256,34 @@ class EvalTaskConfig:
 
 
 @dataclass
+class MtebConfig:
+    """recipe=eval eval=mteb: the mteb package's tasks (train/mteb_eval.py); one of tasks or benchmark."""
+
+    tasks: List[str] = field(default_factory=list)  # mteb task names (its mock tasks too: MockRetrievalTask)
+    benchmark: Optional[str] = None  # an mteb benchmark name: "MTEB(eng, v2)", "BEIR"
+    instructions: bool = False  # query-side texts get each task's instruction (model.instruction_template)
+
+
+@dataclass
+class PaperRow:
+    """A paper's published figures for an eval config (x 100, as papers print them), keyed by mteb
+    task name, "average" or "average <task type>"; tools/paper_vs_run.py prints them beside a run's."""
+
+    source: str = MISSING  # paper and table
+    scores: Dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
 class EvalConfig:
     tasks: Dict[str, EvalTaskConfig] = field(default_factory=dict)
+    mteb: Optional[MtebConfig] = None  # eval=mteb
+    paper: Optional[PaperRow] = None  # the published row this evaluation reproduces
     before: bool = True  # evaluate the starting model too, for a before/after table
-    every_steps: int = 0  # also evaluate every N steps; 0: before and after only
+    every: int = 0  # also evaluate every N steps during training (sharded over the ranks); 0: before and after only
+    # a metric ("snli_sts/spearman", higher is better): with `every`, model/ is the evaluated step
+    # where it was highest (the last step included), not simply the last one (SimCSE: STS-B dev)
+    select: Optional[str] = None
+    keep_last: bool = False  # with select: also save the last step's model, as model-last/
     batch_size: int = 256
     dims: Optional[List[int]] = None  # also evaluate these embedding prefixes (Matryoshka)
 

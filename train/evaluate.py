@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -64,6 +65,8 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 class StsTask:
     """Pairs with a similarity score (`sentence1`, `sentence2`, `score`)."""
 
+    metrics = ("spearman",)
+
     def __init__(self, name: str, path: str, limit: int | None = None, side: str | None = "query",
                  instruction: str | None = None):
         self.name, self.side, self.instruction = name, side, instruction
@@ -88,11 +91,16 @@ class RetrievalTask:
 
     def __init__(self, name: str, path: str, limit: int | None = None, k_values=(10, 100),
                  instruction: str | None = None, corpus_limit: int | None = None):
-        self.name, self.k_values, self.instruction = name, tuple(k_values), instruction
         folder = Path(path)
         corpus = _read_jsonl(folder / "corpus.jsonl", ("id", "text"), "corpus")
         queries = _read_jsonl(folder / "queries.jsonl", ("id", "text"), "queries")
         qrels = _read_jsonl(folder / "qrels.jsonl", ("query_id", "doc_id"), "qrels")
+        self._setup(name, k_values, instruction, corpus, queries, qrels, folder, limit, corpus_limit)
+
+    def _setup(self, name: str, k_values, instruction: str | None, corpus: list[dict], queries: list[dict],
+               qrels: list[dict], folder: Path, limit: int | None, corpus_limit: int | None) -> None:
+        self.name, self.k_values, self.instruction = name, tuple(k_values), instruction
+        self.metrics = ("ndcg@10", "mrr@10", *(f"recall@{k}" for k in self.k_values))
         self.doc_ids = [str(r["id"]) for r in corpus]
         self.doc_texts = [r["text"] for r in corpus]
         doc_index = {d: i for i, d in enumerate(self.doc_ids)}
@@ -140,7 +148,41 @@ class RetrievalTask:
         return out
 
 
-KINDS = {"sts": StsTask, "retrieval": RetrievalTask}
+class PairsTask(RetrievalTask):
+    """(query, positive) pairs as retrieval: the first `limit` distinct queries, each over the
+    positives of those queries, its own positive(s) relevant (a quick dev task from a pairs file, e.g.
+    GCIDE headword -> definition). Fields by the training data's aliases (query/anchor, positive)."""
+
+    def __init__(self, name: str, path: str, limit: int | None = None, k_values=(10, 100),
+                 instruction: str | None = None, corpus_limit: int | None = None):
+        from train.data import ALIASES
+
+        file = Path(path)
+        rows = _read_jsonl(file, (), "pairs")
+        fields = [next((f for f in ALIASES[role] if f in rows[0]), None) for role in ("anchor", "positive")]
+        if None in fields:
+            role = ("query", "positive")[fields.index(None)]
+            raise UserError(f"{at(file, 1)}: a pairs task needs a {role} field named one of "
+                            f"{', '.join(ALIASES['anchor' if role == 'query' else 'positive'])}")
+        q_field, p_field = fields
+        query_ids: dict[str, str] = {}  # a headword listed twice is one query with both definitions relevant
+        doc_ids: dict[str, str] = {}  # one definition shared by two headwords is one document
+        qrels = []
+        for line, row in enumerate(rows, 1):
+            if q_field not in row or p_field not in row:
+                raise UserError(f'{at(file, line)}: missing field "{q_field if q_field not in row else p_field}"')
+            q, p = str(row[q_field]), str(row[p_field])
+            if q not in query_ids:
+                if limit is not None and len(query_ids) == limit:
+                    continue
+                query_ids[q] = str(len(query_ids))
+            doc_ids.setdefault(p, str(len(doc_ids)))
+            qrels.append({"query_id": query_ids[q], "doc_id": doc_ids[p]})
+        self._setup(name, k_values, instruction, [{"id": i, "text": t} for t, i in doc_ids.items()],
+                    [{"id": i, "text": t} for t, i in query_ids.items()], qrels, file, None, corpus_limit)
+
+
+KINDS = {"sts": StsTask, "retrieval": RetrievalTask, "pairs": PairsTask}
 
 
 def defined_tasks(tasks_cfg: dict) -> dict:
@@ -184,6 +226,41 @@ def run_tasks(tasks: list, embed: Embed, dims: list[int] | None = None) -> dict[
             for metric, value in task(use).items():
                 out[f"{task.name}{'' if dim is None else f'@{dim}'}/{metric}"] = value
     return out
+
+
+def metric_names(tasks: list, dims: list[int] | None = None) -> list[str]:
+    """The names run_tasks returns, without running anything."""
+    return [f"{t.name}{'' if d is None else f'@{d}'}/{m}" for d in [None, *(dims or [])] for t in tasks
+            for m in t.metrics]
+
+
+@dataclass
+class Selection:
+    """The best evaluated step by one metric, higher is better (SimCSE, arXiv 2104.08821, appendix A:
+    STS-B dev every 250 steps, the best checkpoint kept). Its state goes into every checkpoint, so
+    a preempted and resumed run keeps the step it had chosen."""
+
+    metric: str
+    step: int | None = None
+    value: float | None = None
+    metrics: dict[str, float] = field(default_factory=dict)  # all of the best step's figures
+
+    def update(self, step: int, metrics: dict[str, float]) -> bool:
+        """Whether `step` is the new best; a tie keeps the earlier step."""
+        value = metrics[self.metric]
+        if self.value is not None and not value > self.value:
+            return False
+        self.step, self.value, self.metrics = step, float(value), dict(metrics)
+        return True
+
+    def state_dict(self) -> dict:
+        return {"metric": self.metric, "step": self.step, "value": self.value, "metrics": self.metrics}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["metric"] != self.metric:
+            raise UserError(f"eval.select={self.metric}: the checkpoint selected by {state['metric']}; "
+                            "resume with the same eval.select")
+        self.step, self.value, self.metrics = state["step"], state["value"], dict(state["metrics"])
 
 
 def _embed(embed: Embed, texts: list[str], side: str | None, instruction: str | None) -> torch.Tensor:

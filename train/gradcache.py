@@ -5,7 +5,7 @@ GradCache (Gao et al., arXiv 2101.06983) makes the contrastive batch independent
 memory. With b examples on this rank and chunks of c examples:
 
   1. no-grad forward of each chunk, saving the RNG state first so that dropout can be
-     replayed exactly (SimCSE's only augmentation *is* dropout, arXiv 2104.08552);
+     replayed exactly (SimCSE's only augmentation *is* dropout, arXiv 2104.08821);
   2. the loss on the detached embeddings, gathered from all ranks; its backward fills
      only the embedding gradients  d loss / d emb  [b*(2+n), D];
   3. per chunk: restore the RNG, forward with grad, backward <emb_chunk, cached grad>,

