@@ -358,7 +358,7 @@ def loss_parity(engine: TorchEngine, model, st_loss, batch, features: list[dict]
             seqs = batch.query_ids + batch.passage_ids  # queries, then passages example-major
             emb = engine.forward(*pad(seqs, engine.encoder.pad_id, engine.encoder.left_pad))
             b = len(batch)
-            ours = float(LOSS(make_pairing(emb[:b], emb[b:], batch, mask_duplicates=False)))
+            ours = float(LOSS(make_pairing(emb[:b], emb[b:], batch, mask_duplicates=False, world=World())))
             theirs = float(st_loss(features, None))
     finally:
         engine.module.train()

@@ -1,4 +1,4 @@
-"""Benchmark of hard-negative mining (recipe=mine_hard_negatives, train/mine.py) on a real model and
+"""Benchmark of hard-negative mining (recipe=mine_hard_negatives, train/mining.py) on a real model and
 real data, side by side with sentence-transformers' `util.mine_hard_negatives`.
 
 Data: the GCIDE dictionary asset ("gcide": (headword, definition) pairs; SNLI pairs and sentences
