@@ -78,3 +78,18 @@ def test_help_lists_recipes_and_groups():
     assert all(name in recipes for name in recipe_files())
     for group in ("model:", "data:", "dist:", "eval:", "loss:", "optim:", "trainer:"):
         assert group in out.stdout
+
+
+def test_the_optimizer_check_leaves_the_runs_random_streams_alone(compose):
+    """build.check_optim builds a stand-in layer before any model loads; its initialisation must not
+    move torch's generator, or every run's dropout masks (and figures) shift with the check."""
+    import torch
+
+    from train import build
+
+    cfg = compose([])
+    torch.manual_seed(0)
+    want = torch.rand(4)
+    torch.manual_seed(0)
+    build.check_optim(cfg.optim, cfg.trainer)
+    assert torch.equal(torch.rand(4), want)

@@ -96,8 +96,11 @@ def optimizer(optim: DictConfig, module: torch.nn.Module) -> torch.optim.Optimiz
 
 
 def check_optim(optim: DictConfig, t: DictConfig) -> None:
-    """The optimizer and schedule settings, checked on a stand-in parameter before any model loads."""
-    stand_in = optimizer(optim, torch.nn.Linear(1, 1))
+    """The optimizer and schedule settings, checked on a stand-in parameter before any model loads.
+    The stand-in's initialisation draws from torch's generator: forked, so the run's dropout streams
+    (and its figures) are what they would be without the check."""
+    with torch.random.fork_rng(devices=[]):
+        stand_in = optimizer(optim, torch.nn.Linear(1, 1))
     schedule(stand_in, t.max_steps, t.warmup_ratio, str(t.schedule))
 
 
