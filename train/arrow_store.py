@@ -31,6 +31,8 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import pyarrow as pa
 
+from train.assets import train_cache
+from train.atomic import atomic_folder, write_json
 from train.errors import UserError
 from train.log import say
 
@@ -44,7 +46,7 @@ def cache_root(cache_dir: str | None = None) -> Path:
         return Path(cache_dir).expanduser()
     if os.environ.get("TRAIN_DATA_CACHE"):
         return Path(os.environ["TRAIN_DATA_CACHE"])
-    return Path(os.environ.get("TRAIN_CACHE", Path.home() / ".cache" / "train")) / "data"
+    return train_cache() / "data"
 
 
 def fingerprint(path: Path, full: bool = False) -> dict:
@@ -128,20 +130,12 @@ def cached(path: Path, options: dict, build: Callable[[Path], None], cache_dir: 
         if problem:
             say(f"warning: the Arrow cache {folder} of {path} is incomplete or corrupt ({problem}); rebuilding it")
             shutil.rmtree(folder, ignore_errors=True)
-        tmp = root / f".tmp-{folder.name}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        try:
+        with atomic_folder(folder) as tmp:  # a crash leaves a temp folder, never a folder that looks done
             build(tmp)
             parts = {p.name: p.stat().st_size for p in sorted(tmp.glob("part-*.arrow"))}
             rows = sum(_rows(tmp / p) for p in parts)
-            meta = {"path": resolved, "fingerprint": fp, "options": options, "format": FORMAT, "rows": rows,
-                    "parts": parts}
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
-            os.replace(tmp, folder)  # one rename: a crash leaves a .tmp- folder, never a folder that looks done
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            write_json(tmp / "meta.json", {"path": resolved, "fingerprint": fp, "options": options,
+                                           "format": FORMAT, "rows": rows, "parts": parts}, indent=1)
         _prune(root, resolved, fp)
         table, problem = _open(folder)
         if table is None:

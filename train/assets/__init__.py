@@ -51,8 +51,13 @@ from train.atomic import atomic_folder
 from train.errors import UserError
 
 
+def train_cache() -> Path:
+    """The project's cache: $TRAIN_CACHE, default ~/.cache/train (assets/, data/ below it)."""
+    return Path(os.environ.get("TRAIN_CACHE", Path.home() / ".cache" / "train"))
+
+
 def cache_dir() -> Path:
-    return Path(os.environ.get("TRAIN_CACHE", Path.home() / ".cache" / "train")) / "assets"
+    return train_cache() / "assets"
 
 
 @dataclass(frozen=True)
