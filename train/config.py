@@ -35,103 +35,30 @@ class Choice(str, Enum):
         return format(str(self.value), spec)
 
 
-class Job(Choice):
-    train = "train"
-    eval = "eval"
-    mine = "mine"
-    merge = "merge"
+def choice(name: str, *values: str) -> type[Choice]:
+    """A Choice whose members are `values`, each named as its value (what OmegaConf matches)."""
+    return Choice(name, [(v, v) for v in values], module=__name__, qualname=name)  # type: ignore[return-value]
 
 
-class Pooling(Choice):
-    mean = "mean"
-    cls = "cls"
-    last = "last"
-    latent = "latent"  # NV-Embed's latent attention (train/llm.py)
-    echo = "echo"  # echo embeddings (train/llm.py)
-
-
-class Head(Choice):
-    """SimCSE's MLP over the pooled embedding (arXiv 2104.08821, pooling ablation, Table 6)."""
-
-    none = "none"
-    mlp = "mlp"  # kept at test time: saved as a sentence-transformers Dense module (supervised SimCSE)
-    mlp_train = "mlp_train"  # training only, left out of the saved model (unsupervised SimCSE)
-
-
-class Dtype(Choice):
-    float32 = "float32"
-    bfloat16 = "bfloat16"
-    float16 = "float16"
-
-
-class Attention(Choice):
-    sdpa = "sdpa"
-    eager = "eager"
-    flash_attention_2 = "flash_attention_2"
-
-
-class Schedule(Choice):
-    linear = "linear"
-    cosine = "cosine"
-    constant = "constant"
-
-
-class Precision(Choice):
-    auto = "auto"
-    bf16 = "bf16"
-    fp32 = "fp32"
-
-
-class Device(Choice):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
-
-
-class Strategy(Choice):
-    auto = "auto"
-    ddp = "ddp"
-    fsdp2 = "fsdp2"
-    deepspeed = "deepspeed"
-
-
-class Fingerprint(Choice):
-    sampled = "sampled"
-    full = "full"
-
-
-class TaskKind(Choice):
-    sts = "sts"
-    retrieval = "retrieval"
-    pairs = "pairs"  # retrieval from a (query, positive) JSONL: each query's own positive among the cut's
-
-
-class WandbMode(Choice):
-    offline = "offline"
-    online = "online"
-    disabled = "disabled"
-
-
-class MinedFormat(Choice):
-    jsonl = "jsonl"
-    parquet = "parquet"
-    datasets = "datasets"
-
-
-class MergeMethodName(Choice):
-    linear = "linear"
-    task_arithmetic = "task_arithmetic"
-    ties = "ties"
-    dare_linear = "dare_linear"
-    dare_ties = "dare_ties"
-    slerp = "slerp"
-    lora = "lora"
-
-
-class MergeSearch(Choice):
-    none = "none"
-    grid = "grid"
-    gradient = "gradient"
+Job = choice("Job", "train", "eval", "mine", "merge")
+Pooling = choice("Pooling", "mean", "cls", "last", "latent", "echo")  # latent (NV-Embed), echo: train/llm.py
+# SimCSE's MLP over the pooled embedding (arXiv 2104.08821, pooling ablation, Table 6). mlp: kept at test
+# time, saved as a sentence-transformers Dense module (supervised); mlp_train: training only (unsupervised)
+Head = choice("Head", "none", "mlp", "mlp_train")
+Dtype = choice("Dtype", "float32", "bfloat16", "float16")
+Attention = choice("Attention", "sdpa", "eager", "flash_attention_2")
+Schedule = choice("Schedule", "linear", "cosine", "constant")
+Precision = choice("Precision", "auto", "bf16", "fp32")
+Device = choice("Device", "auto", "cpu", "cuda")
+Strategy = choice("Strategy", "auto", "ddp", "fsdp2", "deepspeed")
+Fingerprint = choice("Fingerprint", "sampled", "full")
+# pairs: retrieval from a (query, positive) JSONL, each query's own positive among the cut's
+TaskKind = choice("TaskKind", "sts", "retrieval", "pairs")
+WandbMode = choice("WandbMode", "offline", "online", "disabled")
+MinedFormat = choice("MinedFormat", "jsonl", "parquet", "datasets")
+MergeMethodName = choice("MergeMethodName", "linear", "task_arithmetic", "ties", "dare_linear", "dare_ties",
+                         "slerp", "lora")
+MergeSearch = choice("MergeSearch", "none", "grid", "gradient")
 
 
 @dataclass
