@@ -255,12 +255,14 @@ def test_hub_datasets_are_used_in_place_and_bad_rows_refused_when_read(tmp_path)
 def test_sources_mixed_into_one_batch_must_share_their_number_of_negatives():
     from train.data import check_shapes
 
-    pairs = Source("pairs", ["a"], ["p"], [], None)
-    triples = Source("triples", ["a"], ["p"], [["n"]], None)
-    check_shapes([pairs, triples], [True, False])  # homogeneous: batches of one source each
-    check_shapes([pairs, triples], [True, True])
+    def sources(*homogeneous: bool) -> list[Source]:
+        return [Source("pairs", ["a"], ["p"], [], None, homogeneous=homogeneous[0]),
+                Source("triples", ["a"], ["p"], [["n"]], None, homogeneous=homogeneous[1])]
+
+    check_shapes(sources(True, False))  # homogeneous: batches of one source each
+    check_shapes(sources(True, True))
     with pytest.raises(UserError, match="differ in their number of negatives \\('pairs' has 0, 'triples' has 1\\)"):
-        check_shapes([pairs, triples], [False, False])
+        check_shapes(sources(False, False))
 
 
 RSS_PROBE = """

@@ -129,7 +129,7 @@ def sources(data: DictConfig, loss_cfg: DictConfig) -> list[Source]:
                                    data_files=s.get("data_files"), cache_dir=data.cache_dir, num_proc=data.num_proc,
                                    weight=s.get("weight"), homogeneous=bool(s.get("homogeneous", False)),
                                    instruction=s.get("instruction")))
-    check_shapes(out, [s.homogeneous for s in out])
+    check_shapes(out)
     check_fields(data, loss_cfg, out)
     return out
 

@@ -463,17 +463,16 @@ def _text(row: dict, key: str, where: str) -> str:
 # --- mixing and batching policy --------------------------------------------------------------------
 
 
-def check_shapes(sources: Sequence[Source], homogeneous: Sequence[bool]) -> None:
+def check_shapes(sources: Sequence[Source]) -> None:
     """Sources pooled into mixed batches must have the same number of negatives: a batch is one
     [B, 1 + n] layout. Checked on every rank at start-up, before any collective, naming the sources
     (homogeneous sources fill whole batches, so each may have its own)."""
-    mixed = [s for s, h in zip(sources, homogeneous) if not h]
+    mixed = [s for s in sources if not s.homogeneous]
     counts = {s.name: s.num_negatives for s in mixed}
     if len(set(counts.values())) > 1:
         listed = ", ".join(f"{name!r} has {n}" for name, n in counts.items())
         raise UserError(f"data.sources: sources mixed into one batch differ in their number of negatives ({listed}); "
                         "set the same num_negatives on each source, or mark them homogeneous")
-
 
 
 # Sources up to this many records keep numpy's exact permutation per epoch, held as int64 (16 MiB at
