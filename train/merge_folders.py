@@ -31,7 +31,7 @@ import torch
 from train.atomic import atomic_folder
 from train.errors import UserError
 from train.merge_methods import MergeMethod, lora_delta, make_method
-from train.st_folder import run_model_dir
+from train.st_folder import pooling_config, run_model_dir
 
 WEIGHT_FILES = re.compile(r"^(model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json|"
                           r"pytorch_model.*\.bin(\.index\.json)?)$")
@@ -145,9 +145,6 @@ def pipeline_signature(folder: Path) -> dict[str, object]:
 # by meaning. similarity_fn_name: sentence-transformers uses cosine when none is set.
 ST_DEFAULTS = {"prompts": {}, "default_prompt_name": None, "similarity_fn_name": "cosine", "truncate_dim": None,
                "do_lower_case": False}
-POOLING_FLAGS = {"cls": "pooling_mode_cls_token", "max": "pooling_mode_max_tokens",
-                 "mean": "pooling_mode_mean_tokens", "mean_sqrt_len_tokens": "pooling_mode_mean_sqrt_len_tokens",
-                 "weightedmean": "pooling_mode_weightedmean_tokens", "lasttoken": "pooling_mode_lasttoken"}
 DENSE_DEFAULTS = {"bias": True, "activation_function": "torch.nn.modules.activation.Tanh"}
 
 
@@ -158,27 +155,13 @@ def _or_default(key: str, value: object) -> object:
 
 
 def module_config(module_type: str, name: str, cfg: object) -> object:
-    """A module's config file with sentence-transformers' defaults filled in. Pooling in the
-    long-standing layout (one flag per mode: what this project writes and older folders hold):
-    the newer `pooling_mode` (a mode or a list) and `embedding_dimension` are turned into it, and a
-    config with no mode set means mean pooling, as sentence-transformers reads it."""
+    """A module's config file with sentence-transformers' defaults filled in (pooling: in the
+    long-standing one-flag-per-mode layout, st_folder.pooling_config)."""
     if name != "config.json" or not isinstance(cfg, dict):
         return cfg
     if module_type.endswith("Dense"):
         return {**DENSE_DEFAULTS, **cfg}
-    if not module_type.endswith("Pooling"):
-        return cfg
-    cfg = dict(cfg)
-    if "embedding_dimension" in cfg:
-        cfg["word_embedding_dimension"] = cfg.pop("embedding_dimension")
-    modes = cfg.pop("pooling_mode", None)
-    flags = {flag: bool(cfg.pop(flag, False)) for flag in POOLING_FLAGS.values()}
-    if modes is not None:
-        modes = [modes] if isinstance(modes, str) else list(modes)
-        flags = {flag: mode in modes for mode, flag in POOLING_FLAGS.items()}
-    if not any(flags.values()):
-        flags["pooling_mode_mean_tokens"] = True
-    return {**cfg, **flags, "include_prompt": cfg.get("include_prompt", True)}
+    return pooling_config(cfg) if module_type.endswith("Pooling") else cfg
 
 
 def architecture(folder: Path) -> dict:

@@ -28,6 +28,29 @@ if TYPE_CHECKING:
     from train.model import EncoderSpec
 
 POOLINGS = ("mean", "cls", "last", "latent", "echo")  # latent, echo: train/llm.py
+# sentence-transformers' pooling modes -> their flag in the long-standing config layout (one per mode)
+POOLING_FLAGS = {"cls": "pooling_mode_cls_token", "max": "pooling_mode_max_tokens",
+                 "mean": "pooling_mode_mean_tokens", "mean_sqrt_len_tokens": "pooling_mode_mean_sqrt_len_tokens",
+                 "weightedmean": "pooling_mode_weightedmean_tokens", "lasttoken": "pooling_mode_lasttoken"}
+OUR_POOLING = {"cls": "cls", "mean": "mean", "lasttoken": "last"}  # the modes the Encoder computes itself
+
+
+def pooling_config(cfg: dict) -> dict:
+    """A Pooling module's config.json as sentence-transformers reads it, in the long-standing layout
+    (one flag per mode: what this project writes and older folders hold): the newer `pooling_mode`
+    (a mode or a list) and `embedding_dimension` are turned into it, and a config with no mode set
+    means mean pooling."""
+    cfg = dict(cfg)
+    if "embedding_dimension" in cfg:
+        cfg["word_embedding_dimension"] = cfg.pop("embedding_dimension")
+    modes = cfg.pop("pooling_mode", None)
+    flags = {flag: bool(cfg.pop(flag, False)) for flag in POOLING_FLAGS.values()}
+    if modes is not None:
+        modes = [modes] if isinstance(modes, str) else list(modes)
+        flags = {flag: mode in modes for mode, flag in POOLING_FLAGS.items()}
+    if not any(flags.values()):
+        flags["pooling_mode_mean_tokens"] = True
+    return {**cfg, **flags, "include_prompt": cfg.get("include_prompt", True)}
 
 LATENT_FILE = "latent_attention.safetensors"
 HEADS = ("none", "mlp", "mlp_train")  # config.Head; mlp_train is never saved
@@ -98,18 +121,14 @@ def read_st_config(folder: Path) -> dict:
     found["normalize"] = any(m.get("type", "").endswith("Normalize") for m in modules)
     for m in modules:
         if m.get("type", "").endswith(("Pooling", "NeedsTrainLoader")):
-            pc = json.loads((folder / m["path"] / "config.json").read_text())
-            mode = pc.get("pooling_mode") or next(
-                (k for k in ("cls", "mean", "last") if pc.get({"cls": "pooling_mode_cls_token",
-                                                               "mean": "pooling_mode_mean_tokens",
-                                                               "last": "pooling_mode_lasttoken"}[k])), None)
-            if mode == "lasttoken":
-                mode = "last"
-            if mode not in POOLINGS and m["type"].endswith("Pooling"):
-                raise UserError(f"{folder / m['path'] / 'config.json'}: pooling {mode!r} is not supported; "
+            pc = pooling_config(json.loads((folder / m["path"] / "config.json").read_text()))
+            modes = [mode for mode, flag in POOLING_FLAGS.items() if pc[flag]]
+            mode = OUR_POOLING.get(modes[0]) if len(modes) == 1 else None
+            if mode is None and m["type"].endswith("Pooling"):
+                raise UserError(f"{folder / m['path'] / 'config.json'}: pooling {'+'.join(modes)!r} is not supported; "
                                 f"expected one of {', '.join(POOLINGS)}")
             found["pooling"] = mode
-            found["dim"] = pc.get("word_embedding_dimension", pc.get("embedding_dimension"))
+            found["dim"] = pc.get("word_embedding_dimension")
         if m.get("type", "").endswith("Dense"):
             found["head"] = _dense_head(folder / m["path"] / "config.json", found.get("dim"))
     found.pop("dim", None)
