@@ -84,7 +84,7 @@ def resolve(tasks: list[str], benchmark: str | None) -> list:
 
 def encoder_for(embed, name: str, instructions: bool = False):
     """An mteb encoder over `embed(texts, side, instruction=...)`."""
-    mteb = _mteb()
+    _mteb()  # the one-line refusal when mteb is missing
     from mteb.models.abs_encoder import AbsEncoder
     from mteb.models.model_meta import ModelMeta
 
@@ -101,7 +101,6 @@ def encoder_for(embed, name: str, instructions: bool = False):
             emb = embed(texts, side, instruction=instruction) if instruction else embed(texts, side)
             return emb.float().cpu().numpy()
 
-    del mteb
     return Encoder()
 
 
