@@ -39,7 +39,6 @@ from train.data import ALIASES, Source, iter_rows
 from train.errors import UserError
 from train.retrieval import topk
 
-FORMATS = ("jsonl", "parquet", "datasets")
 TEXT_FIELDS = ("text", "passage", "document", "contents", "content", "body", "sentence")
 ID_FIELDS = ("id", "_id", "doc_id", "docid", "pid", "corpus_id")
 ENCODE_BLOCK = 8192  # texts per round of sharded encoding: bounds what each round holds besides the result
