@@ -198,14 +198,16 @@ def shutdown() -> None:
 
 
 def agree(world: World, fn: Callable, what: str):
-    """Run `fn` on every rank; if it failed on any, raise the same UserError on all of them (a rank
-    raising alone would leave the others waiting in the next collective)."""
+    """Run `fn` on every rank of `world`; if it failed on any, raise the same UserError on all of them
+    (a rank raising alone would leave the others waiting in the next collective). A one-rank world
+    agrees with itself without a collective, even inside a larger process group (rank 0's teacher)."""
     error = ""
     try:
         result = fn()
     except Exception as e:  # noqa: BLE001 - reported below, on every rank
         result, error = None, f"{type(e).__name__}: {e}" if not isinstance(e, UserError) else str(e)
-    if any_rank(int(bool(error)), world.device):
-        errors = all_gather_object(error)
+    failed = any_rank(int(bool(error)), world.device) if world.size > 1 else bool(error)
+    if failed:
+        errors = all_gather_object(error) if world.size > 1 else [error]
         raise UserError(f"{what}: " + "; ".join(f"rank {r}: {m}" for r, m in enumerate(errors) if m))
     return result

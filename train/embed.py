@@ -46,7 +46,7 @@ def embedder(encoder: Encoder, world: dist.World | None = None, batch_size: int 
                               for s in range(0, per, batch_size)])
 
         # A rank failing here alone would leave the others in the gather: agree first, name the rank.
-        local = dist.agree(world, forward_mine, f"embedding {len(ids)} texts") if world.size > 1 else forward_mine()
+        local = dist.agree(world, forward_mine, f"embedding {len(ids)} texts")
         local = local.float().to(world.device)  # [per, D]
         # this World's ranks, not the process group's: a one-process embedder (rank 0's teacher
         # inside a multi-rank mining job) must not enter a collective
