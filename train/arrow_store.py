@@ -110,9 +110,11 @@ def _open(folder: Path) -> tuple[pa.Table | None, str]:
     return table, ""
 
 
-def cached(path: Path, options: dict, build: Callable[[Path], None], cache_dir: str | None = None) -> pa.Table:
-    """The memory-mapped table of `path` as `build(folder)` converts it (writing part-*.arrow into
-    `folder`), built once per (file content, options) by whichever process gets the lock first."""
+def cached(path: Path, options: dict, build: Callable[[Path], None],
+           cache_dir: str | None = None) -> tuple[pa.Table, dict]:
+    """(the memory-mapped table of `path` as `build(folder)` converts it (writing part-*.arrow into
+    `folder`), built once per (file content, options) by whichever process gets the lock first;
+    the file's fingerprint, which keyed it and which the run record and resume identity reuse)."""
     root = cache_root(cache_dir)
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -126,7 +128,7 @@ def cached(path: Path, options: dict, build: Callable[[Path], None], cache_dir: 
     with _locked(root / f"{folder.name}.lock"):
         table, problem = _open(folder)
         if table is not None:
-            return table
+            return table, fp
         if problem:
             say(f"warning: the Arrow cache {folder} of {path} is incomplete or corrupt ({problem}); rebuilding it")
             shutil.rmtree(folder, ignore_errors=True)
@@ -140,7 +142,7 @@ def cached(path: Path, options: dict, build: Callable[[Path], None], cache_dir: 
         table, problem = _open(folder)
         if table is None:
             raise UserError(f"the Arrow cache {folder} of {path} cannot be read right after writing it ({problem})")
-        return table
+        return table, fp
 
 
 def _rows(part: Path) -> int:

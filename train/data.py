@@ -62,7 +62,7 @@ class Source:
     homogeneous: bool = False  # every batch drawn from this source alone
     instruction: str | None = None  # the queries' task instruction (E5-Mistral)
     path: Path | None = None  # the local file it was read from (None: a hub dataset or built in memory)
-    fingerprint: dict | None = None  # a hub dataset's `datasets` fingerprint, for the run record
+    fingerprint: dict | None = None  # a local file's (arrow_store.fingerprint) or a hub dataset's, as read
 
     def __len__(self) -> int:
         return len(self.anchors)
@@ -232,14 +232,15 @@ def read_source(name: str, path: str, fields: dict[str, str] | None = None, num_
         return replace(_hub_source(name, origin, _load_hub(path, subset, split, data_files), mapping, num_negatives,
                                    limit), **how)
     options = {"fields": mapping, "num_negatives": num_negatives, "limit": limit}
-    table = arrow_store.cached(p, options, functools.partial(_convert, p, mapping, num_negatives, limit, num_proc),
-                               cache_dir)
+    table, fp = arrow_store.cached(p, options, functools.partial(_convert, p, mapping, num_negatives, limit, num_proc),
+                                   cache_dir)
     names = table.column_names
     n = len(table.column("negatives")[0]) if "negatives" in names else 0
     return Source(name, arrow_store.Column(table.column("anchor")),
                   arrow_store.Column(table.column("positive")) if "positive" in names else None,
                   arrow_store.Negatives([("negatives", table.column("negatives"))], n) if "negatives" in names else [],
-                  arrow_store.Column(table.column("scores")) if "scores" in names else None, origin, path=p, **how)
+                  arrow_store.Column(table.column("scores")) if "scores" in names else None, origin, path=p,
+                  fingerprint=fp, **how)
 
 
 # --- converting a local file into Arrow (once; train/arrow_store.py keeps the result) ----------------

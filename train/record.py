@@ -61,9 +61,9 @@ def data_fingerprints(sources, full: bool = False) -> dict[str, dict]:
     out = {}
     for source in sources:
         entry = {"origin": source.origin, "records": len(source)}
-        if source.path is not None:
-            entry.update(arrow_store.fingerprint(source.path, full))
-        entry.update(source.fingerprint or {})
+        # the sampled fingerprint was taken when the source was read; full=True reads every byte now
+        full_fp = arrow_store.fingerprint(source.path, True) if full and source.path is not None else None
+        entry.update(full_fp or source.fingerprint or {})
         out[source.name] = entry
     return out
 
@@ -74,7 +74,7 @@ def data_identity(sources) -> dict[str, str]:
     out = {}
     for source in sources:
         if source.path is not None:
-            fp = arrow_store.fingerprint(source.path)
+            fp = source.fingerprint or arrow_store.fingerprint(source.path)
             digest = fp.get("blake2b") or fp["sampled_blake2b"]
             out[f"{DATA_FILE}{source.name}"] = f"{source.path}: {fp['size']:,} bytes, blake2b {digest}"
     return out
