@@ -111,16 +111,22 @@ class _GatherWithGrad(torch.autograd.Function):
         return grad[ctx.rank * ctx.n : (ctx.rank + 1) * ctx.n]
 
 
-def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+def _alone(world: World | None) -> bool:
+    """Nothing to gather: no process group, a group of one, or a one-rank world inside a larger group
+    (rank 0's single-process teacher in a multi-rank mining job)."""
+    return (world is not None and world.size == 1) or not dist.is_initialized() or dist.get_world_size() == 1
+
+
+def gather_with_grad(x: torch.Tensor, world: World | None = None) -> torch.Tensor:
     """[n, ...] on each rank -> [W*n, ...] in rank order; gradient reaches the local slot."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+    if _alone(world):
         return x
     return _GatherWithGrad.apply(x)
 
 
-def gather(x: torch.Tensor) -> torch.Tensor:
+def gather(x: torch.Tensor, world: World | None = None) -> torch.Tensor:
     """[n, ...] on each rank -> [W*n, ...] in rank order, no gradient."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+    if _alone(world):
         return x
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, x.contiguous())

@@ -48,9 +48,7 @@ def embedder(encoder: Encoder, world: dist.World | None = None, batch_size: int 
         # A rank failing here alone would leave the others in the gather: agree first, name the rank.
         local = dist.agree(world, forward_mine, f"embedding {len(ids)} texts")
         local = local.float().to(world.device)  # [per, D]
-        # this World's ranks, not the process group's: a one-process embedder (rank 0's teacher
-        # inside a multi-rank mining job) must not enter a collective
-        gathered = (dist.gather(local) if world.size > 1 else local).cpu()  # [W*per, D]
+        gathered = dist.gather(local, world).cpu()  # [W*per, D]; this world's ranks, not the group's
         out = torch.empty((len(ids), gathered.shape[1]))
         for r in range(world.size):
             idx = order[r :: world.size]

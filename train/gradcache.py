@@ -74,14 +74,12 @@ def make_pairing(q: torch.Tensor, p: torch.Tensor, batch: Batch, mask_duplicates
     gather_queries=False: only the passage -> query direction (loss.symmetric) reads other ranks'
     queries, so without it q_all is the local q and one collective per step is saved."""
     b, dev = q.shape[0], q.device
-    gather_with_grad = dist.gather_with_grad if world.size > 1 else (lambda x: x)
-    gather = dist.gather if world.size > 1 else (lambda x: x)
-    q_all = gather_with_grad(q) if gather_queries else q  # [W*b, D] (or [b, D])
-    p_all = gather_with_grad(p)  # [W*b*(1+n), D]
+    q_all = dist.gather_with_grad(q, world) if gather_queries else q  # [W*b, D] (or [b, D])
+    p_all = dist.gather_with_grad(p, world)  # [W*b*(1+n), D]
     anchors = passages = None
     if mask_duplicates:
-        anchors = gather(batch.anchor_hash.to(dev))  # [W*b]
-        passages = gather(batch.passage_hash.to(dev))  # [W*b*(1+n)]
+        anchors = dist.gather(batch.anchor_hash.to(dev), world)  # [W*b]
+        passages = dist.gather(batch.passage_hash.to(dev), world)  # [W*b*(1+n)]
     teacher = batch.teacher.to(dev) if batch.teacher is not None else None
     return Pairing(q=q, q_all=q_all, p_all=p_all, row0=world.rank * b, group=batch.group, anchor_ids=anchors,
                    passage_ids=passages, teacher=teacher)
