@@ -12,7 +12,8 @@ import pytest
 import torch
 
 TINY = ["model=tiny_bert", "trainer.batch_size=16", "trainer.max_steps=3", "trainer.log_every=1",
-        "data.limit=200", "eval.tasks.snli_sts.limit=100", "eval.tasks.snli_ir.limit=20"]
+        "data.limit=200", "eval.tasks.snli_sts.limit=100", "eval.tasks.snli_ir.limit=20",
+        "eval.tasks.snli_ir.corpus_limit=300"]
 
 
 def train(*args: str, torchrun: int = 0, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -31,7 +32,8 @@ def test_quickstart_path_on_real_minilm_saves_a_sentence_transformers_model(tmp_
 
     run = tmp_path / "run"
     out = train("trainer.max_steps=2", "trainer.batch_size=16", "trainer.chunk_size=4", "data.limit=64",
-                "eval.tasks.snli_sts.limit=100", "eval.tasks.snli_ir.limit=20", f"hydra.run.dir={run}")
+                "eval.tasks.snli_sts.limit=100", "eval.tasks.snli_ir.limit=20",
+                "eval.tasks.snli_ir.corpus_limit=300", f"hydra.run.dir={run}")
     assert out.returncode == 0, out.stderr[-3000:]
     assert "world size 1" in out.stderr and "eval after training" in out.stderr
     summary = json.loads((run / "eval.json").read_text())
@@ -74,7 +76,8 @@ def test_eval_recipe_evaluates_a_saved_model(tmp_path):
     run = tmp_path / "train"
     assert train(*TINY, f"hydra.run.dir={run}").returncode == 0
     out = train("recipe=eval", f"model.path={run / 'model'}", "eval.tasks.snli_sts.limit=100",
-                "eval.tasks.snli_ir.limit=20", f"hydra.run.dir={tmp_path / 'eval'}")
+                "eval.tasks.snli_ir.limit=20", "eval.tasks.snli_ir.corpus_limit=300",
+                f"hydra.run.dir={tmp_path / 'eval'}")
     assert out.returncode == 0, out.stderr[-2000:]
     metrics = json.loads((tmp_path / "eval" / "eval.json").read_text())["metrics"]
     trained = json.loads((run / "eval.json").read_text())["after"]

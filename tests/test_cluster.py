@@ -15,7 +15,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["model=tiny_bert", "trainer.batch_size=16", "trainer.max_steps=2", "data.limit=200",
-        "eval.tasks.snli_sts.limit=100", "eval.tasks.snli_ir.limit=20", "trainer.progress=false"]
+        "eval.tasks.snli_sts.limit=100", "eval.tasks.snli_ir.limit=20",
+        "eval.tasks.snli_ir.corpus_limit=300", "trainer.progress=false"]
 
 
 def test_a_local_sweep_runs_every_point_and_the_report_tables_and_plots_them(tmp_path):

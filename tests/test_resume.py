@@ -277,7 +277,8 @@ def test_lora_checkpoint_holds_the_adapter_only_and_resumes_bit_identical(tmp_pa
     base comes from model.path again), and the resumed run still ends with the same merged model."""
     args = ["recipe=lora_llm", "data=lora_llm_offline", "model.path=${asset:tiny-llama}",
             "model.gradient_checkpointing=false", "eval.before=false", "eval.tasks.snli_sts.limit=20",
-            "eval.tasks.snli_ir.limit=10", "trainer.max_steps=8", "trainer.save_every=4", "trainer.batch_size=8",
+            "eval.tasks.snli_ir.limit=10", "eval.tasks.snli_ir.corpus_limit=300", "trainer.max_steps=8",
+            "trainer.save_every=4", "trainer.batch_size=8",
             "trainer.chunk_size=4", "data.sources.snli.limit=100", "trainer.progress=false"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 

@@ -23,7 +23,7 @@ from train.run import run
 METRIC = "snli_sts/spearman"
 BASE = ["model=tiny_bert", f"model.path={assets.path('tiny-bert')}", "trainer.batch_size=8", "trainer.chunk_size=4",
         "trainer.log_every=1", "trainer.schedule=constant", "trainer.warmup_ratio=0", "data.limit=64",
-        "eval.tasks.snli_sts.limit=20", "eval.tasks.snli_ir.limit=5"]
+        "eval.tasks.snli_sts.limit=20", "eval.tasks.snli_ir.limit=5", "eval.tasks.snli_ir.corpus_limit=300"]
 SELECT = ["eval.every=2", f"eval.select={METRIC}"]
 
 
