@@ -93,16 +93,15 @@ def check_compatible(path: Path, saved: dict, now: dict) -> None:
     """Refuse a resume whose settings differ from the checkpoint's, naming the first difference."""
     for key in sorted(set(saved) | set(now)):
         if key == "world_size" and saved.get(key) != now.get(key):
-            # The global batch and the sampler do not depend on the world size, and one process's or
-            # DDP's state is whole (rank 0 wrote it). Sharded states are laid out per rank: ZeRO's
-            # partitions, and FSDP2's shards (torch.distributed.checkpoint can reshard, untested here).
-            if now.get("dist.strategy") in ("deepspeed", "fsdp2"):
-                how = ("or convert it with DeepSpeed's universal checkpoint (deepspeed/checkpoint/ds_to_universal.py), "
-                       "which this trainer does not load" if now["dist.strategy"] == "deepspeed" else
-                       "resharding FSDP2 checkpoints is not supported yet")
+            # The global batch and the sampler do not depend on the world size. One process's or DDP's
+            # state is whole (rank 0 wrote it); FSDP2's is saved by torch.distributed.checkpoint, whose
+            # load reshards it onto the new mesh. ZeRO's partitions are laid out per rank.
+            if now.get("dist.strategy") == "deepspeed":
                 raise UserError(f"cannot resume from {path} on {now[key]} ranks: it was written by "
-                                f"dist.strategy={now['dist.strategy']} on {saved.get(key)} ranks, whose state is "
-                                f"sharded per rank; resume on {saved.get(key)} ranks, {how}")
+                                f"dist.strategy=deepspeed on {saved.get(key)} ranks, whose state is sharded per "
+                                f"rank; resume on {saved.get(key)} ranks, or convert it with DeepSpeed's universal "
+                                "checkpoint (deepspeed/checkpoint/ds_to_universal.py), which this trainer does "
+                                "not load")
             continue
         if key.startswith(DATA_FILE):
             if key in saved and key in now and saved[key] != now[key]:  # older checkpoints recorded none
