@@ -27,7 +27,7 @@ import torch
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
-from train import card, checkpoint, dist, engines, mining, mteb_eval, record
+from train import card, checkpoint, dist, engines, mining, mteb_eval, record, streaming
 from train.boundary import first_line, library_errors, optimizer_error, reading
 from train.config import recipe_name
 from train.data import ALIASES, Mixture, Source, check_shapes, read_source
@@ -109,8 +109,9 @@ def loss(loss_cfg: DictConfig) -> Callable:
     return functools.partial(embedding_loss, **plain(loss_cfg))
 
 
-def sources(data: DictConfig, loss_cfg: DictConfig) -> list[Source]:
-    """`data.path` stands for a single source and replaces `data.sources`."""
+def sources(data: DictConfig, loss_cfg: DictConfig, world: dist.World | None = None, seed: int = 0) -> list[Source]:
+    """`data.path` stands for a single source and replaces `data.sources`. With data.streaming (training
+    only: `world` given), each source is this rank's part of a stream (streaming.py)."""
     if data.path:
         specs = {"main": OmegaConf.structured({"path": data.path, "limit": data.limit})}
     else:
@@ -120,15 +121,21 @@ def sources(data: DictConfig, loss_cfg: DictConfig) -> list[Source]:
     if data.num_proc < 1 or data.num_workers < 0:
         raise UserError(f"data.num_proc={data.num_proc}, data.num_workers={data.num_workers}: expected num_proc >= 1 "
                         "and num_workers >= 0")
+    if data.streaming and world is None:
+        raise UserError(f"data.streaming=true: recipe {recipe_name()} indexes its records (mining, the merge search); "
+                        "streaming is for training, set data.streaming=false")
     out = []
     for name, s in specs.items():
+        common = {"fields": dict(s.get("fields") or {}), "num_negatives": s.get("num_negatives"),
+                  "limit": s.get("limit"), "subset": s.get("subset"), "split": s.get("split", "train"),
+                  "data_files": s.get("data_files"), "weight": s.get("weight"),
+                  "homogeneous": bool(s.get("homogeneous", False)), "instruction": s.get("instruction")}
         with reading(f"data source {name!r} ({s.path})", path=s.path, expected="a readable data file"):
-            out.append(read_source(name, s.path, fields=dict(s.get("fields") or {}),
-                                   num_negatives=s.get("num_negatives"), limit=s.get("limit"),
-                                   subset=s.get("subset"), split=s.get("split", "train"),
-                                   data_files=s.get("data_files"), cache_dir=data.cache_dir, num_proc=data.num_proc,
-                                   weight=s.get("weight"), homogeneous=bool(s.get("homogeneous", False)),
-                                   instruction=s.get("instruction")))
+            if data.streaming:
+                out.append(streaming.stream_source(name, s.path, rank=world.rank, world=world.size, seed=seed,
+                                                   buffer=data.shuffle_buffer, **common))
+            else:
+                out.append(read_source(name, s.path, cache_dir=data.cache_dir, num_proc=data.num_proc, **common))
     check_shapes(out)
     check_fields(data, loss_cfg, out)
     return out
@@ -144,7 +151,7 @@ def check_fields(data: DictConfig, loss_cfg: DictConfig, srcs: list[Source]) -> 
         if role not in ("negatives", "scores"):
             raise UserError(f"data.require: unknown field {role!r}; expected negatives or scores")
         for s in srcs:
-            if (s.num_negatives if role == "negatives" else s.scores is not None):
+            if (s.num_negatives if role == "negatives" else s.has_scores):
                 continue
             raise UserError(f"recipe {recipe_name()} needs {role} ({why}), but source {s.name!r} ({s.origin}) "
                             f"has none: expected a field named one of {', '.join(ALIASES[role])} "
@@ -354,11 +361,12 @@ def training(cfg: DictConfig, world: dist.World, run_dir: Path) -> Training:
     say(f"world size {world.size} (rank {world.rank}, device {world.device}), strategy {strategy}, "
         f"global batch {t.batch_size} = {world.size} x {per_rank}, chunk {chunk}{budget} ({caching})")
 
-    srcs = sources(cfg.data, cfg.loss)
+    srcs = sources(cfg.data, cfg.loss, world, cfg.seed)
     for s in srcs:
         if world.is_main:
             say(s.describe())
-    mixture = Mixture.of(srcs, t.batch_size, cfg.seed, cfg.data.temperature)
+    mixing = streaming.StreamMixture if cfg.data.streaming else Mixture
+    mixture = mixing.of(srcs, t.batch_size, cfg.seed, cfg.data.temperature)
     evaluators = tasks(cfg.eval)
     check_optim(cfg.optim, t)
     if cfg.dist.strategy == "deepspeed" and cfg.dist.deepspeed_config:

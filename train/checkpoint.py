@@ -96,6 +96,10 @@ def check_compatible(path: Path, saved: dict, now: dict) -> None:
             # The global batch and the sampler do not depend on the world size. One process's or DDP's
             # state is whole (rank 0 wrote it); FSDP2's is saved by torch.distributed.checkpoint, whose
             # load reshards it onto the new mesh. ZeRO's partitions are laid out per rank.
+            if now.get("data.streaming"):
+                raise UserError(f"cannot resume from {path} on {now[key]} ranks: it was written on {saved.get(key)} "
+                                "ranks with data.streaming=true, whose streams are split per rank and read to a "
+                                f"position each; resume on {saved.get(key)} ranks")
             if now.get("dist.strategy") == "deepspeed":
                 raise UserError(f"cannot resume from {path} on {now[key]} ranks: it was written by "
                                 f"dist.strategy=deepspeed on {saved.get(key)} ranks, whose state is sharded per "

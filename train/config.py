@@ -125,6 +125,8 @@ class DataConfig:
     num_proc: int = 1  # processes converting a local .jsonl/.txt file into the Arrow cache (once)
     num_workers: int = 0  # threads preparing (reading, tokenizing, collating) batches ahead of the step
     fingerprint: Fingerprint = Fingerprint.sampled  # the run record's hash of each data file (full: reads it all)
+    streaming: bool = False  # read sources as streams (datasets streaming): approximate order (streaming.py)
+    shuffle_buffer: int = 10_000  # with streaming: records shuffled within a buffer of this many; 0: stream order
 
 
 @dataclass

@@ -64,18 +64,21 @@ class Source:
     path: Path | None = None  # the local file it was read from (None: a hub dataset or built in memory)
     fingerprint: dict | None = None  # a local file's (arrow_store.fingerprint) or a hub dataset's, as read
 
+    streaming = False  # an indexable source; train/streaming.py's StreamSource reads as it goes
+
     def __len__(self) -> int:
         return len(self.anchors)
+
+    @property
+    def has_scores(self) -> bool:
+        return self.scores is not None
 
     @property
     def num_negatives(self) -> int:
         return len(self.negatives[0]) if len(self.negatives) else 0
 
     def describe(self) -> str:
-        shape = "single texts (positive = the text itself)" if self.positives is None else (
-            f"(anchor, positive{', ' + str(self.num_negatives) + ' negatives' if self.num_negatives else ''}"
-            f"{', teacher scores' if self.scores is not None else ''})")
-        return f"source {self.name}: {len(self):,} {shape} from {self.origin}"
+        return f"source {self.name}: {len(self):,} {describe_shape(self)} from {self.origin}"
 
     def take(self, rows: Sequence[int]) -> list[tuple[str, str, list[str], list[float] | None]]:
         """(anchor, positive, negatives, scores) of each row, fetched together (one Arrow take per field)."""
@@ -84,6 +87,14 @@ class Source:
         negatives = _take(self.negatives, rows) if len(self.negatives) else [[] for _ in rows]
         scores = _take(self.scores, rows) if self.scores is not None else [None] * len(rows)
         return list(zip(anchors, positives, negatives, scores))
+
+
+def describe_shape(source) -> str:
+    """What one record of a source (indexed or streamed) holds."""
+    if source.positives is None:
+        return "single texts (positive = the text itself)"
+    n = source.num_negatives
+    return f"(anchor, positive{f', {n} negatives' if n else ''}{', teacher scores' if source.has_scores else ''})"
 
 
 def _take(column: Sequence, rows: Sequence[int]) -> list:
@@ -249,7 +260,7 @@ BATCH_ROWS = 8192  # records per Arrow record batch while converting: what conve
 PARALLEL = (".jsonl", ".txt")  # formats split by byte ranges over num_proc processes (a line is a record)
 
 
-def _shape(row: dict, mapping: dict[str, str], where: str) -> dict:
+def record_shape(row: dict, mapping: dict[str, str], where: str) -> dict:
     """The columns of each role, decided by the first record (or a hub dataset's column names)."""
     anchor_key = _pick(row, "anchor", mapping)
     if anchor_key is None:
@@ -260,7 +271,7 @@ def _shape(row: dict, mapping: dict[str, str], where: str) -> dict:
             "scores": _pick(row, "scores", mapping) if pos_key else None, "n": None}
 
 
-def _record(row: dict, cols: dict, where: str, num_negatives: int | None) -> tuple:
+def read_record(row: dict, cols: dict, where: str, num_negatives: int | None) -> tuple:
     """(anchor, positive, negatives, scores) of one row, validated; cols["n"] is the first record's count."""
     anchor = _text(row, cols["anchor"], where)
     if not cols["positive"]:
@@ -313,8 +324,8 @@ def _batches(origin: str, rows: Iterable[tuple[int, dict]], mapping: dict[str, s
     for line, row in rows:
         where = at(origin, line)
         if cols is None:
-            cols = _shape(row, mapping, where)
-        record = _record(row, cols, where, num_negatives)
+            cols = record_shape(row, mapping, where)
+        record = read_record(row, cols, where, num_negatives)
         if cols["n"] is None:
             cols["n"] = len(record[2]) if record[2] is not None else 0
         buf.append(record)
@@ -357,8 +368,8 @@ def _convert_parallel(path: Path, mapping: dict[str, str], num_negatives: int | 
     first = next(iter(_reader(path)(path)), None)
     if first is None:
         raise UserError(f"{path}: the dataset is empty")
-    cols = _shape(first[1], mapping, at(path, first[0]))
-    negs = _record(first[1], cols, at(path, first[0]), num_negatives)[2]
+    cols = record_shape(first[1], mapping, at(path, first[0]))
+    negs = read_record(first[1], cols, at(path, first[0]), num_negatives)[2]
     cols["n"] = len(negs) if negs is not None else 0
     size = path.stat().st_size
     bounds = [0]
@@ -420,7 +431,7 @@ def _hub_source(name: str, origin: str, ds, mapping: dict[str, str], num_negativ
     if table.num_rows == 0:
         raise UserError(f"{origin}: the dataset is empty")
     where = at(origin, 1)
-    cols = _shape({c: None for c in table.column_names}, mapping, where)
+    cols = record_shape({c: None for c in table.column_names}, mapping, where)
     keys = [cols["anchor"], cols["positive"], *cols["negatives"], cols["scores"]]
     for key in filter(None, keys):
         if key not in table.column_names:
@@ -520,14 +531,17 @@ class Mixture:
         mixed = [i for i, h in enumerate(self.homogeneous) if not h]
         self.groups = [[i] for i, h in enumerate(self.homogeneous) if h] + ([mixed] if mixed else [])
         self.group_p = np.array([self.p[g].sum() for g in self.groups])
+        self._check_sizes(names)
+        if not self.cursors:
+            self.cursors = [[0, 0] for _ in self.sizes]
+
+    def _check_sizes(self, names: list[str]) -> None:
         for g in self.groups:
             total = sum(self.sizes[i] for i in g)
             if total < self.batch_size:
                 label = "source " + names[g[0]] if len(g) == 1 else "mixed sources " + ", ".join(names[i] for i in g)
                 raise UserError(f"trainer.batch_size={self.batch_size} is larger than the {total:,} examples of "
                                 f"{label}; lower the batch size or add data")
-        if not self.cursors:
-            self.cursors = [[0, 0] for _ in self.sizes]
 
     def _take(self, src: int, k: int) -> list[int]:
         """The next k rows of source `src`, in its order for the current epoch."""
@@ -597,8 +611,19 @@ class Batch:
         return len(self.query_ids)
 
 
-def collate(sources: Sequence[Source], picks: Sequence[tuple[int, int]], tokenize) -> Batch:
-    """picks: (source, row) of this rank's examples; tokenize(texts, side) -> token id lists."""
+def fetch(sources: Sequence[Source], picks: Sequence[tuple[int, int]]) -> list[tuple]:
+    """(anchor, positive, negatives, scores) of each pick, in order; one read per source and field."""
+    rows: dict[int, list[int]] = {}
+    for s, r in picks:
+        rows.setdefault(s, []).append(r)
+    fetched = {s: iter(sources[s].take(r)) for s, r in rows.items()}
+    return [next(fetched[s]) for s, _ in picks]
+
+
+def collate(sources: Sequence[Source], picks: Sequence[tuple[int, int]], tokenize,
+            records: Sequence[tuple] | None = None) -> Batch:
+    """picks: (source, row) of this rank's examples; tokenize(texts, side) -> token id lists;
+    records: the picks already fetched (a stream is read in order, before tokenizing in a thread)."""
     import torch  # here, not at import: converting workers import this module and need no torch
 
     groups = {1 + sources[s].num_negatives for s, _ in picks}
@@ -607,13 +632,8 @@ def collate(sources: Sequence[Source], picks: Sequence[tuple[int, int]], tokeniz
         raise UserError(f"a mixed batch of sources {names} has examples with different numbers of negatives; "
                         "set the same num_negatives on each source or mark them homogeneous")
     group = groups.pop()
-    rows: dict[int, list[int]] = {}
-    for s, r in picks:
-        rows.setdefault(s, []).append(r)
-    fetched = {s: iter(sources[s].take(r)) for s, r in rows.items()}  # one read per source and field
     anchors, passages, teacher = [], [], []
-    for s, _ in picks:
-        anchor, positive, negatives, scores = next(fetched[s])
+    for anchor, positive, negatives, scores in records if records is not None else fetch(sources, picks):
         anchors.append(anchor)
         passages += [positive, *negatives]
         if scores is not None:

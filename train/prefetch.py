@@ -12,6 +12,10 @@ GIL, and threads share the memory-mapped sources at no cost. Each thread tokeniz
 of the tokenizer: a Rust tokenizer whose settings are changed (truncation on for texts, off for a
 prompt alone) while another thread encodes with it fails with "Already borrowed".
 
+Streamed sources (streaming.py) are read in order on the calling thread, where the global batches
+are drawn; their records then go to a thread for tokenizing. The stream positions recorded with each
+batch are what a checkpoint saves.
+
 Token ids stay unpadded lists: chunks are padded (and moved to the device) by the gradient cache on
 the training thread, so there is no batch tensor to pin here.
 """
@@ -25,7 +29,8 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Sequence
 
-from train.data import Batch, Mixture, Source, collate, shard
+from train.data import Batch, Mixture, Source, collate, fetch, shard
+from train.streaming import positions
 
 
 class Prefetcher:
@@ -37,6 +42,10 @@ class Prefetcher:
         self.queue: deque[tuple[Future, dict]] = deque()
         self.depth = 2 * workers  # batches in flight: each worker busy, one more waiting per worker
         self.local = threading.local()
+        # this rank's stream positions after the last batch handed out (None: nothing streamed): what a
+        # checkpoint records, not where the reading ahead has got to
+        self.streaming = any(s.streaming for s in sources)
+        self.streams = positions(sources)
         for _ in range(self.depth):
             self._submit()
 
@@ -49,15 +58,20 @@ class Prefetcher:
 
     def _submit(self) -> None:
         picks = shard(self.ahead.next_batch(), self.rank, self.world)
-        self.queue.append((self.pool.submit(collate, self.sources, picks, self._tokenize), self.ahead.state_dict()))
+        records = None
+        if self.streaming:  # a stream is read in order, here; only tokenizing goes to the threads
+            records = fetch(self.sources, picks)
+        future = self.pool.submit(collate, self.sources, picks, self._tokenize, records)
+        self.queue.append((future, self.ahead.state_dict(), positions(self.sources)))
 
     def next(self) -> Batch:
         t0 = time.perf_counter()
         if self.pool is None:  # in line: the step waits for all of it
             batch = collate(self.sources, shard(self.mixture.next_batch(), self.rank, self.world),
                             self.encoder.tokenize)
+            self.streams = positions(self.sources)
         else:
-            future, state = self.queue.popleft()
+            future, state, self.streams = self.queue.popleft()
             batch = future.result()  # re-raises a worker's error (a bad row) here, in the training thread
             self.mixture.load_state_dict(state)
             self._submit()

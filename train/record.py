@@ -60,7 +60,7 @@ def data_fingerprints(sources, full: bool = False) -> dict[str, dict]:
     the fingerprint `datasets` gave it. Nothing here reads the records, so it costs the same at any size."""
     out = {}
     for source in sources:
-        entry = {"origin": source.origin, "records": len(source)}
+        entry = {"origin": source.origin, "records": None if source.streaming else len(source)}  # a stream's: unknown
         # the sampled fingerprint was taken when the source was read; full=True reads every byte now
         full_fp = arrow_store.fingerprint(source.path, True) if full and source.path is not None else None
         entry.update(full_fp or source.fingerprint or {})

@@ -14,13 +14,14 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 
-from train import card, checkpoint, dist
+from train import card, checkpoint, dist, streaming
 from train.atomic import write_json, write_text
 from train.build import FitConfig, Training
 from train.data import Mixture, Source
@@ -49,8 +50,9 @@ def evaluate(engine, tasks: list, batch_size: int, dims: list[int] | None = None
 
 
 def save_checkpoint(engine, mixture: Mixture, step: int, cfg: FitConfig, run_dir: Path, before,
-                    selection: Selection | None = None) -> Path:
-    """Every rank writes its part into a temp folder; rank 0 completes it and renames (checkpoint.py)."""
+                    selection: Selection | None = None, streams: list[dict] | None = None) -> Path:
+    """Every rank writes its part into a temp folder; rank 0 completes it and renames (checkpoint.py).
+    streams: this rank's stream positions (data.streaming), each rank its own."""
     world, root = engine.world, run_dir / "checkpoints"
     tmp = checkpoint.temp_dir(root, step)
     # Each agree ends in an all-reduce, so it is also the barrier: no rank writes into the folder
@@ -59,6 +61,8 @@ def save_checkpoint(engine, mixture: Mixture, step: int, cfg: FitConfig, run_dir
 
     def write() -> None:
         torch.save(checkpoint.rng_state(), tmp / f"rng-rank{world.rank}.pt")
+        if streams is not None:
+            write_json(tmp / f"streams-rank{world.rank}.json", streams)
         engine.save_state(tmp)  # collective for sharded strategies
 
     dist.agree(world, write, f"cannot write the checkpoint of step {step} into {tmp}")
@@ -70,7 +74,8 @@ def save_checkpoint(engine, mixture: Mixture, step: int, cfg: FitConfig, run_dir
     return final
 
 
-def restore(engine, mixture: Mixture, cfg: FitConfig, logger: Logger) -> tuple[int, dict | None, dict, dict | None]:
+def restore(engine, mixture: Mixture, sources: Sequence[Source], cfg: FitConfig, logger: Logger
+            ) -> tuple[int, dict | None, dict, dict | None]:
     """(step, starting metrics, this rank's RNG states, selection state) of the newest checkpoint that
     loads on every rank; a broken one is reported and the one before it tried. The caller sets the
     RNG states last."""
@@ -90,6 +95,8 @@ def restore(engine, mixture: Mixture, cfg: FitConfig, logger: Logger) -> tuple[i
                 rng = None  # on another world size each rank's dropout stream starts afresh from the seed
                 if meta["identity"].get("world_size") == world.size:
                     rng = torch.load(folder / f"rng-rank{world.rank}.pt", weights_only=False)  # our own file
+                if any(s.streaming for s in sources):  # same world size (check_compatible)
+                    streaming.seek(sources, json.loads((folder / f"streams-rank{world.rank}.json").read_text()))
             except Exception as e:  # noqa: BLE001 - any failure to load means: try the previous one
                 problem = f"{type(e).__name__}: {e}"
             if dist.any_rank(int(bool(problem)), world.device):
@@ -154,7 +161,7 @@ def fit(engine, mixture: Mixture, sources: Sequence[Source], loss_fn: Callable, 
     start, rng = 0, None
     selection = Selection(cfg.select) if cfg.select else None
     if cfg.resume_from:
-        start, before, rng, chosen = restore(engine, mixture, cfg, logger)
+        start, before, rng, chosen = restore(engine, mixture, sources, cfg, logger)
         abandon_newer(world, run_dir, start, logger)
         if selection and chosen:  # the step chosen before the preemption, its model already in model/
             selection.load_state_dict(chosen)
@@ -187,25 +194,26 @@ def fit(engine, mixture: Mixture, sources: Sequence[Source], loss_fn: Callable, 
             signum = dist.any_rank(watch.signum, world.device)  # any rank's signal stops every rank here
             due = cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps
             if due or (signum and step < cfg.max_steps):
-                saved = save_checkpoint(engine, mixture, step, cfg, run_dir, before, selection)
+                saved = save_checkpoint(engine, mixture, step, cfg, run_dir, before, selection, data.streams)
                 logger.print(f"checkpoint {saved}")
                 if signum:
                     raise Preempted(step, watch.signum, str(saved), watch.previous.get(watch.signum))
         train_seconds = time.perf_counter() - t_start
         return _finish(engine, mixture, tasks, logger, cfg, run_dir, before, start, watch, train_seconds, card_info,
-                       selection)
+                       selection, data.streams)
 
 
 def _finish(engine, mixture: Mixture, tasks: list, logger: Logger, cfg: FitConfig, run_dir: Path, before,
             start: int, watch: Watch, train_seconds: float, card_info: card.CardInfo | None = None,
-            selection: Selection | None = None) -> dict:
+            selection: Selection | None = None, streams: list[dict] | None = None) -> dict:
     """The end of the run, still under the preemption handlers: a checkpoint at max_steps first, so a
     signal during the final evaluation, the LoRA merge or the save loses no step and exits to be
     requeued; the requeued run resumes at max_steps, trains nothing and does only this."""
     world = engine.world
     final = checkpoint.step_dir(run_dir / "checkpoints", cfg.max_steps)
     if start < cfg.max_steps:
-        logger.print(f"checkpoint {save_checkpoint(engine, mixture, cfg.max_steps, cfg, run_dir, before, selection)}")
+        saved = save_checkpoint(engine, mixture, cfg.max_steps, cfg, run_dir, before, selection, streams)
+        logger.print(f"checkpoint {saved}")
 
     def stop_if_signalled() -> None:  # every rank calls it: any rank's signal stops all of them
         if dist.any_rank(watch.signum, world.device):
