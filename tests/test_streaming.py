@@ -117,9 +117,10 @@ RUN = ["model=tiny_bert", "trainer.batch_size=8", "trainer.chunk_size=4", "eval=
        "trainer.log_every=1", "trainer.progress=false"]
 
 
-def train(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "train", *RUN, *args], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+def train(*args: str, ranks: int = 1) -> subprocess.CompletedProcess:
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)] if ranks > 1 else []
+    return subprocess.run([sys.executable, *launcher, "-m", "train", *RUN, *args], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def losses(run: Path) -> dict[int, float]:
@@ -127,16 +128,21 @@ def losses(run: Path) -> dict[int, float]:
             if "loss" in r}
 
 
-def test_a_streamed_run_resumes_where_it_stopped(tmp_path):
-    """With a prefetch thread reading two batches ahead, the checkpoint must hold the position of the
-    last batch trained, not of the last one read: resumed at step 3, steps 4-6 are the uninterrupted ones."""
+def test_a_streamed_run_on_two_ranks_resumes_where_it_stopped(tmp_path):
+    """Each rank reads its own part and saves its own position. With a prefetch thread reading two
+    batches ahead, the checkpoint must hold the position of the last batch trained, not of the last
+    one read: resumed at step 3, steps 4-6 are the uninterrupted ones."""
     data = planted(tmp_path, n=400)
     ref, run = tmp_path / "ref", tmp_path / "run"
-    out = train(f"data.path={data}", f"hydra.run.dir={ref}")
+    out = train(f"data.path={data}", f"hydra.run.dir={ref}", ranks=2)
     assert out.returncode == 0, out.stderr[-3000:]
+    assert "world size 2 (rank 1" in out.stderr
     assert "source main: streamed (anchor, positive, 1 negatives)" in out.stderr
+    step3 = ref / "checkpoints" / "step-00000003"
+    parts = [json.loads((step3 / f"streams-rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(p[0]["read"] == 3 * 4 for p in parts)  # 3 steps x 4 examples per rank, not the read-ahead
     shutil.copytree(ref / "checkpoints" / "step-00000003", run / "checkpoints" / "step-00000003")
-    out = train(f"data.path={data}", f"hydra.run.dir={run}", "trainer.resume=auto")
+    out = train(f"data.path={data}", f"hydra.run.dir={run}", "trainer.resume=auto", ranks=2)
     assert out.returncode == 0, out.stderr[-3000:]
     resumed = losses(run)
     assert sorted(resumed) == [4, 5, 6] and resumed == {s: v for s, v in losses(ref).items() if s > 3}
