@@ -27,7 +27,7 @@ import torch
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
-from train import card, checkpoint, dist, engines, mining, mteb_eval, record, streaming
+from train import card, checkpoint, dist, engines, mining, mteb_eval, record, streaming, synthesis
 from train.boundary import first_line, library_errors, optimizer_error, reading
 from train.config import recipe_name
 from train.data import ALIASES, Mixture, Source, check_shapes, read_source
@@ -478,6 +478,49 @@ def mine_inputs(cfg: DictConfig) -> Mining:
     source = mining_records(cfg)
     corpus = mining.read_corpus(m.corpus, m.text_field, m.id_field) if m.corpus else mining.corpus_of(source)
     return Mining(m, rule, source, corpus, lambda: encoder(cfg.model), cfg.model.path)
+
+
+@dataclass
+class Synthesis:
+    """What the synthesize job runs: the passages, where the shards go, and the retriever to load."""
+
+    settings: DictConfig  # cfg.synth
+    corpus: mining.Corpus  # every passage: the filter ranks among all of them
+    sources: int  # the first `sources` passages get a query (synth.limit)
+    out: Path
+    seed: int
+    make_encoder: Callable[[], Encoder]  # the filter's retriever, loaded after generation
+    model: str
+
+
+def synthesize_inputs(cfg: DictConfig, run_dir: Path) -> Synthesis:
+    """Every check of the inputs, before a model loads or a file is written."""
+    s = cfg.synth
+    for key in ("max_passage_tokens", "max_new_tokens", "batch_size", "shard_size", "top_k", "batch_size_filter"):
+        if s[key] < 1:
+            raise UserError(f"synth.{key}={s[key]}: expected a positive integer")
+    for key, low in (("num_negatives", 0), ("temperature", 0)):
+        if s[key] < low:
+            raise UserError(f"synth.{key}={s[key]}: expected {low} or more")
+    if s.limit is not None and s.limit < 1:
+        raise UserError(f"synth.limit={s.limit}: expected a positive integer or null (every passage)")
+    if not s.corpus:
+        raise UserError("synth.corpus is not set: expected a file of passages (JSONL/CSV/Parquet/text with a "
+                        "text field), e.g. synth.corpus=passages.jsonl")
+    if not s.generator:
+        raise UserError("synth.generator is not set: expected an instruction-tuned causal LM folder or hub name")
+    synthesis.check_template(s.prompt)
+    synthesis.check_causal_lm(s.generator)
+    corpus = mining.read_corpus(s.corpus, s.text_field, s.id_field, group="synth")
+    need = s.top_k + s.num_negatives + 1
+    if len(corpus.texts) < need:
+        raise UserError(f"synth.corpus={corpus.origin}: {len(corpus.texts):,} passages, but synth.top_k={s.top_k} "
+                        f"+ synth.num_negatives={s.num_negatives} + 1 = {need} are needed to rank against")
+    sources = min(s.limit or len(corpus.texts), len(corpus.texts))
+    out = Path(s.out).expanduser() if s.out else run_dir
+    if out.exists() and not out.is_dir():
+        raise UserError(f"synth.out={out}: is a file, expected a folder (new, or one to resume)")
+    return Synthesis(s, corpus, sources, out, cfg.seed, lambda: encoder(cfg.model), cfg.model.path)
 
 
 @dataclass

@@ -40,7 +40,7 @@ def choice(name: str, *values: str) -> type[Choice]:
     return Choice(name, [(v, v) for v in values], module=__name__, qualname=name)  # type: ignore[return-value]
 
 
-Job = choice("Job", "train", "eval", "mine", "merge")
+Job = choice("Job", "train", "eval", "mine", "merge", "synthesize")
 Pooling = choice("Pooling", "mean", "cls", "last", "latent", "echo")  # latent (NV-Embed), echo: train/llm.py
 # SimCSE's MLP over the pooled embedding (arXiv 2104.08821, pooling ablation, Table 6). mlp: kept at test
 # time, saved as a sentence-transformers Dense module (supervised); mlp_train: training only (unsupervised)
@@ -259,6 +259,30 @@ class MineConfig:
 
 
 @dataclass
+class SynthConfig:
+    """Synthetic queries with consistency filtering (recipe=synthesize, train/jobs/synthesize.py).
+    The retriever of the filter is the bi-encoder of `model` (model.path)."""
+
+    corpus: Optional[str] = None  # passages (a text field, optional id); required
+    text_field: Optional[str] = None  # corpus text column; None: text, passage, document, contents, ...
+    id_field: Optional[str] = None  # corpus id column (seeds each passage's sample); None: its line
+    limit: Optional[int] = None  # the first N passages of the corpus (the filter still ranks against all)
+    generator: Optional[str] = None  # an instruction-tuned causal LM folder or hub name (recipe: SmolLM2)
+    prompt: str = ("Write one short search query that a user could type to find the passage below. "
+                   "Reply with the query only.\n\nPassage: {passage}")  # {passage}: required
+    max_passage_tokens: int = 256  # passages are cut to this many generator tokens before prompting
+    max_new_tokens: int = 32
+    temperature: float = 0.0  # 0: greedy; > 0: sampling seeded per (seed, passage id)
+    batch_size: int = 8  # prompts per generate call
+    shard_size: int = 64  # passages per output shard: the unit of resumption
+    out: Optional[str] = None  # output folder; None: the run dir. Rerun with the same out to resume
+    top_k: int = 3  # keep a pair when its passage ranks within the top k for its query
+    relabel: bool = False  # positive := the top-ranked passage (Gecko) instead of the source passage
+    num_negatives: int = 0  # hard negatives from the same ranking, at ranks top_k and below
+    batch_size_filter: int = 128  # texts per retriever forward on a rank
+
+
+@dataclass
 class MergeConfig:
     """Model merging (recipe=merge, train/merge.py; the weight search in train/merge_search.py)."""
 
@@ -296,6 +320,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     mine: MineConfig = field(default_factory=MineConfig)
     merge: MergeConfig = field(default_factory=MergeConfig)
+    synth: SynthConfig = field(default_factory=SynthConfig)
 
 
 class RunDirCheck(Callback):

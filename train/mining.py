@@ -103,10 +103,12 @@ class Corpus:
     merged: int  # repeated texts merged into one passage
 
 
-def read_corpus(path: str, text_field: str | None = None, id_field: str | None = None) -> Corpus:
-    """Passages from a JSONL/JSON/CSV/TSV/Parquet/text file (or hub dataset): a text field, an optional id."""
+def read_corpus(path: str, text_field: str | None = None, id_field: str | None = None,
+                group: str = "mine") -> Corpus:
+    """Passages from a JSONL/JSON/CSV/TSV/Parquet/text file (or hub dataset): a text field, an optional id.
+    group: the config group whose keys (corpus, text_field, id_field) the messages name."""
     origin, rows = iter_rows(path)
-    where = f"mine.corpus={origin}"
+    where = f"{group}.corpus={origin}"
     texts: list[str] = []
     ids: list[str] = []
     empty: list[int] = []
@@ -118,10 +120,10 @@ def read_corpus(path: str, text_field: str | None = None, id_field: str | None =
             tkey = text_field or next((k for k in TEXT_FIELDS if k in row), None)
             if tkey is None or tkey not in row:
                 raise UserError(f"{where}:{line}: no passage text; expected a field named one of "
-                                f"{', '.join(TEXT_FIELDS)} (or set mine.text_field), found {sorted(row)}")
+                                f"{', '.join(TEXT_FIELDS)} (or set {group}.text_field), found {sorted(row)}")
             ikey = id_field or next((k for k in ID_FIELDS if k in row), None)
             if ikey is not None and ikey not in row:
-                raise UserError(f'{where}:{line}: no field "{ikey}" (mine.id_field), found {sorted(row)}')
+                raise UserError(f'{where}:{line}: no field "{ikey}" ({group}.id_field), found {sorted(row)}')
         text = row.get(tkey)
         if text is not None and not isinstance(text, str):
             raise UserError(f'{where}:{line}: field "{tkey}" must be text, got {type(text).__name__}')

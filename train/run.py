@@ -17,6 +17,7 @@ from train.atomic import write_text
 from train.jobs import eval as eval_job
 from train.jobs import merge as merge_job
 from train.jobs import mine as mine_job
+from train.jobs import synthesize as synthesize_job
 from train.jobs import train as train_job
 
 JOBS = {
@@ -24,6 +25,8 @@ JOBS = {
     "eval": lambda cfg, world, run_dir: eval_job.run(build.evaluation(cfg, world), world, run_dir),
     "mine": lambda cfg, world, run_dir: mine_job.run(build.mine_inputs(cfg), world, run_dir),
     "merge": lambda cfg, world, run_dir: merge_job.run(build.merging(cfg, world, run_dir), world, run_dir),
+    "synthesize": lambda cfg, world, run_dir: synthesize_job.run(build.synthesize_inputs(cfg, run_dir), world,
+                                                                 run_dir),
 }
 
 
