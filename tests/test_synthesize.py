@@ -65,6 +65,9 @@ def test_consistency_filter_equals_a_brute_force_ranking():
     assert f.rank.tolist() == [r if r < cand.shape[1] else -1 for r in ranks]
     assert f.keep.tolist() == [r < k for r in ranks]
     assert 0 < int(f.keep.sum()) < 40  # both outcomes occur
+    for other in (1, 2, 4, 5, 8):  # every threshold, so a pair exactly at rank k is met too
+        assert synthesis.consistency(cand, source, other, False, 0).keep.tolist() == [r < other for r in ranks]
+    assert any(r in (1, 2, 4, 5, 8) for r in ranks)
     assert f.positive.tolist() == scores.argmax(1).tolist()  # relabelled to the best-ranked passage
     for j in range(40):
         order = [int(i) for i in scores[j].argsort(descending=True, stable=True)]
@@ -93,6 +96,13 @@ def test_a_planted_outranked_passage_is_dropped_and_relabelling_picks_the_top():
     ("**Search query:** accreditation of academic programs", "accreditation of academic programs"),
     ("1. william preston civil war", "william preston civil war"),
     ("   \n  ", ""),
+    # seen with SmolLM2-135M-Instruct on the wiki passages
+    ('A user could search for "Andorra" in the search engine to find the passage.', "Andorra"),
+    ('A user could type: "Lethbridge, Calgary, Edmonton, Red Deer', "Lethbridge, Calgary, Edmonton, Red Deer"),
+    ("The passage is:", ""),
+    ("A user could type:", ""),
+    ("A: 1781 Battle of Cowpens", "1781 Battle of Cowpens"),
+    ("The linguistic turn debate in art history.", "The linguistic turn debate in art history."),
 ])
 def test_parse_query(reply, query):
     assert synthesis.parse_query(reply) == query

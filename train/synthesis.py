@@ -117,18 +117,25 @@ def generate(model, tokenizer, prompts: list[str], seeds: list[int], max_new_tok
     return tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)  # [B]
 
 
-_LABEL = re.compile(r"^\s*(?:\*\*)?(?:search\s+)?query\s*\d*\s*[:\-]\s*(?:\*\*)?\s*", re.IGNORECASE)
+# Lead-ins a small instruct model writes before (or instead of) the query, seen with SmolLM2-135M:
+# "Query: ...", "A user could type: ...", "A user could search for "..." to find ...", "The passage is:".
+_LEAD_IN = re.compile(r"^\s*(?:\*\*)?(?:a\s+user\s+(?:could|might|would)\s+(?:type|search\s+for|search|ask)\s*:?|"
+                      r"the\s+passage\s+is\s*:|(?:search\s+)?query\s*\d*\s*[:\-]|[qa]\s*:)\s*(?:\*\*)?\s*",
+                      re.IGNORECASE)
+_QUOTED = re.compile(r"[\"“]([^\"“”]{2,})[\"”]")
 
 
 def parse_query(reply: str) -> str:
-    """The query in an LLM's reply: its first non-empty line, without a 'Query:' label, list marker
-    or surrounding quotes. '' when nothing is left (the pair is then dropped and counted)."""
+    """The query in an LLM's reply: its first non-empty line without a lead-in ('Query:', 'A user
+    could type:'), list marker or quotes; a quoted span in it is the query. '' when nothing is left
+    (the pair is then dropped and counted)."""
     line = next((s.strip() for s in reply.splitlines() if s.strip()), "")
-    line = _LABEL.sub("", line)
+    line = _LEAD_IN.sub("", line, count=1)
     line = re.sub(r"^(?:[-*•]|\d+[.)])\s+", "", line).strip()
-    if len(line) >= 2 and line[0] == line[-1] and line[0] in "\"'`":
-        line = line[1:-1].strip()
-    return line.strip("\"“”").strip()
+    quoted = _QUOTED.search(line)
+    if quoted:
+        line = quoted.group(1)
+    return line.strip().strip("\"'`“”").strip()
 
 
 # --- shards ------------------------------------------------------------------------------------------

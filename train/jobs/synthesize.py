@@ -75,8 +75,7 @@ def generate_shards(job: Synthesis, world: World, log) -> int:
             prompts = [synthesis.render(tok, s.prompt, c.texts[j], s.max_passage_tokens) for j in idx]
             replies = synthesis.generate(model, tok, prompts, [synthesis.passage_seed(job.seed, p) for p in pids],
                                          s.max_new_tokens, s.temperature)
-            rows += [{"index": j, "id": p, "query": synthesis.parse_query(r), "reply": r}
-                     for j, p, r in zip(idx, pids, replies)]
+            rows += [{"index": j, "id": p, "reply": r} for j, p, r in zip(idx, pids, replies)]
         with atomic_file(synthesis.shard_path(job.out, i)) as tmp:
             tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
         done += len(rows)
@@ -103,7 +102,9 @@ def run(job: Synthesis, world: World, run_dir: Path) -> dict:
     t = time.perf_counter()
     made = dist.agree(world, lambda: generate_shards(job, world, say), "generating queries")
     seconds["generate"] = time.perf_counter() - t
-    rows = [r for i, rng in enumerate(synthesis.shard_ranges(job.sources, s.shard_size))
+    # The shards hold the raw replies; parsing them here means a rerun with a better parser reuses them.
+    rows = [{**r, "query": synthesis.parse_query(r["reply"])}
+            for i, rng in enumerate(synthesis.shard_ranges(job.sources, s.shard_size))
             for r in synthesis.read_shard(synthesis.shard_path(job.out, i), rng)]
     pairs = [r for r in rows if r["query"]]
     log(f"generated {made} shards on rank 0 ({n_shards - made} were there); {len(pairs):,} of {len(rows):,} "
