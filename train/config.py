@@ -274,7 +274,9 @@ class SynthConfig:
     max_new_tokens: int = 32
     temperature: float = 0.0  # 0: greedy; > 0: sampling seeded per (seed, passage id)
     batch_size: int = 8  # prompts per generate call
-    shard_size: int = 64  # passages per output shard: the unit of resumption
+    # passages per output shard: the unit of resumption. Ranks whose shards are done wait for the others
+    # in a collective (at most about one shard's time): keep a shard under TRAIN_DIST_TIMEOUT_S (600 s)
+    shard_size: int = 64
     out: Optional[str] = None  # output folder; None: the run dir. Rerun with the same out to resume
     top_k: int = 3  # keep a pair when its passage ranks within the top k for its query
     relabel: bool = False  # positive := the top-ranked passage (Gecko) instead of the source passage
