@@ -45,7 +45,7 @@ def test_command_line_beats_recipe_beats_base(compose):
     ("mine.format", "csv", "jsonl, parquet, datasets"),
     ("merge.method", "average", "linear, task_arithmetic, ties, dare_linear, dare_ties, slerp, lora"),
     ("merge.search", "random", "none, grid, gradient"),
-    ("job", "serve", "train, eval, mine, merge"),
+    ("job", "serve", "train, eval, mine, merge, synthesize"),
 ])
 def test_a_wrong_choice_fails_at_compose_time_naming_the_key_and_the_choices(compose, key, wrong, allowed):
     with pytest.raises(ConfigCompositionException) as e:
