@@ -127,8 +127,9 @@ _QUOTED = re.compile(r"[\"“]([^\"“”]{2,})[\"”]")
 
 def parse_query(reply: str) -> str:
     """The query in an LLM's reply: its first non-empty line without a lead-in ('Query:', 'A user
-    could type:'), list marker or quotes; a quoted span in it is the query. '' when nothing is left
-    (the pair is then dropped and counted)."""
+    could type:'), list marker or quotes. A quoted span in it is taken as the query (SmolLM2 often
+    quotes it inside a sentence), so a query that itself quotes a phrase is cut to that phrase.
+    '' when nothing is left (the pair is then dropped and counted)."""
     line = next((s.strip() for s in reply.splitlines() if s.strip()), "")
     line = _LEAD_IN.sub("", line, count=1)
     line = re.sub(r"^(?:[-*•]|\d+[.)])\s+", "", line).strip()
