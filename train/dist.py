@@ -150,6 +150,15 @@ def any_rank(flag: int, device: torch.device) -> int:
     return int(t.item())
 
 
+def min_over_ranks(value: int, world: World) -> int:
+    """The smallest of every rank's `value` (the value itself on a one-rank world)."""
+    if _alone(world):
+        return value
+    t = torch.tensor([value], device=world.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
 def all_gather_object(obj) -> list:
     """Every rank's `obj`, in rank order ([obj] on one process)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
