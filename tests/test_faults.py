@@ -1,0 +1,96 @@
+"""Fault injection on 2 gloo ranks (DDP): a preemption signal mid-step on one rank, one rank SIGKILLed
+mid-step, a corrupt latest checkpoint. After each the run is relaunched with trainer.resume=auto, and
+the run ends with the losses and the weights of the same run never interrupted (bit-identical on CPU).
+
+The faults are injected from inside the ranks, at a chosen forward pass of a chosen rank (FAULT_AT), so
+that where they land does not depend on the timing of a loaded machine.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from test_resume import assert_same_weights, losses
+
+from train import checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+RUN = ["model=tiny_bert", "trainer.batch_size=16", "trainer.chunk_size=4", "data=snli_mix",
+       "data.sources.pairs.limit=300", "data.sources.triples.limit=300", "eval=none", "trainer.max_steps=6",
+       "trainer.save_every=4", "trainer.keep_last=3", "trainer.log_every=1", "trainer.progress=false",
+       "dist=ddp"]
+FORWARDS_PER_STEP = 4  # 8 examples a rank in chunks of 4: 2 forwards without gradient, 2 replayed
+
+# `python -m train`, with rank R sending itself signal S from inside its N-th forward pass (from 0).
+WORKER = '''
+import os, signal, sys
+from train import engines
+rank, at, name = os.environ["FAULT_AT"].split(":") if os.environ.get("FAULT_AT") else (-1, 0, "")
+if int(os.environ.get("RANK", "0")) == int(rank):
+    forward, calls = engines.TorchEngine.forward, [0]
+    def faulty(self, ids, mask):
+        if calls[0] == int(at):
+            os.kill(os.getpid(), getattr(signal, name))
+        calls[0] += 1
+        return forward(self, ids, mask)
+    engines.TorchEngine.forward = faulty
+sys.argv = ["train", *sys.argv[1:]]
+from train.__main__ import main
+main()
+'''
+
+
+def torchrun(worker: Path, run: Path, *args: str, fault: str = "") -> tuple[subprocess.CompletedProcess, float]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FAULT_AT": fault, "PYTHONPATH": str(ROOT)}
+    t0 = time.monotonic()
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(worker), *RUN, f"hydra.run.dir={run}", *args], env=env, capture_output=True,
+                         text=True, timeout=600)
+    return out, time.monotonic() - t0
+
+
+def complete(run: Path) -> list[int]:
+    """The run dir's checkpoints, each verified complete (files all there at their written sizes)."""
+    found = checkpoint.listed(run / "checkpoints")
+    for _, folder in found:
+        checkpoint.verify(folder)
+    return [s for s, _ in found]
+
+
+def test_signal_on_one_rank_a_killed_rank_and_a_corrupt_checkpoint_all_end_as_the_uninterrupted_run(tmp_path):
+    worker = tmp_path / "worker.py"
+    worker.write_text(WORKER)
+    reference = tmp_path / "reference"
+    out, _ = torchrun(worker, reference)
+    assert out.returncode == 0, out.stderr[-3000:]
+
+    # 1. SIGUSR1 reaches rank 1 alone, in step 3's second no-grad forward: both ranks give step 3 up at
+    #    the same chunk boundary (the flag is agreed), step 2 is checkpointed, exit 143.
+    run = tmp_path / "run"
+    out, _ = torchrun(worker, run, fault=f"1:{2 * FORWARDS_PER_STEP + 1}:SIGUSR1")
+    assert out.returncode != 0 and "exitcode  : 143" in out.stderr, out.stderr[-3000:]
+    assert "step 3 given up at a chunk boundary" in out.stderr
+    assert "stopped by a signal on another rank after step 2" in out.stderr  # rank 0 reports it
+    assert complete(run) == [2] and max(losses(run)) == 2
+
+    # 2. Resumed; rank 1 SIGKILLed in its 3rd step after the resume (step 5, after the checkpoint of 4):
+    #    rank 0 does not wait for it beyond the launcher's reaction (its collective with the dead rank
+    #    fails, or torchrun ends it), and nothing half-written is listed.
+    out, seconds = torchrun(worker, run, "trainer.resume=auto", fault=f"1:{2 * FORWARDS_PER_STEP + 1}:SIGKILL")
+    assert out.returncode != 0 and "Signal 9 (SIGKILL) received" in out.stderr, out.stderr[-3000:]
+    assert seconds < 300, seconds  # torchrun's 30 s shutdown timeout plus start-up, on a loaded machine
+    assert complete(run) == [2, 4] and not (run / "model").exists()
+
+    # 3. The latest checkpoint corrupt (a truncated state.pt): the relaunch falls back to step 2.
+    state = run / "checkpoints" / "step-00000004" / "state.pt"
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+    out, _ = torchrun(worker, run, "trainer.resume=auto")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "step-00000004 is incomplete or corrupt" in out.stderr and "at step 2" in out.stderr
+    assert losses(run) == losses(reference)  # every step's loss, exactly
+    assert_same_weights(run, reference)
+    assert complete(run) == complete(reference)
