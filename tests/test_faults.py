@@ -9,6 +9,7 @@ that where they land does not depend on the timing of a loaded machine.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -82,6 +83,7 @@ def test_signal_on_one_rank_a_killed_rank_and_a_corrupt_checkpoint_all_end_as_th
     #    fails, or torchrun ends it), and nothing half-written is listed.
     out, seconds = torchrun(worker, run, "trainer.resume=auto", fault=f"1:{2 * FORWARDS_PER_STEP + 1}:SIGKILL")
     assert out.returncode != 0 and "Signal 9 (SIGKILL) received" in out.stderr, out.stderr[-3000:]
+    assert re.search(r"rank\s*: 1 \(local_rank: 1\)\s*exitcode\s*: -9", out.stderr), out.stderr[-3000:]  # named
     assert seconds < 300, seconds  # torchrun's 30 s shutdown timeout plus start-up, on a loaded machine
     assert complete(run) == [2, 4] and not (run / "model").exists()
 

@@ -9,8 +9,9 @@ measures until the process exits. Prints one JSON line:
     step_s          step 1's duration (what a signal could have to wait for when a step runs to its end)
     signal_to_exit  seconds from the signal to the exit (give the step up + checkpoint step 1 + leave)
     given_up_after  seconds into step 2 when it was given up (from the run's own log line)
-    to_given_up, to_checkpoint   seconds from the signal until the run printed that it gave the step up,
-                    and that the checkpoint was complete (the rest of signal_to_exit is leaving the process)
+    to_given_up, to_checkpoint, to_exit_line   seconds from the signal until the run printed that it gave
+                    the step up, that the checkpoint was complete, and that it exits (after the loop, the
+                    data threads and the logs are closed); the rest of signal_to_exit is the interpreter's exit
     exit_code       143 expected
 It also checks that the run stopped after step 1 with a complete checkpoint of it.
 """
@@ -78,6 +79,7 @@ def main() -> None:
     print(json.dumps({"batch": args.batch, "step_s": round(step_s, 2), "signal_to_exit": round(signal_to_exit, 2),
                       "given_up_after": float(given.group(1)) if given else None,
                       "to_given_up": when("given up at a chunk boundary"), "to_checkpoint": when("checkpoint "),
+                      "to_exit_line": when("to be requeued"),
                       "exit_code": p.returncode,
                       "stopped_after_step_1_with_its_checkpoint": stopped}))
     if p.returncode != 143 or not stopped:

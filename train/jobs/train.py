@@ -7,6 +7,7 @@
             forward + loss + backward (gradient-cached when chunk < batch)   gradcache.py
         clip, step, schedule, zero grad                                      dist.py engine
         log; checkpoint every N steps, or on a preemption signal (then stop); evaluate every N steps
+        (a signal mid-step gives the step up at its next chunk boundary: checkpoint the step before, stop)
     checkpoint at max_steps, evaluate again, print before/after side by side, save the model
     (the signal handlers stay installed to the end: a signal there stops the run, the requeued run
     resumes at max_steps and only evaluates and saves)
