@@ -77,7 +77,10 @@ def test_checkpoints_are_complete_and_only_the_last_n_kept(reference):
     assert not list((reference / "checkpoints").glob(".tmp-*"))
 
 
-def test_signal_stops_at_a_step_boundary_and_the_resumed_run_is_bit_identical(reference, tmp_path):
+def test_a_signal_stops_the_run_and_the_resumed_run_is_bit_identical(reference, tmp_path):
+    """SIGUSR1 from outside at a time the test does not control: mid-step it gives the step up (the
+    checkpoint is of the step before), between steps it checkpoints that step; either way the resumed
+    run logs the same losses and saves the same weights as the reference."""
     run = tmp_path / "run"
     p = start(f"hydra.run.dir={run}")
     metrics = run / "metrics.jsonl"

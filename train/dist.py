@@ -150,6 +150,14 @@ def any_rank(flag: int, device: torch.device) -> int:
     return int(t.item())
 
 
+def flag_device(world: World) -> torch.device:
+    """Where a small flag is best agreed: on the CPU when the group has gloo for CPU tensors (ours does:
+    init_process_group), so that asking never waits for the GPU's queue; else on the rank's device."""
+    if dist.is_initialized() and "gloo" not in str(dist.get_backend()):
+        return world.device
+    return torch.device("cpu")
+
+
 def min_over_ranks(value: int, world: World) -> int:
     """The smallest of every rank's `value` (the value itself on a one-rank world)."""
     if _alone(world):

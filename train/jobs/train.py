@@ -196,11 +196,13 @@ def fit(engine, mixture: Mixture, sources: Sequence[Source], loss_fn: Callable, 
     t_start = time.perf_counter()
     watch = Watch(cfg.preempt_signals)
     # A signal gives up a long step at its next chunk boundary (a 32k-example step takes minutes, the
-    # grace period is about 30 s): the flag is agreed over the CPU group, so asking never waits for the GPU.
+    # grace period is about 30 s): the flag is agreed over gloo, so asking never waits for the GPU.
     stop = None
     if watch.signals and getattr(engine, "abandons_steps", False):
+        where = dist.flag_device(world)
+
         def stop() -> bool:
-            return bool(dist.any_rank(watch.signum, torch.device("cpu")))
+            return bool(dist.any_rank(watch.signum, where))
     with watch, Prefetcher(mixture, sources, engine.encoder, world.rank, world.size, cfg.num_workers) as data:
         for step in range(start + 1, cfg.max_steps + 1):
             if not _train_step(engine, data, loss_fn, logger, cfg, step, stop):
