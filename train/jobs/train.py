@@ -133,7 +133,7 @@ def _train_step(engine, data: Prefetcher, loss_fn: Callable, logger: Logger, cfg
     world = engine.world
     t0 = time.perf_counter()
     if stop is not None:
-        rng, position = checkpoint.rng_state(), data.mixture.state_dict()
+        rng, position = checkpoint.rng_state(), data.position()
     engine.begin_step()
     losses, padded, real, texts, largest = [], 0, 0, 0, 0
     try:
@@ -149,7 +149,7 @@ def _train_step(engine, data: Prefetcher, loss_fn: Callable, logger: Logger, cfg
     except Abandoned:
         engine.discard_grads()
         checkpoint.set_rng_state(rng)
-        data.mixture.load_state_dict(position)
+        data.rewind(position)
         logger.print(f"step {step} given up at a chunk boundary after {time.perf_counter() - t0:.1f} s "
                      "(a preemption signal); its parameters were never changed")
         return False
@@ -209,7 +209,8 @@ def fit(engine, mixture: Mixture, sources: Sequence[Source], loss_fn: Callable, 
                 # Nothing of this step is kept: checkpoint the one before (unless none finished: then a
                 # requeued run simply starts afresh) and stop.
                 done = step - 1
-                saved = save_checkpoint(engine, mixture, done, cfg, run_dir, before, selection) if done else None
+                saved = save_checkpoint(engine, mixture, done, cfg, run_dir, before, selection,
+                                        data.streams) if done else None
                 logger.print(f"checkpoint {saved}" if saved else "no step finished: nothing to checkpoint")
                 raise Preempted(done, watch.signum, str(saved or "none"), watch.previous.get(watch.signum))
             # Evaluate before any checkpoint of this step, so the checkpoint holds the selection that
