@@ -1,6 +1,7 @@
 """Fault injection on 2 gloo ranks (DDP): a preemption signal mid-step on one rank, one rank SIGKILLed
 mid-step, a corrupt latest checkpoint. After each the run is relaunched with trainer.resume=auto, and
 the run ends with the losses and the weights of the same run never interrupted (bit-identical on CPU).
+And a rank that fails inside DeepSpeed's own checkpoint save, out of step with the others.
 
 The faults are injected from inside the ranks, at a chosen forward pass of a chosen rank (FAULT_AT), so
 that where they land does not depend on the timing of a loaded machine.
@@ -40,17 +41,27 @@ if int(os.environ.get("RANK", "0")) == int(rank):
         calls[0] += 1
         return forward(self, ids, mask)
     engines.TorchEngine.forward = faulty
+if os.environ.get("FAULT_SAVE") == os.environ.get("RANK"):  # this rank's ZeRO files cannot be written
+    import torch
+    save = torch.save
+    def failing(obj, f, *a, **k):
+        if "optim_states" in str(f):
+            raise OSError(28, "No space left on device (injected)")
+        return save(obj, f, *a, **k)
+    torch.save = failing
 sys.argv = ["train", *sys.argv[1:]]
 from train.__main__ import main
 main()
 '''
 
 
-def torchrun(worker: Path, run: Path, *args: str, fault: str = "") -> tuple[subprocess.CompletedProcess, float]:
+def torchrun(worker: Path, run: Path, *args: str, fault: str = "", **env: str
+             ) -> tuple[subprocess.CompletedProcess, float]:
     """The launch's result, and the seconds from the fault to torchrun's exit (0 without a fault)."""
     stamp = worker.parent / "fault-time"
     stamp.unlink(missing_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "FAULT_AT": fault, "FAULT_STAMP": str(stamp), "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FAULT_AT": fault, "FAULT_STAMP": str(stamp), "PYTHONPATH": str(ROOT),
+           **env}
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           str(worker), *RUN, f"hydra.run.dir={run}", *args], env=env, capture_output=True,
                          text=True, timeout=600)
@@ -101,3 +112,26 @@ def test_signal_on_one_rank_a_killed_rank_and_a_corrupt_checkpoint_all_end_as_th
     assert losses(run) == losses(reference)  # every step's loss, exactly
     assert_same_weights(run, reference)
     assert complete(run) == [2, 4, 6] and complete(reference) == [4, 6]  # keep_last=3; the new line's 4 and 6
+
+
+def test_a_rank_failing_inside_deepspeeds_save_is_named_on_every_rank_within_the_collective_timeout(tmp_path):
+    """ZeRO-3 on 2 ranks; rank 1 cannot write its optimizer partition inside DeepSpeed's save_checkpoint,
+    so it skips DeepSpeed's closing barrier and the ranks' collectives fall out of step. Within the
+    collective timeout (TRAIN_DIST_TIMEOUT_S, 20 s here) every rank left prints one error line naming
+    rank 1's error (posted in the launcher's store); no checkpoint looks complete. On main: tracebacks
+    of a gloo timeout, rank 1's error named nowhere."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(WORKER)
+    run = tmp_path / "run"
+    t0 = time.monotonic()
+    out, _ = torchrun(worker, run, "dist=deepspeed_zero3", "trainer.max_steps=2", "trainer.save_every=1",
+                      FAULT_SAVE="1", TRAIN_DIST_TIMEOUT_S="20")
+    seconds = time.monotonic() - t0
+    assert out.returncode != 0
+    lines = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
+    assert lines and all("rank 1: OSError: [Errno 28] No space left on device (injected)" in line
+                         for line in lines), out.stderr[-3000:]
+    assert lines[0].startswith("error: cannot write the checkpoint of step 1 into ")
+    assert f'File "{ROOT / "train"}' not in out.stderr  # no traceback through the trainer (torchrun prints its own)
+    assert complete(run) == [] and not (run / "model").exists()
+    assert seconds < 240, seconds  # start-up, a step, the 20 s timeout, on a loaded machine
