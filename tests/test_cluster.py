@@ -122,3 +122,21 @@ def test_deepspeed_json_files_fit_the_trainer_batch_settings(stage):
     assert cfg["zero_optimization"]["stage"] == stage
     assert cfg["train_batch_size"] == 128 and cfg["train_micro_batch_size_per_gpu"] == 32
     assert json.loads(path.read_text())["train_batch_size"] == "auto"
+
+
+def test_torchrun_script_passes_usr_signals_on_and_waits_its_grace_period(tmp_path):
+    """launch/torchrun.sh's arguments as torchrun itself parses them: SIGUSR1/2 are passed on to the
+    ranks (torchrun's default passes neither) and SIGKILL waits SHUTDOWN_TIMEOUT_S (default 120)."""
+    from torch.distributed.run import get_args_parser
+
+    fake = tmp_path / "torchrun"
+    fake.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@"\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}", "NPROC": "2"}
+    for extra, timeout in (({}, 120), ({"SHUTDOWN_TIMEOUT_S": "45"}, 45)):
+        out = subprocess.run(["bash", str(ROOT / "launch" / "torchrun.sh"), "recipe=quickstart"], env={**env, **extra},
+                             capture_output=True, text=True, timeout=60, check=True)
+        args = get_args_parser().parse_args(out.stdout.splitlines())
+        assert {"SIGTERM", "SIGUSR1", "SIGUSR2"} <= set(args.signals_to_handle.split(","))
+        assert args.shutdown_timeout == timeout and args.nproc_per_node == "2"
+        assert args.module and args.training_script == "train" and args.training_script_args == ["recipe=quickstart"]

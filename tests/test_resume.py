@@ -77,7 +77,10 @@ def test_checkpoints_are_complete_and_only_the_last_n_kept(reference):
     assert not list((reference / "checkpoints").glob(".tmp-*"))
 
 
-def test_signal_stops_at_a_step_boundary_and_the_resumed_run_is_bit_identical(reference, tmp_path):
+def test_a_signal_stops_the_run_and_the_resumed_run_is_bit_identical(reference, tmp_path):
+    """SIGUSR1 from outside at a time the test does not control: mid-step it gives the step up (the
+    checkpoint is of the step before), between steps it checkpoints that step; either way the resumed
+    run logs the same losses and saves the same weights as the reference."""
     run = tmp_path / "run"
     p = start(f"hydra.run.dir={run}")
     metrics = run / "metrics.jsonl"
@@ -301,9 +304,9 @@ def test_lora_checkpoint_holds_the_adapter_only_and_resumes_bit_identical(tmp_pa
 
 
 def fit_in_process(run: Path, resume: str | None, max_steps: int, save_every: int, keep_last: int,
-                   tasks: list | None = None, signals: tuple[str, ...] = ()) -> str:
+                   tasks: list | None = None, signals: tuple[str, ...] = (), on_engine=None) -> str:
     """trainer.fit on the tiny BERT, in this process: what `python -m train` runs, minus its start-up.
-    Returns what the run printed."""
+    on_engine(engine): called with the engine before fit (to instrument it). Returns what the run printed."""
     import contextlib
     import io
 
@@ -317,11 +320,13 @@ def fit_in_process(run: Path, resume: str | None, max_steps: int, save_every: in
     torch.manual_seed(0)
     run.mkdir(parents=True, exist_ok=True)
     engine = plain_engine(tiny_encoder().train())
+    if on_engine:
+        on_engine(engine)
     mixture = Mixture(sizes=[64], weights=[None], homogeneous=[False], batch_size=8, seed=0)
     cfg = FitConfig(max_steps=max_steps, chunk_size=4, accum_steps=1, group_by_length=True, mask_duplicates=True,
                     log_every=1, eval_before=False, eval_every=0, eval_batch_size=8, save_every=save_every,
                     keep_last=keep_last, resume_from=checkpoint.candidates(resume, run),
-                    preempt_signals=list(signals))
+                    preempt_signals=list(signals), identity={"world_size": 1})  # the RNG is restored on 1 rank
     logger, said = Logger(run, True, max_steps, progress=False), io.StringIO()
     try:
         with contextlib.redirect_stderr(said):
@@ -475,3 +480,60 @@ def test_fsdp2_checkpoint_of_two_ranks_is_resharded_onto_one(tmp_path):
     assert losses(run) == pytest.approx({s: v for s, v in losses(two).items() if s > 4}, rel=1e-5)
     worst = max_rel_diff(weights(run), weights(two))  # the DDP test's bound and reason (Adam on ~0 gradients)
     assert worst < 3e-4, worst
+
+
+# --- a signal inside a long step: given up at the next chunk boundary ----------------------------------
+
+
+class SignalAtForward:
+    """Sends SIGUSR1 to this process from inside the `at`-th forward pass (counting from 0): a signal
+    that arrives mid-step, at a chosen chunk, with no timing involved."""
+
+    def __init__(self, at: int):
+        self.at, self.calls, self.engine = at, 0, None
+
+    def __call__(self, engine) -> None:
+        self.engine, forward = engine, engine.forward
+
+        def signalling(ids, mask):
+            if self.calls == self.at:
+                os.kill(os.getpid(), signal.SIGUSR1)
+            self.calls += 1
+            return forward(ids, mask)
+
+        engine.forward = signalling
+
+
+@pytest.mark.parametrize("where", ["no-grad pass", "replay"])
+def test_a_signal_mid_step_gives_the_step_up_and_the_resume_replays_it_exactly(where, tmp_path):
+    """Batch 8 in 2 chunks (4 forwards a step: 2 without gradient, 2 replayed), dropout on. SIGUSR1 in the
+    3rd step's 2nd no-grad forward, or in its 1st replayed forward (one chunk's gradient already in
+    .grad): the step is given up at the next chunk boundary, step 2 is checkpointed with the RNG and
+    data position of before step 3, and the resumed run ends bit-identical to one never stopped. On
+    main the step ran to its end and step 3 was checkpointed."""
+    from train.preempt import Preempted
+
+    reference = tmp_path / "reference"
+    fit_in_process(reference, None, max_steps=5, save_every=0, keep_last=1, signals=("SIGUSR1",))
+    run = tmp_path / "run"
+    hook = SignalAtForward(2 * 4 + (1 if where == "no-grad pass" else 2))
+    with pytest.raises(Preempted, match="stopped by SIGUSR1 after step 2"):
+        fit_in_process(run, None, max_steps=5, save_every=0, keep_last=1, signals=("SIGUSR1",), on_engine=hook)
+    assert hook.calls == 2 * 4 + (2 if where == "no-grad pass" else 3)  # no forward after the boundary
+    assert all(p.grad is None for p in hook.engine.module.parameters())  # the replayed chunk's share dropped
+    assert steps(run) == [2] and max(losses(run)) == 2
+    said = fit_in_process(run, "auto", max_steps=5, save_every=0, keep_last=1, signals=("SIGUSR1",))
+    assert f"resumed from {run / 'checkpoints' / 'step-00000002'} at step 2" in said
+    assert losses(run) == losses(reference)
+    assert_same_weights(run, reference)
+
+
+def test_a_signal_in_the_first_step_leaves_no_checkpoint_and_a_fresh_start_is_exact(tmp_path):
+    """Given up in step 1: nothing finished, nothing written; the requeued run (resume=auto finds no
+    checkpoint) starts afresh."""
+    from train.preempt import Preempted
+
+    run, hook = tmp_path / "run", SignalAtForward(1)
+    with pytest.raises(Preempted, match="after step 0; checkpoint none"):
+        fit_in_process(run, None, max_steps=3, save_every=0, keep_last=1, signals=("SIGUSR1",), on_engine=hook)
+    assert steps(run) == [] and not (run / "model").exists()

@@ -159,3 +159,46 @@ def test_mining_refuses_a_stream(tmp_path):
     assert out.returncode == 2
     said = out.stderr.strip().splitlines()[-1]
     assert said.startswith("error: data.streaming=true: recipe mine_hard_negatives indexes its records"), said
+
+
+def test_a_step_given_up_mid_way_records_the_stream_position_of_the_step_before(tmp_path):
+    """A signal in step 3 (test_resume.SignalAtForward) gives it up: the checkpoint of step 2 holds the
+    stream position after step 2's batch, not after step 3's (read with one prefetch thread), and the
+    resumed run logs the uninterrupted run's losses."""
+    from helpers import LOSS, plain_engine, tiny_encoder
+    from test_resume import SignalAtForward
+
+    from train.build import FitConfig
+    from train.jobs.train import fit
+    from train.log import Logger
+    from train.preempt import Preempted
+
+    path = planted(tmp_path, n=200)
+
+    def run(folder: Path, resume: str | None, hook=None) -> dict[int, float]:
+        import torch
+
+        torch.manual_seed(0)
+        engine = plain_engine(tiny_encoder().train())
+        if hook:
+            hook(engine)
+        src = source(path)
+        cfg = FitConfig(max_steps=4, chunk_size=4, accum_steps=1, group_by_length=True, mask_duplicates=True,
+                        log_every=1, eval_before=False, eval_every=0, eval_batch_size=8, save_every=0, keep_last=2,
+                        resume_from=checkpoint.candidates(resume, folder), preempt_signals=["SIGUSR1"],
+                        identity={"world_size": 1}, num_workers=1)
+        folder.mkdir(parents=True, exist_ok=True)
+        logger = Logger(folder, True, 4, progress=False)
+        try:
+            fit(engine, StreamMixture.of([src], 8, 0), [src], LOSS, [], logger, cfg, folder)
+        finally:
+            logger.close()
+        return losses(folder)
+
+    reference = run(tmp_path / "reference", None)
+    folder = tmp_path / "run"
+    with pytest.raises(Preempted, match="after step 2"):
+        run(folder, None, SignalAtForward(2 * 4 + 1))  # 8 examples in 2 chunks: 4 forwards a step
+    saved = json.loads((folder / "checkpoints" / "step-00000002" / "streams-rank0.json").read_text())
+    assert saved[0]["read"] == 2 * 8
+    assert run(folder, "auto") == reference

@@ -150,6 +150,23 @@ def any_rank(flag: int, device: torch.device) -> int:
     return int(t.item())
 
 
+def flag_device(world: World) -> torch.device:
+    """Where a small flag is best agreed: on the CPU when the group has gloo for CPU tensors (ours does:
+    init_process_group), so that asking never waits for the GPU's queue; else on the rank's device."""
+    if dist.is_initialized() and "gloo" not in str(dist.get_backend()):
+        return world.device
+    return torch.device("cpu")
+
+
+def min_over_ranks(value: int, world: World) -> int:
+    """The smallest of every rank's `value` (the value itself on a one-rank world)."""
+    if _alone(world):
+        return value
+    t = torch.tensor([value], device=world.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
 def all_gather_object(obj) -> list:
     """Every rank's `obj`, in rank order ([obj] on one process)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
@@ -183,12 +200,8 @@ def shutdown() -> None:
     ends can abort with "terminate called without an active exception" (seen twice in 2-rank tests)."""
     if not dist.is_initialized():
         return
-    size, store = dist.get_world_size(), None
-    if size > 1:
-        try:
-            store = dist.distributed_c10d._get_default_store()
-        except (RuntimeError, AttributeError, ValueError):
-            store = None
+    size = dist.get_world_size()
+    store = _store() if size > 1 else None
     dist.destroy_process_group()
     if store is None:
         return
@@ -203,17 +216,66 @@ def shutdown() -> None:
         pass
 
 
+def _store():
+    """The launcher's key-value store (torchrun's / our TCPStore), or None."""
+    if not dist.is_initialized():
+        return None
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except (RuntimeError, AttributeError, ValueError):
+        return None
+
+
+def _post_error(rank: int, message: str) -> None:
+    """Leave this rank's error in the store, where a peer can read it when no collective can carry it."""
+    store = _store()
+    if store is not None:
+        try:
+            store.set(f"train/error/rank{rank}", message)
+        except (RuntimeError, OSError):
+            pass
+
+
+def _posted_errors(size: int) -> list[str]:
+    store, found = _store(), []
+    if store is None:
+        return found
+    for r in range(size):
+        key = f"train/error/rank{r}"
+        try:
+            if store.check([key]):
+                found.append(f"rank {r}: {store.get(key).decode()}")
+        except (RuntimeError, OSError):  # the store went with a dead rank 0
+            break
+    return found
+
+
 def agree(world: World, fn: Callable, what: str):
     """Run `fn` on every rank of `world`; if it failed on any, raise the same UserError on all of them
     (a rank raising alone would leave the others waiting in the next collective). A one-rank world
-    agrees with itself without a collective, even inside a larger process group (rank 0's teacher)."""
+    agrees with itself without a collective, even inside a larger process group (rank 0's teacher).
+
+    A rank that fails inside a library's own collectives (DeepSpeed's save_checkpoint: a barrier, its
+    files, a barrier) leaves the ranks out of step: the agreeing collective then fails too, by
+    TRAIN_DIST_TIMEOUT_S at the latest. The error each rank left in the launcher's store then still
+    names the failing rank, in one UserError on every rank that is left."""
     error = ""
     try:
         result = fn()
     except Exception as e:  # noqa: BLE001 - reported below, on every rank
         result, error = None, f"{type(e).__name__}: {e}" if not isinstance(e, UserError) else str(e)
-    failed = any_rank(int(bool(error)), world.device) if world.size > 1 else bool(error)
+    if world.size == 1:
+        if error:
+            raise UserError(f"{what}: rank 0: {error}")
+        return result
+    if error:
+        _post_error(world.rank, error)
+    try:
+        failed = any_rank(int(bool(error)), world.device)
+        errors = all_gather_object(error) if failed else []
+    except RuntimeError as e:  # out of step: a collective that cannot complete
+        posted = _posted_errors(world.size) or [f"rank {world.rank}: {error or type(e).__name__ + ': ' + str(e)}"]
+        raise UserError(f"{what}: " + "; ".join(posted) + " (the ranks fell out of step in a collective)") from None
     if failed:
-        errors = all_gather_object(error) if world.size > 1 else [error]
         raise UserError(f"{what}: " + "; ".join(f"rank {r}: {m}" for r, m in enumerate(errors) if m))
     return result

@@ -9,6 +9,8 @@ gradient-cached step needs:
     no_sync()                 gradient reduction off (every chunk but the last)
     backward(t)               backward through the strategy
     step()                    clip, optimizer step, schedule step, zero grad -> grad norm
+    abandons_steps            whether a step may be given up at a chunk boundary: discard_grads()
+                              then drops what it accumulated (TorchEngine; see gradcache.Abandoned)
     full_state_dict()         the whole model's weights on rank 0 (sharded strategies gather)
     save_state(folder)        model + optimizer + schedule for a checkpoint (collective)
     load_state(folder)        the same, read back
@@ -66,6 +68,13 @@ class TorchEngine:
 
     def begin_step(self) -> None:
         """Nothing to open: DDP reduces under the last backward outside no_sync()."""
+
+    # A step can be given up at a chunk boundary (gradcache.Abandoned, on a preemption signal): the
+    # gradients accumulated so far, under no_sync(), are all in the parameters' .grad.
+    abandons_steps = True
+
+    def discard_grads(self) -> None:
+        self.module.zero_grad(set_to_none=True)
 
     def no_sync(self):
         return self.module.no_sync() if self.world.size > 1 else contextlib.nullcontext()
@@ -132,6 +141,11 @@ class FSDP2Engine(TorchEngine):
         self.bf16 = False  # the policy casts; no autocast on top
         return model
 
+    # Not at a chunk boundary: under set_requires_gradient_sync(False) FSDP2 accumulates unsharded
+    # gradients in its own parameter state, which zero_grad() does not clear; a signal stops the run at
+    # the end of the step instead.
+    abandons_steps = False
+
     @contextlib.contextmanager
     def no_sync(self):
         self.module.set_requires_gradient_sync(False)
@@ -191,6 +205,10 @@ class DeepSpeedEngine:
         self.module = self.engine
         self.stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
         self._block, self._coalesce = None, coalesce
+
+    # Not at a chunk boundary: the coalescing block opened in begin_step() reduces whatever it holds
+    # when it ends, and DeepSpeed has no public way to drop it; a signal stops at the end of the step.
+    abandons_steps = False
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.engine(ids.to(self.world.device), mask.to(self.world.device)).float()

@@ -16,6 +16,12 @@ memory. With b examples on this rank and chunks of c examples:
 Chunks group texts of similar length, each padded only to its own longest text: the
 loss does not depend on the order of texts, and padding is most of the cost on short
 texts. With c >= b there is one chunk and no caching: one forward, loss, backward.
+
+Preemption inside a step: a step of a large batch runs for minutes on many chunks, longer than a
+scheduler's grace period (torchrun and SLURM kill about 30 s after SIGTERM). Given `stop`, the step
+asks it at every chunk boundary (every rank at the same boundaries: it is a collective) and, when it
+says so, raises `Abandoned` there: no parameter has changed before the optimizer step, so the caller
+only discards the accumulated gradients and checkpoints the last finished step.
 """
 
 from __future__ import annotations
@@ -116,6 +122,11 @@ def loss_backward(loss_fn: Callable[[Pairing], torch.Tensor], pair: Pairing,
     return surrogate, total
 
 
+class Abandoned(Exception):
+    """The step was given up at a chunk boundary because `stop()` said so; parameters are untouched,
+    gradients may hold part of the step (the caller discards them)."""
+
+
 @dataclass
 class StepStats:
     loss: float
@@ -129,7 +140,7 @@ class StepStats:
 def contrastive_step(engine, batch: Batch, loss_fn: Callable[[Pairing], torch.Tensor], chunk_size: int,
                      group_by_length: bool = True, mask_duplicates: bool = True, scale: float = 1.0,
                      reduce: bool = True, chunk_tokens: int | None = None,
-                     gather_queries: bool = True) -> StepStats:
+                     gather_queries: bool = True, stop: Callable[[], bool] | None = None) -> StepStats:
     """Forward, loss and backward of one contrastive batch on this rank.
 
     chunk_size: examples per forward pass (each example brings 1 query + group passages).
@@ -137,6 +148,8 @@ def contrastive_step(engine, batch: Batch, loss_fn: Callable[[Pairing], torch.Te
     gather_queries: whether the loss reads other ranks' queries (false unless loss.symmetric).
     scale: multiplies the loss (1 / accumulated batches).  reduce: whether this batch's
     final backward reduces gradients across ranks (the optimizer step's last batch).
+    stop: a collective asked at each chunk boundary (before every no-grad forward, before the loss,
+    before every replayed chunk but the first); True raises `Abandoned` on every rank.
     """
     seqs = batch.query_ids + batch.passage_ids
     b = len(batch)
@@ -160,13 +173,23 @@ def contrastive_step(engine, batch: Batch, loss_fn: Callable[[Pairing], torch.Te
         stats.loss = float(loss)
         return stats
 
+    # Every rank must ask `stop` at the same boundaries: with a token budget the ranks' chunk counts
+    # differ, so the boundaries asked are those of the smallest count (one more collective per batch).
+    asked = len(chunks) if stop is None or chunk_tokens is None else dist.min_over_ranks(len(chunks), engine.world)
+
+    def check(k: int) -> None:
+        if stop is not None and k < asked and stop():
+            raise Abandoned()
+
     # 1. no-grad pass, remembering the RNG state in front of every chunk
     states, parts = [], []
     with torch.no_grad():
-        for ids, mask in padded:
+        for k, (ids, mask) in enumerate(padded):
+            check(k)
             states.append(rng_state(dev))
             parts.append(engine.forward(ids, mask))  # [c*(2+n), D]
     after = rng_state(dev)
+    check(0)  # before the loss: its gather is the first collective that moves every rank's embeddings
     emb = torch.empty((len(seqs), parts[0].shape[1]), device=parts[0].device)
     emb[torch.as_tensor([i for c in chunks for i in c], device=emb.device)] = torch.cat(parts)
     emb.requires_grad_(True)
@@ -179,6 +202,8 @@ def contrastive_step(engine, batch: Batch, loss_fn: Callable[[Pairing], torch.Te
 
     # 3. replay each chunk with its RNG and push the cached gradient into the parameters
     for k, (c, (ids, mask)) in enumerate(zip(chunks, padded)):
+        if k:
+            check(k)  # only this step's gradients so far: the caller discards them
         set_rng_state(states[k], dev)
         with sync(k == len(chunks) - 1):
             out = engine.forward(ids, mask)

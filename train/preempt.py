@@ -1,9 +1,13 @@
-"""Preemption: a signal asks the run to stop at the end of its current step, checkpoint, and exit.
+"""Preemption: a signal asks the run to stop at the next chunk boundary, checkpoint, and exit.
 
 SLURM sends `--signal=USR1@<s>` (launch/slurm.sbatch) ahead of the time limit or a preemption, and SIGTERM
 when it ends a job; submitit (the Hydra launcher in conf/hydra/launcher/) sends SIGUSR2. The handler only
-raises a flag; the loop polls it once per step on every rank (any rank's flag stops all of them, at the
-same step), writes a checkpoint and raises `Preempted`. The entry point then hands the signal on to the
+raises a flag. Every rank polls it at every chunk boundary of the gradient cache (any rank's flag stops
+all of them at the same boundary): the step in progress is given up (gradcache.Abandoned; its gradients
+discarded, its RNG and data position put back) and the last finished step is checkpointed, so the wait
+is one chunk, not the rest of a step that may take minutes. Engines that cannot discard a partial step
+(FSDP2, DeepSpeed: engines.py) and a one-chunk step stop at the end of the step instead. Then the loop
+raises `Preempted`. The entry point then hands the signal on to the
 handler that was installed before ours (submitit's requeues the job from rank 0) and exits with
 `trainer.preempt_exit_code` (default 143, what a shell reports for SIGTERM: the sbatch requeues on it, and
 so does a cluster with `RequeueExit=143`). A second signal while stopping is ignored: the checkpoint

@@ -78,6 +78,16 @@ class Prefetcher:
         self.waited += time.perf_counter() - t0
         return batch
 
+    def position(self) -> tuple[dict, list[dict] | None]:
+        """Where the data stands after the last batch handed out: the mixture's and the streams' positions."""
+        return self.mixture.state_dict(), self.streams
+
+    def rewind(self, position: tuple[dict, list[dict] | None]) -> None:
+        """Back to an earlier `position()` (a step given up before its checkpoint): what a checkpoint
+        records from now on. The batches read ahead stay queued: the run stops after that checkpoint."""
+        state, self.streams = position
+        self.mixture.load_state_dict(state)
+
     def take_waited(self) -> float:
         waited, self.waited = self.waited, 0.0
         return waited

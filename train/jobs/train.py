@@ -7,6 +7,7 @@
             forward + loss + backward (gradient-cached when chunk < batch)   gradcache.py
         clip, step, schedule, zero grad                                      dist.py engine
         log; checkpoint every N steps, or on a preemption signal (then stop); evaluate every N steps
+        (a signal mid-step gives the step up at its next chunk boundary: checkpoint the step before, stop)
     checkpoint at max_steps, evaluate again, print before/after side by side, save the model
     (the signal handlers stay installed to the end: a signal there stops the run, the requeued run
     resumes at max_steps and only evaluates and saves)
@@ -28,7 +29,7 @@ from train.data import Mixture, Source
 from train.embed import embedder
 from train.errors import UserError
 from train.evaluate import Selection, run_tasks, side_by_side
-from train.gradcache import contrastive_step
+from train.gradcache import Abandoned, contrastive_step
 from train.log import Logger, say
 from train.preempt import Preempted, Watch
 from train.prefetch import Prefetcher
@@ -122,21 +123,36 @@ def abandon_newer(world: dist.World, run_dir: Path, step: int, logger: Logger) -
         logger.print(f"set aside {p.name}: newer than the resumed step {step}, kept until this run passes it")
 
 
-def _train_step(engine, data: Prefetcher, loss_fn: Callable, logger: Logger, cfg: FitConfig, step: int) -> None:
-    """One optimizer step over `accum_steps` contrastive batches, then its log record."""
+def _train_step(engine, data: Prefetcher, loss_fn: Callable, logger: Logger, cfg: FitConfig, step: int,
+                stop: Callable[[], bool] | None = None) -> bool:
+    """One optimizer step over `accum_steps` contrastive batches, then its log record.
+
+    stop: asked at every chunk boundary (gradcache.Abandoned). When it gives the step up, the gradients
+    are discarded and the RNG and the data position are put back as they were before the step, so the
+    checkpoint of step - 1 written next resumes into this very step; returns False then."""
     world = engine.world
     t0 = time.perf_counter()
+    if stop is not None:
+        rng, position = checkpoint.rng_state(), data.position()
     engine.begin_step()
     losses, padded, real, texts, largest = [], 0, 0, 0, 0
-    for micro in range(cfg.accum_steps):
-        batch = data.next()  # this rank's slice of the next global batch, tokenized
-        stats = contrastive_step(engine, batch, loss_fn, cfg.chunk_size, cfg.group_by_length,
-                                 cfg.mask_duplicates, scale=1.0 / cfg.accum_steps,
-                                 reduce=micro == cfg.accum_steps - 1, chunk_tokens=cfg.chunk_tokens,
-                                 gather_queries=cfg.gather_queries)
-        losses.append(stats.loss)
-        padded, real, texts = padded + stats.padded_tokens, real + stats.real_tokens, texts + stats.texts
-        largest = max(largest, stats.largest_chunk)
+    try:
+        for micro in range(cfg.accum_steps):
+            batch = data.next()  # this rank's slice of the next global batch, tokenized
+            stats = contrastive_step(engine, batch, loss_fn, cfg.chunk_size, cfg.group_by_length,
+                                     cfg.mask_duplicates, scale=1.0 / cfg.accum_steps,
+                                     reduce=micro == cfg.accum_steps - 1, chunk_tokens=cfg.chunk_tokens,
+                                     gather_queries=cfg.gather_queries, stop=stop)
+            losses.append(stats.loss)
+            padded, real, texts = padded + stats.padded_tokens, real + stats.real_tokens, texts + stats.texts
+            largest = max(largest, stats.largest_chunk)
+    except Abandoned:
+        engine.discard_grads()
+        checkpoint.set_rng_state(rng)
+        data.rewind(position)
+        logger.print(f"step {step} given up at a chunk boundary after {time.perf_counter() - t0:.1f} s "
+                     "(a preemption signal); its parameters were never changed")
+        return False
     lr = engine.lr  # the rate this step uses
     grad_norm = engine.step()
 
@@ -151,6 +167,7 @@ def _train_step(engine, data: Prefetcher, loss_fn: Callable, logger: Logger, cfg
         "chunks": stats.chunks, "largest_chunk_tokens": largest, "seconds": seconds,
         "data_wait_s": data.take_waited(),
     }, show)
+    return True
 
 
 def fit(engine, mixture: Mixture, sources: Sequence[Source], loss_fn: Callable, tasks: list, logger: Logger,
@@ -178,9 +195,24 @@ def fit(engine, mixture: Mixture, sources: Sequence[Source], loss_fn: Callable, 
         checkpoint.set_rng_state(rng)  # last: nothing between here and the first step draws from it
     t_start = time.perf_counter()
     watch = Watch(cfg.preempt_signals)
+    # A signal gives up a long step at its next chunk boundary (a 32k-example step takes minutes, the
+    # grace period is about 30 s): the flag is agreed over gloo, so asking never waits for the GPU.
+    stop = None
+    if watch.signals and getattr(engine, "abandons_steps", False):
+        where = dist.flag_device(world)
+
+        def stop() -> bool:
+            return bool(dist.any_rank(watch.signum, where))
     with watch, Prefetcher(mixture, sources, engine.encoder, world.rank, world.size, cfg.num_workers) as data:
         for step in range(start + 1, cfg.max_steps + 1):
-            _train_step(engine, data, loss_fn, logger, cfg, step)
+            if not _train_step(engine, data, loss_fn, logger, cfg, step, stop):
+                # Nothing of this step is kept: checkpoint the one before (unless none finished: then a
+                # requeued run simply starts afresh) and stop.
+                done = step - 1
+                saved = save_checkpoint(engine, mixture, done, cfg, run_dir, before, selection,
+                                        data.streams) if done else None
+                logger.print(f"checkpoint {saved}" if saved else "no step finished: nothing to checkpoint")
+                raise Preempted(done, watch.signum, str(saved or "none"), watch.previous.get(watch.signum))
             # Evaluate before any checkpoint of this step, so the checkpoint holds the selection that
             # includes it: a run preempted here and resumed neither skips nor repeats this evaluation.
             if cfg.eval_every and tasks and step % cfg.eval_every == 0 and step != cfg.max_steps:
