@@ -236,38 +236,68 @@ def measure_floor(engine: TorchEngine, data: list, chunk: int, dev: torch.device
             "median_forward_backward_s": t_fb, "floor": 1 + t_n / t_fb}
 
 
-def st_tokens(features: list[dict], mini_batch_size: int) -> tuple[int, int]:
-    """(padded, real) tokens per forward pass of CachedMultipleNegativesRankingLoss on these columns.
+def st_tokens(features: list[dict], mini_batch_size: int, num_tokens: int | None = None) -> tuple[int, int, int]:
+    """(padded, real, largest mini-batch's padded) tokens of CachedMultipleNegativesRankingLoss's forwards.
 
     As sentence-transformers 6.2 does it (base/losses/gradcache.py: _minibatch_ranges, _create_minibatch):
-    each column separately, in dataset order, cut into runs of mini_batch_size rows; each mini-batch
-    keeps the columns up to its last attended position, i.e. it is padded to its own longest text.
+    each column separately, in dataset order, cut into runs of mini_batch_size rows, or with
+    mini_batch_num_tokens into runs of at most that many real tokens; each mini-batch keeps the
+    columns up to its last attended position, i.e. it is padded to its own longest text.
     Flattened inputs (flash attention varlen, when available) carry no padding at all.
     """
-    padded = real = 0
+    padded = real = largest = 0
     for f in features:
         if "cu_seq_lens_q" in f:
             n = int(f["cu_seq_lens_q"][-1])
-            padded, real = padded + n, real + n
+            padded, real, largest = padded + n, real + n, max(largest, n)
             continue
         mask = f["attention_mask"]
         real += int(mask.sum())
-        for begin in range(0, mask.shape[0], mini_batch_size):
-            part = mask[begin : begin + mini_batch_size].bool()
+        for begin, end in _st_ranges(mask.sum(dim=1).tolist(), mini_batch_size, num_tokens):
+            part = mask[begin:end].bool()
             width = int(part.any(dim=0).nonzero().max()) + 1
             padded += part.shape[0] * width
-    return padded, real
+            largest = max(largest, part.shape[0] * width)
+    return padded, real, largest
+
+
+def _st_ranges(lengths: list[int], size: int, num_tokens: int | None) -> list[tuple[int, int]]:
+    """ST's mini-batch ranges: `size` rows each, or greedy runs of at most `num_tokens` real tokens
+    (a longer text alone), rewritten here from its documented rule so the count needs no private API."""
+    if num_tokens is None:
+        return [(i, min(i + size, len(lengths))) for i in range(0, len(lengths), size)]
+    out, begin, total = [], 0, 0
+    for i, n in enumerate(lengths):
+        if i > begin and total + n > num_tokens:
+            out.append((begin, i))
+            begin, total = i, 0
+        total += n
+    return out + [(begin, len(lengths))]
+
+
+def load_pairs(data: str, n: int):
+    """Part c's data: SNLI triples (short texts, 3 per example) or Wikipedia (title, paragraph) pairs
+    (asset "wiki": titles of a few tokens, paragraphs of 40-250 words: a heavy-tailed passage length)."""
+    if data == "snli":
+        return load_triples(n)
+    return read_source("wiki", str(assets.path("wiki") / "title_passage.jsonl"), limit=n)
 
 
 def worker_compare(job: dict) -> dict:
-    """Part c: our step and sentence-transformers' cached MNRL, same batches, interleaved step by step."""
+    """Part c: our step and sentence-transformers' cached MNRL, same batches, interleaved step by step.
+
+    Ours: padded length-grouped chunks of `chunk` examples; packed forwards with the same chunk; packed
+    forwards cut by each token budget. ST: mini_batch_size = chunk x texts per example (forwards of as
+    many texts as ours), and mini_batch_num_tokens = each budget (ST's packing by real-token count)."""
     from sentence_transformers import SentenceTransformer, losses
 
     dev = device()
     torch.manual_seed(0)
     b, chunk, steps, max_length = job["batch"], job["chunk"], job["steps"], job["max_length"]
+    budgets = job.get("budgets") or []
     engine = build_engine(max_length, dev)
-    source = load_triples((steps + 1) * b)
+    source = load_pairs(job.get("data", "snli"), (steps + 1) * b)
+    per_example = 2 + source.num_negatives
     ours_data = batches(source, engine.encoder.tokenize, b, steps + 1)
 
     model = SentenceTransformer(str(assets.path("minilm")), device=str(dev))
@@ -275,29 +305,34 @@ def worker_compare(job: dict) -> dict:
     model.train()
     # The same optimizer and decay rule (matrices only) as our engine's.
     optimizer = torch.optim.AdamW(param_groups(model, WEIGHT_DECAY), lr=LR)
-    st_losses = {
-        "st": losses.CachedMultipleNegativesRankingLoss(model, scale=1 / TEMPERATURE, mini_batch_size=chunk),
-        # Our chunk counts examples (1 query + 1 positive + 1 negative), ST's mini-batch counts texts:
-        # this one runs forwards of as many texts as ours.
-        "st_same_texts": losses.CachedMultipleNegativesRankingLoss(model, scale=1 / TEMPERATURE,
-                                                                   mini_batch_size=chunk * TEXTS_PER_EXAMPLE),
-    }
+
+    def st_loss(**kw):
+        return losses.CachedMultipleNegativesRankingLoss(model, scale=1 / TEMPERATURE, **kw)
+
+    # ST's mini-batch counts texts, ours examples: mini_batch_size = chunk x texts per example runs
+    # forwards of as many texts as ours.
+    st_losses = {f"ST mini_batch_size={chunk * per_example}": st_loss(mini_batch_size=chunk * per_example)}
+    st_losses.update({f"ST mini_batch_num_tokens={t}": st_loss(mini_batch_num_tokens=t) for t in budgets})
+    ours = {f"ours chunk_size={chunk}": {"packed": False},
+            f"ours chunk_size={chunk}, packed": {"packed": True}}
+    ours.update({f"ours chunk_tokens={t}, packed": {"packed": True, "chunk_tokens": t} for t in budgets})
 
     def st_features(k: int) -> list[dict]:
         """One feature dict per column (anchors, positives, negatives), as ST's data collator makes them."""
         picked = rows(k, b, len(source.anchors))
-        columns = [[source.anchors[r] for r in picked], [source.positives[r] for r in picked],
-                   [source.negatives[r][0] for r in picked]]
+        columns = [[source.anchors[r] for r in picked], [source.positives[r] for r in picked]]
+        columns += [[source.negatives[r][j] for r in picked] for j in range(source.num_negatives)]
         feats = [model.preprocess(texts) for texts in columns]
         return [{key: v.to(dev) if isinstance(v, torch.Tensor) else v for key, v in f.items()} for f in feats]
 
     st_data = [st_features(k) for k in range(steps + 1)]
     st_flattened = any("cu_seq_lens_q" in f for f in st_data[0])
 
-    parity = loss_parity(engine, model, st_losses["st"], ours_data[0], st_data[0])
+    parity = loss_parity(engine, model, next(iter(st_losses.values())), ours_data[0], st_data[0])
 
-    def ours_step(batch):
-        stats = contrastive_step(engine, batch, LOSS, chunk, group_by_length=True, mask_duplicates=False)
+    def ours_step(batch, kw):
+        per_chunk = b if "chunk_tokens" in kw else chunk  # a budget alone cuts the chunks
+        stats = contrastive_step(engine, batch, LOSS, per_chunk, group_by_length=True, mask_duplicates=False, **kw)
         engine.step()
         return stats
 
@@ -311,40 +346,46 @@ def worker_compare(job: dict) -> dict:
         optimizer.zero_grad(set_to_none=True)
         return float(loss.detach())
 
-    names = ["ours", *st_losses]
+    names = [*ours, *st_losses]
     times: dict[str, list[float]] = {n: [] for n in names}
     loss_values: dict[str, list[float]] = {n: [] for n in names}
-    ours_stats = []
-    for k in range(steps + 1):  # interleaved: a burst of background load hits every implementation
+    ours_stats: dict[str, list] = {n: [] for n in ours}
+    for k in range(steps + 1):  # interleaved rounds: a burst of background load hits every variant
         for name in names:
-            if name == "ours":
-                t, stats = timed(dev, ours_step, ours_data[k])
+            if name in ours:
+                t, stats = timed(dev, ours_step, ours_data[k], ours[name])
                 loss = stats.loss
             else:
                 t, loss = timed(dev, st_step, st_losses[name], st_data[k])
             if k:
                 times[name].append(t)
                 loss_values[name].append(loss)
-                if name == "ours":
-                    ours_stats.append(stats)
+                if name in ours:
+                    ours_stats[name].append(stats)
 
-    texts = sum(s.texts for s in ours_stats)
-    tokens = {"ours": tokens_per_text(ours_stats)}
+    texts = b * per_example * steps
+    tokens, largest = {}, {}
+    for name, stats in ours_stats.items():
+        tokens[name] = tokens_per_text(stats)
+        largest[name] = max(s.largest_chunk for s in stats)
     for name, loss_fn in st_losses.items():
-        counts = [st_tokens(f, loss_fn.mini_batch_size) for f in st_data[1:]]
+        counts = [st_tokens(f, loss_fn.mini_batch_size, loss_fn.mini_batch_num_tokens) for f in st_data[1:]]
         tokens[name] = (sum(c[0] for c in counts) / texts, sum(c[1] for c in counts) / texts)
+        largest[name] = max(c[2] for c in counts)
 
     results = {}
     for name in names:
         t = median(times[name])
         results[name] = {
-            "texts_per_forward": chunk if name == "st" else chunk * TEXTS_PER_EXAMPLE, "step_s": times[name],
-            "median_step_s": t, "examples_per_s": b / t, "padded_tokens_per_text": tokens[name][0],
-            "real_tokens_per_text": tokens[name][1], "loss": loss_values[name],
+            "step_s": times[name], "median_step_s": t, "examples_per_s": b / t,
+            "padded_tokens_per_text": tokens[name][0], "real_tokens_per_text": tokens[name][1],
+            "largest_forward_tokens": largest[name], "loss": loss_values[name],
         }
+    best_st = max((n for n in st_losses), key=lambda n: results[n]["examples_per_s"])
     for name in names:
-        results[name]["throughput_vs_ours"] = results[name]["examples_per_s"] / results["ours"]["examples_per_s"]
-    return {"batch": b, "chunk": chunk, "max_length": max_length, "st_flattened_inputs": st_flattened,
+        results[name]["throughput_vs_best_st"] = results[name]["examples_per_s"] / results[best_st]["examples_per_s"]
+    return {"batch": b, "chunk": chunk, "max_length": max_length, "data": job.get("data", "snli"),
+            "budgets": budgets, "st_flattened_inputs": st_flattened, "best_st": best_st,
             "loss_parity_dropout_off": parity, "results": results, "threads": torch.get_num_threads()}
 
 
@@ -464,24 +505,23 @@ def part_b(args) -> dict:
 
 
 def part_c(args) -> dict:
-    print(f"  c: ours vs sentence-transformers, batch {args.compare_batch} ...", file=sys.stderr, flush=True)
+    print(f"  c: ours vs sentence-transformers, {args.data}, batch {args.compare_batch} ...", file=sys.stderr,
+          flush=True)
     out = spawn({"kind": "compare", "batch": args.compare_batch, "chunk": args.chunk, "steps": args.steps,
-                 "max_length": args.max_length})
-    print(f"\n### c. Ours vs sentence-transformers CachedMultipleNegativesRankingLoss (batch {args.compare_batch}, "
-          f"chunk {args.chunk}, max_length {args.max_length}, median of {args.steps} steps)\n")
+                 "max_length": args.max_length, "data": args.data, "budgets": args.budgets})
+    print(f"\n### c. Ours vs sentence-transformers CachedMultipleNegativesRankingLoss ({args.data}, batch "
+          f"{args.compare_batch}, chunk {args.chunk} examples, max_length {args.max_length}, median of "
+          f"{args.steps} interleaved rounds)\n")
     if "error" in out:
         print("failed: see stderr")
         return out
-    labels = {"ours": "ours (contrastive_step)", "st": f"ST mini_batch_size={args.chunk}",
-              "st_same_texts": f"ST mini_batch_size={args.chunk * TEXTS_PER_EXAMPLE}"}
-    print(table(["implementation", "texts/forward", "s/step", "examples/s", "padded tok/text", "real tok/text",
-                 "throughput vs ours"],
-                [[labels[n], r["texts_per_forward"], r["median_step_s"], r["examples_per_s"],
-                  r["padded_tokens_per_text"], r["real_tokens_per_text"], r["throughput_vs_ours"]]
-                 for n, r in out["results"].items()]))
+    print(table(["implementation", "s/step", "examples/s", "padded tok/text", "real tok/text",
+                 "largest forward (tokens)", "throughput vs best ST"],
+                [[n, r["median_step_s"], r["examples_per_s"], r["padded_tokens_per_text"], r["real_tokens_per_text"],
+                  r["largest_forward_tokens"], r["throughput_vs_best_st"]] for n, r in out["results"].items()]))
     p = out["loss_parity_dropout_off"]
     print(f"\nloss on the first batch with dropout off: ours {p['ours']:.6f}, ST {p['st']:.6f} "
-          f"(|diff| {p['abs_diff']:.2g}); ST flattened inputs: {out['st_flattened_inputs']}")
+          f"(|diff| {p['abs_diff']:.2g}); ST flattened inputs: {out['st_flattened_inputs']}; best ST: {out['best_st']}")
     return out
 
 
@@ -494,6 +534,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--compare-batch", type=int,
                     help="batch of parts b and c (default: the largest of --batches up to 256)")
     ap.add_argument("--max-length", type=int, default=64, help="max tokens per text (default 64)")
+    ap.add_argument("--data", choices=["snli", "wiki"], default="snli",
+                    help="part c's data: SNLI triples or Wikipedia (title, paragraph) pairs (default snli)")
+    ap.add_argument("--budgets", type=lambda s: [int(x) for x in s.split(",")], default=[],
+                    help="part c's token budgets, comma-separated: ours chunk_tokens (packed) and ST's "
+                         "mini_batch_num_tokens at each (default: none)")
     ap.add_argument("--steps", type=int, help="timed steps per configuration, after one warm-up (default 3)")
     ap.add_argument("--quick", action="store_true",
                     help=f"smoke test: batches {QUICK['batches']}, chunk {QUICK['chunk']}, {QUICK['steps']} step "
