@@ -9,25 +9,31 @@ texts masked in parts a and b (the trainer's default) and not in part c. Every c
 warm-up step, then --steps timed steps, each on a different batch (rows k*B .. (k+1)*B of the triples);
 times are medians.
 
-Parts (--parts a,b,c):
+Parts (--parts a,b,c,m):
   a  Batch sweep at a fixed chunk (--chunk examples per forward): seconds per example of a step and the
      step's peak memory, one fresh process per batch size.
   b  Cached vs uncached at one batch (--compare-batch): cached with length-grouped chunks, cached without
-     grouping, and uncached (chunk = batch: one forward with grad). Reports the time ratio and the
-     "floor" 1 + t(no-grad forward) / t(forward+backward), both measured on the cached step's own
-     length-grouped chunks in the same process: the least a cached step can cost relative to an uncached
-     step on the same chunks. Also padded and real tokens per text of each variant.
+     grouping, uncached (chunk = batch: one forward with grad), and cached with packed forwards
+     (train/packing.py). Reports the time ratio and, for both cached variants, the "floor"
+     1 + t(no-grad forward) / t(forward+backward), both measured on the step's own chunks in the same
+     process: the least a cached step can cost relative to an uncached step on the same chunks. Also
+     padded and real tokens per text of each variant.
   c  Side by side, in one process, with sentence-transformers' CachedMultipleNegativesRankingLoss
-     (scale 20 = 1 / temperature 0.05, mini_batch_size = --chunk) on the same batches, model, length and
-     optimizer; our loss with symmetric=False, temperature 0.05, mask_duplicates=False to match. Also
-     ST with mini_batch_size = chunk * 3: our chunk counts examples (3 texts each), ST's counts texts,
-     so that row runs forwards of the same size as ours. Steps of the implementations are interleaved so
-     that background load hits them alike.
+     (scale 20 = 1 / temperature 0.05) on the same batches, model, length and optimizer; our loss with
+     symmetric=False, temperature 0.05, mask_duplicates=False to match. Ours: padded length-grouped
+     chunks of --chunk examples, packed with the same chunk, packed cut by each of --budgets tokens.
+     ST: mini_batch_size = chunk x texts per example (our chunk counts examples, ST's texts: forwards
+     of the same size), and mini_batch_num_tokens at each budget. --data snli (triples, short) or wiki
+     (title, paragraph pairs: a heavy-tailed passage length). The variants' steps are interleaved, round
+     by round, so that background load hits them alike; medians over the rounds.
+  m  Peak memory under one token budget (--chunk-tokens) on SNLI and on Wikipedia paragraphs, padded
+     and packed, each in a fresh process.
 
-Memory (parts a and b): on CPU, the peak RSS increase of the process over the steps: once the model and
+Memory (parts a, b, m): on CPU, the peak RSS increase of the process over the steps: once the model and
 data are loaded, the kernel's high-water mark is reset (/proc/self/clear_refs) and VmRSS read as the
 baseline; after the steps, VmHWM - baseline. It includes AdamW's two moments (allocated at the first
-step, reported separately as adam_state_mib). On CUDA: max_memory_allocated - memory_allocated.
+step, reported separately as adam_state_mib). On CUDA: max_memory_allocated - memory_allocated. Part c
+runs all variants in one process, so it reports the largest forward's tokens instead.
 
 Run:
     python tools/bench_gradcache.py --out docs/bench_gradcache.json
@@ -53,7 +59,7 @@ from pathlib import Path
 import torch
 from benchlib import FIXED_MMAP_THRESHOLD, machine, reset_peak_kib, run_worker, status_kib
 
-from train import assets
+from train import assets, packing
 from train.data import collate, read_source
 from train.dist import World
 from train.engines import TorchEngine
@@ -155,10 +161,15 @@ class PeakMemory:
         return (status_kib("VmHWM") - self.base) / 1024
 
 
-def length_grouped_chunks(engine: TorchEngine, batch, chunk: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The padded chunks contrastive_step forms for this batch (same plan, same padding)."""
+def length_grouped_chunks(engine: TorchEngine, batch, chunk: int, packed: bool = False,
+                          chunk_tokens: int | None = None) -> list[tuple[torch.Tensor, ...]]:
+    """The chunks' model inputs contrastive_step forms for this batch (same plan, same padding or packing)."""
     seqs = batch.query_ids + batch.passage_ids
-    plan = plan_chunks([len(s) for s in seqs], chunk * (1 + batch.group))
+    if packed:
+        plans = packing.plan_chunks([len(s) for s in seqs], chunk * (1 + batch.group), engine.encoder.spec.max_length,
+                                    chunk_tokens)
+        return [packing.pack(seqs, rows, engine.encoder.pad_id) for rows in plans]
+    plan = plan_chunks([len(s) for s in seqs], chunk * (1 + batch.group), max_tokens=chunk_tokens)
     return [pad([seqs[i] for i in c], engine.encoder.pad_id, engine.encoder.left_pad) for c in plan]
 
 
@@ -177,11 +188,13 @@ def worker_step(job: dict) -> dict:
     torch.manual_seed(0)
     engine = build_engine(job["max_length"], dev)
     b, chunk, steps = job["batch"], job["chunk"], job["steps"]
-    data = batches(load_triples((steps + 1) * b), engine.encoder.tokenize, b, steps + 1)
+    data = batches(load_pairs(job.get("data", "snli"), (steps + 1) * b), engine.encoder.tokenize, b, steps + 1)
+    packed, chunk_tokens = job.get("packed", False), job.get("chunk_tokens")
 
     def step(batch):
         stats = contrastive_step(engine, batch, LOSS, chunk, group_by_length=job["group_by_length"],
-                                 mask_duplicates=True)  # the trainer's default
+                                 mask_duplicates=True,  # the trainer's default
+                                 packed=packed, chunk_tokens=chunk_tokens)
         engine.step()
         return stats
 
@@ -205,29 +218,32 @@ def worker_step(job: dict) -> dict:
         "padded_tokens_per_text": padded, "real_tokens_per_text": real,
         "peak_mib": peak, "adam_state_mib": adam_state_mib(engine), "loss": [s.loss for s in stats],
         "threads": torch.get_num_threads(), "widest_chunk_tokens": widest,
+        "largest_chunk_tokens": max(s.largest_chunk for s in stats), "packed": packed, "chunk_tokens": chunk_tokens,
+        "data": job.get("data", "snli"),
     }
     if job.get("floor"):
-        out["floor"] = measure_floor(engine, data[1:], chunk, dev)
+        out["floor"] = measure_floor(engine, data[1:], chunk, dev, packed, chunk_tokens)
     return out
 
 
-def measure_floor(engine: TorchEngine, data: list, chunk: int, dev: torch.device) -> dict:
+def measure_floor(engine: TorchEngine, data: list, chunk: int, dev: torch.device, packed: bool = False,
+                  chunk_tokens: int | None = None) -> dict:
     """A cached step runs a no-grad forward and a forward+backward of every chunk; an uncached step
     on the same chunks would run only the latter. Both timed here on the cached step's chunks, the
     loss left out (a dummy emb.sum()), so 1 + t_nograd / t_fwd_bwd is the cached step's least cost
     relative to an uncached one."""
     def no_grad_pass(chunks):
         with torch.no_grad():
-            for ids, mask in chunks:
-                engine.forward(ids, mask)
+            for x in chunks:
+                engine.forward(*x)
 
     def grad_pass(chunks):
-        for ids, mask in chunks:
-            engine.forward(ids, mask).sum().backward()
+        for x in chunks:
+            engine.forward(*x).sum().backward()
 
     nograd, fwd_bwd = [], []
     for batch in data:
-        chunks = length_grouped_chunks(engine, batch, chunk)
+        chunks = length_grouped_chunks(engine, batch, chunk, packed, chunk_tokens)
         nograd.append(timed(dev, no_grad_pass, chunks)[0])
         fwd_bwd.append(timed(dev, grad_pass, chunks)[0])
         engine.optimizer.zero_grad(set_to_none=True)
@@ -477,6 +493,7 @@ def part_b(args) -> dict:
         "cached": {**base, "chunk": args.chunk, "group_by_length": True, "floor": True},
         "cached_ungrouped": {**base, "chunk": args.chunk, "group_by_length": False},
         "uncached": {**base, "chunk": b, "group_by_length": True},
+        "cached_packed": {**base, "chunk": args.chunk, "group_by_length": True, "floor": True, "packed": True},
     }
     out = {}
     for name, job in variants.items():
@@ -492,15 +509,40 @@ def part_b(args) -> dict:
                           r["real_tokens_per_text"], r["peak_mib"]])
     print(table(["variant", "chunk (examples)", "s/step", "examples/s", "padded tok/text", "real tok/text",
                  "peak MiB"], rows_))
+    for name in ("cached", "cached_packed"):
+        r = out[name]
+        if "error" in r:
+            continue
+        f = r["floor"]
+        print(f"\n{name}: floor 1 + t_nograd / t_fwd_bwd = 1 + {f['median_nograd_forward_s']:.3g} s / "
+              f"{f['median_forward_backward_s']:.3g} s = {f['floor']:.3f}; the step took "
+              f"{r['median_step_s'] / (f['floor'] * f['median_forward_backward_s']):.3f}x its floor "
+              "(floor x t_fwd_bwd, same chunks)")
     cached, uncached = out["cached"], out["uncached"]
     if "error" not in cached and "error" not in uncached:
-        ratio = cached["median_step_s"] / uncached["median_step_s"]
-        floor = cached["floor"]
-        out["ratio_cached_over_uncached"] = ratio
-        print(f"\ncached / uncached time: {ratio:.3f}; floor 1 + t_nograd / t_fwd_bwd = "
-              f"1 + {floor['median_nograd_forward_s']:.3g} s / {floor['median_forward_backward_s']:.3g} s = "
-              f"{floor['floor']:.3f} (same length-grouped chunks; a ratio under the floor means the uncached "
-              "step pays for its extra padding)")
+        out["ratio_cached_over_uncached"] = cached["median_step_s"] / uncached["median_step_s"]
+        print(f"cached / uncached time: {out['ratio_cached_over_uncached']:.3f}")
+    return out
+
+
+def part_m(args) -> dict:
+    """Peak memory under one token budget (--chunk-tokens) on short texts (SNLI) and a heavy-tailed
+    passage length (Wikipedia paragraphs), padded and packed, each in a fresh process."""
+    out = {}
+    for data in ("snli", "wiki"):
+        for packed in (False, True):
+            name = f"{data}, {'packed' if packed else 'padded'}"
+            print(f"  m: {name} ...", file=sys.stderr, flush=True)
+            out[name] = spawn({"kind": "step", "batch": args.compare_batch, "chunk": args.compare_batch,
+                               "steps": args.steps, "max_length": args.max_length, "group_by_length": True,
+                               "data": data, "packed": packed, "chunk_tokens": args.chunk_tokens})
+    print(f"\n### m. Peak memory at chunk_tokens={args.chunk_tokens} (batch {args.compare_batch}, max_length "
+          f"{args.max_length}, {args.steps} steps after a warm-up)\n")
+    print(table(["data, forward", "chunks", "s/step", "padded tok/text", "real tok/text", "largest chunk (tokens)",
+                 "peak MiB"],
+                [[n, r["chunks"], r["median_step_s"], r["padded_tokens_per_text"], r["real_tokens_per_text"],
+                  r["largest_chunk_tokens"], r["peak_mib"]] if "error" not in r else [n, "failed"] + ["-"] * 5
+                 for n, r in out.items()]))
     return out
 
 
@@ -543,7 +585,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true",
                     help=f"smoke test: batches {QUICK['batches']}, chunk {QUICK['chunk']}, {QUICK['steps']} step "
                          "(explicit flags win)")
-    ap.add_argument("--parts", default="a,b,c", help="which parts to run, e.g. a,c (default a,b,c)")
+    ap.add_argument("--parts", default="a,b,c", help="which parts to run, e.g. a,c (default a,b,c; m: memory "
+                                                     "under --chunk-tokens on short and long texts)")
+    ap.add_argument("--chunk-tokens", type=int, default=4096, help="part m's token budget (default 4096)")
     ap.add_argument("--out", help="JSON file for the raw results (default: a new file in the temp folder)")
     ap.add_argument("--allocator-default", action="store_true",
                     help="on CPU, leave glibc's dynamic mmap threshold on (peak RSS then includes freed memory "
@@ -557,8 +601,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.compare_batch is None:
         args.compare_batch = max([b for b in args.batches if b <= 256] or [min(args.batches)])
     args.parts = [p.strip() for p in args.parts.split(",") if p.strip()]
-    if unknown := set(args.parts) - {"a", "b", "c"}:
-        ap.error(f"--parts: unknown part(s) {sorted(unknown)}; expected a, b, c")
+    if unknown := set(args.parts) - {"a", "b", "c", "m"}:
+        ap.error(f"--parts: unknown part(s) {sorted(unknown)}; expected a, b, c, m")
     return args
 
 
@@ -581,7 +625,7 @@ def main(argv=None) -> None:
         "dtype": "float32", "dropout": True, "argv": sys.argv[1:]}}
     print(f"# gradcache benchmark: {report['machine'].get('gpu', report['machine']['cpu'])}, "
           f"{report['machine']['torch_threads']} torch threads, torch {torch.__version__}")
-    for part, run in (("a", part_a), ("b", part_b), ("c", part_c)):
+    for part, run in (("a", part_a), ("b", part_b), ("c", part_c), ("m", part_m)):
         if part in args.parts:
             report[part] = run(args)
     report["machine"]["load_average_end"] = os.getloadavg()
@@ -596,6 +640,7 @@ def failures(report: dict) -> int:
     found = [r for r in report.get("a", [])]
     found += [r for r in report.get("b", {}).values() if isinstance(r, dict)]
     found += [report["c"]] if "c" in report else []
+    found += list(report.get("m", {}).values())
     return sum("error" in r for r in found)
 
 
