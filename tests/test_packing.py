@@ -155,3 +155,6 @@ def test_packing_on_is_refused_where_it_has_no_form_and_auto_falls_back(compose,
     assert use_packing(compose([]).trainer, plain, torch.device("cpu"))  # measured faster on CPU
     assert not use_packing(compose([]).trainer, plain, torch.device("cuda"))  # sdpa on CUDA: padded
     assert not use_packing(compose(["trainer.packing=off"]).trainer, plain, torch.device("cpu"))
+    decoder = tiny_lora_encoder()
+    assert not use_packing(compose([]).trainer, decoder, torch.device("cpu"))  # unmeasured: padded
+    assert use_packing(compose(["trainer.packing=on"]).trainer, decoder, torch.device("cpu"))

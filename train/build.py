@@ -244,15 +244,16 @@ def check_chunk_tokens(t: DictConfig, max_length: int) -> None:
 def use_packing(t: DictConfig, enc: Encoder, device: torch.device) -> bool:
     """trainer.packing -> whether forwards are packed (train/packing.py). `on` refuses an encoder
     that has no packed form. `auto` packs where it was measured faster than padded length-grouped
-    chunks (docs/benchmarks.md): on CPU (sdpa, eager), and on CUDA with flash attention's varlen
-    kernels only; a CUDA sdpa/eager run keeps padded chunks (a dense 4D mask there is unmeasured)."""
+    chunks (docs/benchmarks.md): a BERT-family encoder on CPU (sdpa, eager); and on CUDA with flash
+    attention's varlen kernels, the path the issue asks for (not yet run on a GPU here). Elsewhere
+    (decoders on CPU, sdpa/eager on CUDA: a dense 4D mask there) packing is unmeasured: padded."""
     why = enc.packing_refusal()
     if str(t.packing) == "on" and why:
         raise UserError(f"trainer.packing=on: {why}; expected trainer.packing=off or auto for this model")
     if str(t.packing) == "off" or why:
         return False
     flash = enc.backbone.config._attn_implementation in packing.FLASH
-    return str(t.packing) == "on" or flash or device.type == "cpu"
+    return str(t.packing) == "on" or flash or (device.type == "cpu" and not enc.decoder)
 
 
 def use_bf16(precision: str, world: dist.World) -> bool:
