@@ -166,8 +166,8 @@ def length_grouped_chunks(engine: TorchEngine, batch, chunk: int, packed: bool =
     """The chunks' model inputs contrastive_step forms for this batch (same plan, same padding or packing)."""
     seqs = batch.query_ids + batch.passage_ids
     if packed:
-        plans = packing.plan_chunks([len(s) for s in seqs], chunk * (1 + batch.group), engine.encoder.spec.max_length,
-                                    chunk_tokens)
+        plans = packing.plan_chunks([len(s) for s in seqs], chunk * (1 + batch.group), max(len(s) for s in seqs),
+                                    chunk_tokens)  # rows as contrastive_step makes them
         return [packing.pack(seqs, rows, engine.encoder.pad_id) for rows in plans]
     plan = plan_chunks([len(s) for s in seqs], chunk * (1 + batch.group), max_tokens=chunk_tokens)
     return [pad([seqs[i] for i in c], engine.encoder.pad_id, engine.encoder.left_pad) for c in plan]

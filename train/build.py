@@ -401,7 +401,7 @@ def training(cfg: DictConfig, world: dist.World, run_dir: Path) -> Training:
     check_chunk_tokens(t, enc.spec.max_length)
     packed = use_packing(t, enc, world.device)
     if world.is_main:
-        say(f"forwards: {'packed, rows of model.max_length tokens' if packed else 'padded chunks'} "
+        say(f"forwards: {'packed, rows as long as the longest text' if packed else 'padded chunks'} "
             f"(trainer.packing={t.packing})")
     eng = engine(cfg, enc, world, per_rank)
     logger = Logger(run_dir, world.is_main, t.max_steps, config={**resolved, "run": run_record},

@@ -158,8 +158,8 @@ class TrainerConfig:
     chunk_tokens: Optional[int] = None
     accum_steps: int = 1  # contrastive batches whose gradients are summed per optimizer step
     group_by_length: bool = True  # chunks of similar-length texts, each padded to its own longest
-    # packed forwards (train/packing.py): texts end to end in rows of model.max_length tokens, positions
-    # and attention per text, no padding computed. auto: on wherever the model supports it (see README),
+    # packed forwards (train/packing.py): texts end to end in rows as long as the longest text, positions
+    # and attention per text, no padding computed. auto: where measured faster (see README and build.use_packing),
     # off for pooling=latent and attention kernels without a packed form; on: refuse where unsupported
     packing: Packing = Packing.auto
     schedule: Schedule = Schedule.linear  # after warmup

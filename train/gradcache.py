@@ -137,7 +137,7 @@ def contrastive_step(engine, batch: Batch, loss_fn: Callable[[Pairing], torch.Te
     chunk_tokens: also at most this many padded tokens per forward pass (None: no budget).
     gather_queries: whether the loss reads other ranks' queries (false unless loss.symmetric).
     packed: packed forwards (train/packing.py): the rank's texts laid end to end in rows of
-    `row_tokens` (None: model.max_length), so chunk_tokens counts rows x row_tokens.
+    `row_tokens` (None: its longest text), so chunk_tokens counts rows x the fullest row.
     scale: multiplies the loss (1 / accumulated batches).  reduce: whether this batch's
     final backward reduces gradients across ranks (the optimizer step's last batch).
     """
@@ -145,7 +145,9 @@ def contrastive_step(engine, batch: Batch, loss_fn: Callable[[Pairing], torch.Te
     b = len(batch)
     per_chunk = chunk_size * (1 + batch.group)
     if packed:  # several texts per row, positions and attention per text (train/packing.py)
-        row = row_tokens or engine.encoder.spec.max_length
+        # rows as long as the rank's longest text: on a kernel that takes the block mask, attention
+        # costs rows x row^2, so short texts at a large max_length must not sit in max_length rows
+        row = row_tokens or max(len(s) for s in seqs)
         plans = packing.plan_chunks([len(s) for s in seqs], per_chunk, row, chunk_tokens)
         chunks = [[i for r in rows for i in r] for rows in plans]
         inputs = [packing.pack(seqs, rows, engine.encoder.pad_id) for rows in plans]  # (ids, mask, seg) [R, T]

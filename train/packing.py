@@ -8,8 +8,8 @@ What keeps the texts apart:
   BERT's token types are all 0 as in the padded forward;
 - attention stays inside each text: a block-diagonal 4D mask (causal inside a block for a
   decoder) on the sdpa and eager kernels. On those kernels a row costs row^2 in attention
-  but saves the padding in every linear layer; rows are at most `row` tokens (model.max_length
-  by default), so attention never costs more than one longest text's padded forward;
+  but saves the padding in every linear layer; rows are at most `row` tokens (the rank's longest
+  text by default: contrastive_step), so a row's attention costs what one padded text's does;
 - with flash attention (CUDA), the rows are flattened into one and transformers' varlen path
   reads the sequence boundaries from the restarting position ids (no mask, no row^2 work);
 - pooling is computed per text from the packed output (a segment mean, a segment's first or
