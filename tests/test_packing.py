@@ -155,6 +155,10 @@ def test_packing_on_is_refused_where_it_has_no_form_and_auto_falls_back(compose,
     assert use_packing(compose([]).trainer, plain, torch.device("cpu"))  # measured faster on CPU
     assert not use_packing(compose([]).trainer, plain, torch.device("cuda"))  # sdpa on CUDA: padded
     assert not use_packing(compose(["trainer.packing=off"]).trainer, plain, torch.device("cpu"))
+    for strategy in ("fsdp2", "deepspeed"):  # sharded: ranks must run as many forwards
+        assert not use_packing(compose([]).trainer, plain, torch.device("cpu"), strategy)
+        with pytest.raises(UserError, match=f"dist.strategy={strategy}"):
+            use_packing(compose(["trainer.packing=on"]).trainer, plain, torch.device("cpu"), strategy)
     decoder = tiny_lora_encoder()
     assert not use_packing(compose([]).trainer, decoder, torch.device("cpu"))  # unmeasured: padded
     assert use_packing(compose(["trainer.packing=on"]).trainer, decoder, torch.device("cpu"))

@@ -241,13 +241,18 @@ def check_chunk_tokens(t: DictConfig, max_length: int) -> None:
                         f"{max_length} tokens; expected at least {max_length}")
 
 
-def use_packing(t: DictConfig, enc: Encoder, device: torch.device) -> bool:
+def use_packing(t: DictConfig, enc: Encoder, device: torch.device, strategy: str = "ddp") -> bool:
     """trainer.packing -> whether forwards are packed (train/packing.py). `on` refuses an encoder
     that has no packed form. `auto` packs where it was measured faster than padded length-grouped
     chunks (docs/benchmarks.md): a BERT-family encoder on CPU (sdpa, eager); and on CUDA with flash
     attention's varlen kernels, the path the issue asks for (not yet run on a GPU here). Elsewhere
     (decoders on CPU, sdpa/eager on CUDA: a dense 4D mask there) packing is unmeasured: padded."""
     why = enc.packing_refusal()
+    if strategy in ("fsdp2", "deepspeed"):
+        # Sharded parameters: every forward all-gathers them, so all ranks must run as many forwards;
+        # packed chunks follow each rank's own lengths and their count differs between ranks.
+        why = (f"dist.strategy={strategy} needs the same number of forwards on every rank, which packed "
+               "chunks do not keep")
     if str(t.packing) == "on" and why:
         raise UserError(f"trainer.packing=on: {why}; expected trainer.packing=off or auto for this model")
     if str(t.packing) == "off" or why:
@@ -399,7 +404,7 @@ def training(cfg: DictConfig, world: dist.World, run_dir: Path) -> Training:
         say(lengths_line(enc.spec))
     check_loss(cfg.loss, cfg.eval, enc.dim)
     check_chunk_tokens(t, enc.spec.max_length)
-    packed = use_packing(t, enc, world.device)
+    packed = use_packing(t, enc, world.device, str(cfg.dist.strategy) if world.size > 1 else "single")
     if world.is_main:
         say(f"forwards: {'packed, rows as long as the longest text' if packed else 'padded chunks'} "
             f"(trainer.packing={t.packing})")
