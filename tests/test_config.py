@@ -41,6 +41,7 @@ def test_command_line_beats_recipe_beats_base(compose):
     ("trainer.precision", "fp16", "auto, bf16, fp32"),
     ("trainer.device", "gpu", "auto, cpu, cuda"),
     ("trainer.schedule", "cosin", "linear, cosine, constant"),
+    ("trainer.packing", "yes", "auto, on, off"),
     ("dist.strategy", "fsdp", "auto, ddp, fsdp2, deepspeed"),
     ("mine.format", "csv", "jsonl, parquet, datasets"),
     ("merge.method", "average", "linear, task_arithmetic, ties, dare_linear, dare_ties, slerp, lora"),

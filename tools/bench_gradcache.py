@@ -9,25 +9,31 @@ texts masked in parts a and b (the trainer's default) and not in part c. Every c
 warm-up step, then --steps timed steps, each on a different batch (rows k*B .. (k+1)*B of the triples);
 times are medians.
 
-Parts (--parts a,b,c):
+Parts (--parts a,b,c,m):
   a  Batch sweep at a fixed chunk (--chunk examples per forward): seconds per example of a step and the
      step's peak memory, one fresh process per batch size.
   b  Cached vs uncached at one batch (--compare-batch): cached with length-grouped chunks, cached without
-     grouping, and uncached (chunk = batch: one forward with grad). Reports the time ratio and the
-     "floor" 1 + t(no-grad forward) / t(forward+backward), both measured on the cached step's own
-     length-grouped chunks in the same process: the least a cached step can cost relative to an uncached
-     step on the same chunks. Also padded and real tokens per text of each variant.
+     grouping, uncached (chunk = batch: one forward with grad), and cached with packed forwards
+     (train/packing.py). Reports the time ratio and, for both cached variants, the "floor"
+     1 + t(no-grad forward) / t(forward+backward), both measured on the step's own chunks in the same
+     process: the least a cached step can cost relative to an uncached step on the same chunks. Also
+     padded and real tokens per text of each variant.
   c  Side by side, in one process, with sentence-transformers' CachedMultipleNegativesRankingLoss
-     (scale 20 = 1 / temperature 0.05, mini_batch_size = --chunk) on the same batches, model, length and
-     optimizer; our loss with symmetric=False, temperature 0.05, mask_duplicates=False to match. Also
-     ST with mini_batch_size = chunk * 3: our chunk counts examples (3 texts each), ST's counts texts,
-     so that row runs forwards of the same size as ours. Steps of the implementations are interleaved so
-     that background load hits them alike.
+     (scale 20 = 1 / temperature 0.05) on the same batches, model, length and optimizer; our loss with
+     symmetric=False, temperature 0.05, mask_duplicates=False to match. Ours: padded length-grouped
+     chunks of --chunk examples, packed with the same chunk, packed cut by each of --budgets tokens.
+     ST: mini_batch_size = chunk x texts per example (our chunk counts examples, ST's texts: forwards
+     of the same size), and mini_batch_num_tokens at each budget. --data snli (triples, short) or wiki
+     (title, paragraph pairs: a heavy-tailed passage length). The variants' steps are interleaved, round
+     by round, so that background load hits them alike; medians over the rounds.
+  m  Peak memory under one token budget (--chunk-tokens) on SNLI and on Wikipedia paragraphs, padded
+     and packed, each in a fresh process.
 
-Memory (parts a and b): on CPU, the peak RSS increase of the process over the steps: once the model and
+Memory (parts a, b, m): on CPU, the peak RSS increase of the process over the steps: once the model and
 data are loaded, the kernel's high-water mark is reset (/proc/self/clear_refs) and VmRSS read as the
 baseline; after the steps, VmHWM - baseline. It includes AdamW's two moments (allocated at the first
-step, reported separately as adam_state_mib). On CUDA: max_memory_allocated - memory_allocated.
+step, reported separately as adam_state_mib). On CUDA: max_memory_allocated - memory_allocated. Part c
+runs all variants in one process, so it reports the largest forward's tokens instead.
 
 Run:
     python tools/bench_gradcache.py --out docs/bench_gradcache.json
@@ -53,7 +59,7 @@ from pathlib import Path
 import torch
 from benchlib import FIXED_MMAP_THRESHOLD, machine, reset_peak_kib, run_worker, status_kib
 
-from train import assets
+from train import assets, packing
 from train.data import collate, read_source
 from train.dist import World
 from train.engines import TorchEngine
@@ -155,10 +161,15 @@ class PeakMemory:
         return (status_kib("VmHWM") - self.base) / 1024
 
 
-def length_grouped_chunks(engine: TorchEngine, batch, chunk: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The padded chunks contrastive_step forms for this batch (same plan, same padding)."""
+def length_grouped_chunks(engine: TorchEngine, batch, chunk: int, packed: bool = False,
+                          chunk_tokens: int | None = None) -> list[tuple[torch.Tensor, ...]]:
+    """The chunks' model inputs contrastive_step forms for this batch (same plan, same padding or packing)."""
     seqs = batch.query_ids + batch.passage_ids
-    plan = plan_chunks([len(s) for s in seqs], chunk * (1 + batch.group))
+    if packed:
+        plans = packing.plan_chunks([len(s) for s in seqs], chunk * (1 + batch.group), max(len(s) for s in seqs),
+                                    chunk_tokens)  # rows as contrastive_step makes them
+        return [packing.pack(seqs, rows, engine.encoder.pad_id) for rows in plans]
+    plan = plan_chunks([len(s) for s in seqs], chunk * (1 + batch.group), max_tokens=chunk_tokens)
     return [pad([seqs[i] for i in c], engine.encoder.pad_id, engine.encoder.left_pad) for c in plan]
 
 
@@ -177,11 +188,13 @@ def worker_step(job: dict) -> dict:
     torch.manual_seed(0)
     engine = build_engine(job["max_length"], dev)
     b, chunk, steps = job["batch"], job["chunk"], job["steps"]
-    data = batches(load_triples((steps + 1) * b), engine.encoder.tokenize, b, steps + 1)
+    data = batches(load_pairs(job.get("data", "snli"), (steps + 1) * b), engine.encoder.tokenize, b, steps + 1)
+    packed, chunk_tokens = job.get("packed", False), job.get("chunk_tokens")
 
     def step(batch):
         stats = contrastive_step(engine, batch, LOSS, chunk, group_by_length=job["group_by_length"],
-                                 mask_duplicates=True)  # the trainer's default
+                                 mask_duplicates=True,  # the trainer's default
+                                 packed=packed, chunk_tokens=chunk_tokens)
         engine.step()
         return stats
 
@@ -205,29 +218,32 @@ def worker_step(job: dict) -> dict:
         "padded_tokens_per_text": padded, "real_tokens_per_text": real,
         "peak_mib": peak, "adam_state_mib": adam_state_mib(engine), "loss": [s.loss for s in stats],
         "threads": torch.get_num_threads(), "widest_chunk_tokens": widest,
+        "largest_chunk_tokens": max(s.largest_chunk for s in stats), "packed": packed, "chunk_tokens": chunk_tokens,
+        "data": job.get("data", "snli"),
     }
     if job.get("floor"):
-        out["floor"] = measure_floor(engine, data[1:], chunk, dev)
+        out["floor"] = measure_floor(engine, data[1:], chunk, dev, packed, chunk_tokens)
     return out
 
 
-def measure_floor(engine: TorchEngine, data: list, chunk: int, dev: torch.device) -> dict:
+def measure_floor(engine: TorchEngine, data: list, chunk: int, dev: torch.device, packed: bool = False,
+                  chunk_tokens: int | None = None) -> dict:
     """A cached step runs a no-grad forward and a forward+backward of every chunk; an uncached step
     on the same chunks would run only the latter. Both timed here on the cached step's chunks, the
     loss left out (a dummy emb.sum()), so 1 + t_nograd / t_fwd_bwd is the cached step's least cost
     relative to an uncached one."""
     def no_grad_pass(chunks):
         with torch.no_grad():
-            for ids, mask in chunks:
-                engine.forward(ids, mask)
+            for x in chunks:
+                engine.forward(*x)
 
     def grad_pass(chunks):
-        for ids, mask in chunks:
-            engine.forward(ids, mask).sum().backward()
+        for x in chunks:
+            engine.forward(*x).sum().backward()
 
     nograd, fwd_bwd = [], []
     for batch in data:
-        chunks = length_grouped_chunks(engine, batch, chunk)
+        chunks = length_grouped_chunks(engine, batch, chunk, packed, chunk_tokens)
         nograd.append(timed(dev, no_grad_pass, chunks)[0])
         fwd_bwd.append(timed(dev, grad_pass, chunks)[0])
         engine.optimizer.zero_grad(set_to_none=True)
@@ -236,38 +252,68 @@ def measure_floor(engine: TorchEngine, data: list, chunk: int, dev: torch.device
             "median_forward_backward_s": t_fb, "floor": 1 + t_n / t_fb}
 
 
-def st_tokens(features: list[dict], mini_batch_size: int) -> tuple[int, int]:
-    """(padded, real) tokens per forward pass of CachedMultipleNegativesRankingLoss on these columns.
+def st_tokens(features: list[dict], mini_batch_size: int, num_tokens: int | None = None) -> tuple[int, int, int]:
+    """(padded, real, largest mini-batch's padded) tokens of CachedMultipleNegativesRankingLoss's forwards.
 
     As sentence-transformers 6.2 does it (base/losses/gradcache.py: _minibatch_ranges, _create_minibatch):
-    each column separately, in dataset order, cut into runs of mini_batch_size rows; each mini-batch
-    keeps the columns up to its last attended position, i.e. it is padded to its own longest text.
+    each column separately, in dataset order, cut into runs of mini_batch_size rows, or with
+    mini_batch_num_tokens into runs of at most that many real tokens; each mini-batch keeps the
+    columns up to its last attended position, i.e. it is padded to its own longest text.
     Flattened inputs (flash attention varlen, when available) carry no padding at all.
     """
-    padded = real = 0
+    padded = real = largest = 0
     for f in features:
         if "cu_seq_lens_q" in f:
             n = int(f["cu_seq_lens_q"][-1])
-            padded, real = padded + n, real + n
+            padded, real, largest = padded + n, real + n, max(largest, n)
             continue
         mask = f["attention_mask"]
         real += int(mask.sum())
-        for begin in range(0, mask.shape[0], mini_batch_size):
-            part = mask[begin : begin + mini_batch_size].bool()
+        for begin, end in _st_ranges(mask.sum(dim=1).tolist(), mini_batch_size, num_tokens):
+            part = mask[begin:end].bool()
             width = int(part.any(dim=0).nonzero().max()) + 1
             padded += part.shape[0] * width
-    return padded, real
+            largest = max(largest, part.shape[0] * width)
+    return padded, real, largest
+
+
+def _st_ranges(lengths: list[int], size: int, num_tokens: int | None) -> list[tuple[int, int]]:
+    """ST's mini-batch ranges: `size` rows each, or greedy runs of at most `num_tokens` real tokens
+    (a longer text alone), rewritten here from its documented rule so the count needs no private API."""
+    if num_tokens is None:
+        return [(i, min(i + size, len(lengths))) for i in range(0, len(lengths), size)]
+    out, begin, total = [], 0, 0
+    for i, n in enumerate(lengths):
+        if i > begin and total + n > num_tokens:
+            out.append((begin, i))
+            begin, total = i, 0
+        total += n
+    return out + [(begin, len(lengths))]
+
+
+def load_pairs(data: str, n: int):
+    """Part c's data: SNLI triples (short texts, 3 per example) or Wikipedia (title, paragraph) pairs
+    (asset "wiki": titles of a few tokens, paragraphs of 40-250 words: a heavy-tailed passage length)."""
+    if data == "snli":
+        return load_triples(n)
+    return read_source("wiki", str(assets.path("wiki") / "title_passage.jsonl"), limit=n)
 
 
 def worker_compare(job: dict) -> dict:
-    """Part c: our step and sentence-transformers' cached MNRL, same batches, interleaved step by step."""
+    """Part c: our step and sentence-transformers' cached MNRL, same batches, interleaved step by step.
+
+    Ours: padded length-grouped chunks of `chunk` examples; packed forwards with the same chunk; packed
+    forwards cut by each token budget. ST: mini_batch_size = chunk x texts per example (forwards of as
+    many texts as ours), and mini_batch_num_tokens = each budget (ST's packing by real-token count)."""
     from sentence_transformers import SentenceTransformer, losses
 
     dev = device()
     torch.manual_seed(0)
     b, chunk, steps, max_length = job["batch"], job["chunk"], job["steps"], job["max_length"]
+    budgets = job.get("budgets") or []
     engine = build_engine(max_length, dev)
-    source = load_triples((steps + 1) * b)
+    source = load_pairs(job.get("data", "snli"), (steps + 1) * b)
+    per_example = 2 + source.num_negatives
     ours_data = batches(source, engine.encoder.tokenize, b, steps + 1)
 
     model = SentenceTransformer(str(assets.path("minilm")), device=str(dev))
@@ -275,29 +321,34 @@ def worker_compare(job: dict) -> dict:
     model.train()
     # The same optimizer and decay rule (matrices only) as our engine's.
     optimizer = torch.optim.AdamW(param_groups(model, WEIGHT_DECAY), lr=LR)
-    st_losses = {
-        "st": losses.CachedMultipleNegativesRankingLoss(model, scale=1 / TEMPERATURE, mini_batch_size=chunk),
-        # Our chunk counts examples (1 query + 1 positive + 1 negative), ST's mini-batch counts texts:
-        # this one runs forwards of as many texts as ours.
-        "st_same_texts": losses.CachedMultipleNegativesRankingLoss(model, scale=1 / TEMPERATURE,
-                                                                   mini_batch_size=chunk * TEXTS_PER_EXAMPLE),
-    }
+
+    def st_loss(**kw):
+        return losses.CachedMultipleNegativesRankingLoss(model, scale=1 / TEMPERATURE, **kw)
+
+    # ST's mini-batch counts texts, ours examples: mini_batch_size = chunk x texts per example runs
+    # forwards of as many texts as ours.
+    st_losses = {f"ST mini_batch_size={chunk * per_example}": st_loss(mini_batch_size=chunk * per_example)}
+    st_losses.update({f"ST mini_batch_num_tokens={t}": st_loss(mini_batch_num_tokens=t) for t in budgets})
+    ours = {f"ours chunk_size={chunk}": {"packed": False},
+            f"ours chunk_size={chunk}, packed": {"packed": True}}
+    ours.update({f"ours chunk_tokens={t}, packed": {"packed": True, "chunk_tokens": t} for t in budgets})
 
     def st_features(k: int) -> list[dict]:
         """One feature dict per column (anchors, positives, negatives), as ST's data collator makes them."""
         picked = rows(k, b, len(source.anchors))
-        columns = [[source.anchors[r] for r in picked], [source.positives[r] for r in picked],
-                   [source.negatives[r][0] for r in picked]]
+        columns = [[source.anchors[r] for r in picked], [source.positives[r] for r in picked]]
+        columns += [[source.negatives[r][j] for r in picked] for j in range(source.num_negatives)]
         feats = [model.preprocess(texts) for texts in columns]
         return [{key: v.to(dev) if isinstance(v, torch.Tensor) else v for key, v in f.items()} for f in feats]
 
     st_data = [st_features(k) for k in range(steps + 1)]
     st_flattened = any("cu_seq_lens_q" in f for f in st_data[0])
 
-    parity = loss_parity(engine, model, st_losses["st"], ours_data[0], st_data[0])
+    parity = loss_parity(engine, model, next(iter(st_losses.values())), ours_data[0], st_data[0])
 
-    def ours_step(batch):
-        stats = contrastive_step(engine, batch, LOSS, chunk, group_by_length=True, mask_duplicates=False)
+    def ours_step(batch, kw):
+        per_chunk = b if "chunk_tokens" in kw else chunk  # a budget alone cuts the chunks
+        stats = contrastive_step(engine, batch, LOSS, per_chunk, group_by_length=True, mask_duplicates=False, **kw)
         engine.step()
         return stats
 
@@ -311,40 +362,46 @@ def worker_compare(job: dict) -> dict:
         optimizer.zero_grad(set_to_none=True)
         return float(loss.detach())
 
-    names = ["ours", *st_losses]
+    names = [*ours, *st_losses]
     times: dict[str, list[float]] = {n: [] for n in names}
     loss_values: dict[str, list[float]] = {n: [] for n in names}
-    ours_stats = []
-    for k in range(steps + 1):  # interleaved: a burst of background load hits every implementation
+    ours_stats: dict[str, list] = {n: [] for n in ours}
+    for k in range(steps + 1):  # interleaved rounds: a burst of background load hits every variant
         for name in names:
-            if name == "ours":
-                t, stats = timed(dev, ours_step, ours_data[k])
+            if name in ours:
+                t, stats = timed(dev, ours_step, ours_data[k], ours[name])
                 loss = stats.loss
             else:
                 t, loss = timed(dev, st_step, st_losses[name], st_data[k])
             if k:
                 times[name].append(t)
                 loss_values[name].append(loss)
-                if name == "ours":
-                    ours_stats.append(stats)
+                if name in ours:
+                    ours_stats[name].append(stats)
 
-    texts = sum(s.texts for s in ours_stats)
-    tokens = {"ours": tokens_per_text(ours_stats)}
+    texts = b * per_example * steps
+    tokens, largest = {}, {}
+    for name, stats in ours_stats.items():
+        tokens[name] = tokens_per_text(stats)
+        largest[name] = max(s.largest_chunk for s in stats)
     for name, loss_fn in st_losses.items():
-        counts = [st_tokens(f, loss_fn.mini_batch_size) for f in st_data[1:]]
+        counts = [st_tokens(f, loss_fn.mini_batch_size, loss_fn.mini_batch_num_tokens) for f in st_data[1:]]
         tokens[name] = (sum(c[0] for c in counts) / texts, sum(c[1] for c in counts) / texts)
+        largest[name] = max(c[2] for c in counts)
 
     results = {}
     for name in names:
         t = median(times[name])
         results[name] = {
-            "texts_per_forward": chunk if name == "st" else chunk * TEXTS_PER_EXAMPLE, "step_s": times[name],
-            "median_step_s": t, "examples_per_s": b / t, "padded_tokens_per_text": tokens[name][0],
-            "real_tokens_per_text": tokens[name][1], "loss": loss_values[name],
+            "step_s": times[name], "median_step_s": t, "examples_per_s": b / t,
+            "padded_tokens_per_text": tokens[name][0], "real_tokens_per_text": tokens[name][1],
+            "largest_forward_tokens": largest[name], "loss": loss_values[name],
         }
+    best_st = max((n for n in st_losses), key=lambda n: results[n]["examples_per_s"])
     for name in names:
-        results[name]["throughput_vs_ours"] = results[name]["examples_per_s"] / results["ours"]["examples_per_s"]
-    return {"batch": b, "chunk": chunk, "max_length": max_length, "st_flattened_inputs": st_flattened,
+        results[name]["throughput_vs_best_st"] = results[name]["examples_per_s"] / results[best_st]["examples_per_s"]
+    return {"batch": b, "chunk": chunk, "max_length": max_length, "data": job.get("data", "snli"),
+            "budgets": budgets, "st_flattened_inputs": st_flattened, "best_st": best_st,
             "loss_parity_dropout_off": parity, "results": results, "threads": torch.get_num_threads()}
 
 
@@ -436,6 +493,7 @@ def part_b(args) -> dict:
         "cached": {**base, "chunk": args.chunk, "group_by_length": True, "floor": True},
         "cached_ungrouped": {**base, "chunk": args.chunk, "group_by_length": False},
         "uncached": {**base, "chunk": b, "group_by_length": True},
+        "cached_packed": {**base, "chunk": args.chunk, "group_by_length": True, "floor": True, "packed": True},
     }
     out = {}
     for name, job in variants.items():
@@ -451,37 +509,61 @@ def part_b(args) -> dict:
                           r["real_tokens_per_text"], r["peak_mib"]])
     print(table(["variant", "chunk (examples)", "s/step", "examples/s", "padded tok/text", "real tok/text",
                  "peak MiB"], rows_))
+    for name in ("cached", "cached_packed"):
+        r = out[name]
+        if "error" in r:
+            continue
+        f = r["floor"]
+        print(f"\n{name}: floor 1 + t_nograd / t_fwd_bwd = 1 + {f['median_nograd_forward_s']:.3g} s / "
+              f"{f['median_forward_backward_s']:.3g} s = {f['floor']:.3f}; the step took "
+              f"{r['median_step_s'] / (f['floor'] * f['median_forward_backward_s']):.3f}x its floor "
+              "(floor x t_fwd_bwd, same chunks)")
     cached, uncached = out["cached"], out["uncached"]
     if "error" not in cached and "error" not in uncached:
-        ratio = cached["median_step_s"] / uncached["median_step_s"]
-        floor = cached["floor"]
-        out["ratio_cached_over_uncached"] = ratio
-        print(f"\ncached / uncached time: {ratio:.3f}; floor 1 + t_nograd / t_fwd_bwd = "
-              f"1 + {floor['median_nograd_forward_s']:.3g} s / {floor['median_forward_backward_s']:.3g} s = "
-              f"{floor['floor']:.3f} (same length-grouped chunks; a ratio under the floor means the uncached "
-              "step pays for its extra padding)")
+        out["ratio_cached_over_uncached"] = cached["median_step_s"] / uncached["median_step_s"]
+        print(f"cached / uncached time: {out['ratio_cached_over_uncached']:.3f}")
+    return out
+
+
+def part_m(args) -> dict:
+    """Peak memory under one token budget (--chunk-tokens) on short texts (SNLI) and a heavy-tailed
+    passage length (Wikipedia paragraphs), padded and packed, each in a fresh process."""
+    out = {}
+    for data in ("snli", "wiki"):
+        for packed in (False, True):
+            name = f"{data}, {'packed' if packed else 'padded'}"
+            print(f"  m: {name} ...", file=sys.stderr, flush=True)
+            out[name] = spawn({"kind": "step", "batch": args.compare_batch, "chunk": args.compare_batch,
+                               "steps": args.steps, "max_length": args.max_length, "group_by_length": True,
+                               "data": data, "packed": packed, "chunk_tokens": args.chunk_tokens})
+    print(f"\n### m. Peak memory at chunk_tokens={args.chunk_tokens} (batch {args.compare_batch}, max_length "
+          f"{args.max_length}, {args.steps} steps after a warm-up)\n")
+    print(table(["data, forward", "chunks", "s/step", "padded tok/text", "real tok/text", "largest chunk (tokens)",
+                 "peak MiB"],
+                [[n, r["chunks"], r["median_step_s"], r["padded_tokens_per_text"], r["real_tokens_per_text"],
+                  r["largest_chunk_tokens"], r["peak_mib"]] if "error" not in r else [n, "failed"] + ["-"] * 5
+                 for n, r in out.items()]))
     return out
 
 
 def part_c(args) -> dict:
-    print(f"  c: ours vs sentence-transformers, batch {args.compare_batch} ...", file=sys.stderr, flush=True)
+    print(f"  c: ours vs sentence-transformers, {args.data}, batch {args.compare_batch} ...", file=sys.stderr,
+          flush=True)
     out = spawn({"kind": "compare", "batch": args.compare_batch, "chunk": args.chunk, "steps": args.steps,
-                 "max_length": args.max_length})
-    print(f"\n### c. Ours vs sentence-transformers CachedMultipleNegativesRankingLoss (batch {args.compare_batch}, "
-          f"chunk {args.chunk}, max_length {args.max_length}, median of {args.steps} steps)\n")
+                 "max_length": args.max_length, "data": args.data, "budgets": args.budgets})
+    print(f"\n### c. Ours vs sentence-transformers CachedMultipleNegativesRankingLoss ({args.data}, batch "
+          f"{args.compare_batch}, chunk {args.chunk} examples, max_length {args.max_length}, median of "
+          f"{args.steps} interleaved rounds)\n")
     if "error" in out:
         print("failed: see stderr")
         return out
-    labels = {"ours": "ours (contrastive_step)", "st": f"ST mini_batch_size={args.chunk}",
-              "st_same_texts": f"ST mini_batch_size={args.chunk * TEXTS_PER_EXAMPLE}"}
-    print(table(["implementation", "texts/forward", "s/step", "examples/s", "padded tok/text", "real tok/text",
-                 "throughput vs ours"],
-                [[labels[n], r["texts_per_forward"], r["median_step_s"], r["examples_per_s"],
-                  r["padded_tokens_per_text"], r["real_tokens_per_text"], r["throughput_vs_ours"]]
-                 for n, r in out["results"].items()]))
+    print(table(["implementation", "s/step", "examples/s", "padded tok/text", "real tok/text",
+                 "largest forward (tokens)", "throughput vs best ST"],
+                [[n, r["median_step_s"], r["examples_per_s"], r["padded_tokens_per_text"], r["real_tokens_per_text"],
+                  r["largest_forward_tokens"], r["throughput_vs_best_st"]] for n, r in out["results"].items()]))
     p = out["loss_parity_dropout_off"]
     print(f"\nloss on the first batch with dropout off: ours {p['ours']:.6f}, ST {p['st']:.6f} "
-          f"(|diff| {p['abs_diff']:.2g}); ST flattened inputs: {out['st_flattened_inputs']}")
+          f"(|diff| {p['abs_diff']:.2g}); ST flattened inputs: {out['st_flattened_inputs']}; best ST: {out['best_st']}")
     return out
 
 
@@ -494,11 +576,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--compare-batch", type=int,
                     help="batch of parts b and c (default: the largest of --batches up to 256)")
     ap.add_argument("--max-length", type=int, default=64, help="max tokens per text (default 64)")
+    ap.add_argument("--data", choices=["snli", "wiki"], default="snli",
+                    help="part c's data: SNLI triples or Wikipedia (title, paragraph) pairs (default snli)")
+    ap.add_argument("--budgets", type=lambda s: [int(x) for x in s.split(",")], default=[],
+                    help="part c's token budgets, comma-separated: ours chunk_tokens (packed) and ST's "
+                         "mini_batch_num_tokens at each (default: none)")
     ap.add_argument("--steps", type=int, help="timed steps per configuration, after one warm-up (default 3)")
     ap.add_argument("--quick", action="store_true",
                     help=f"smoke test: batches {QUICK['batches']}, chunk {QUICK['chunk']}, {QUICK['steps']} step "
                          "(explicit flags win)")
-    ap.add_argument("--parts", default="a,b,c", help="which parts to run, e.g. a,c (default a,b,c)")
+    ap.add_argument("--parts", default="a,b,c", help="which parts to run, e.g. a,c (default a,b,c; m: memory "
+                                                     "under --chunk-tokens on short and long texts)")
+    ap.add_argument("--chunk-tokens", type=int, default=4096, help="part m's token budget (default 4096)")
     ap.add_argument("--out", help="JSON file for the raw results (default: a new file in the temp folder)")
     ap.add_argument("--allocator-default", action="store_true",
                     help="on CPU, leave glibc's dynamic mmap threshold on (peak RSS then includes freed memory "
@@ -512,8 +601,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.compare_batch is None:
         args.compare_batch = max([b for b in args.batches if b <= 256] or [min(args.batches)])
     args.parts = [p.strip() for p in args.parts.split(",") if p.strip()]
-    if unknown := set(args.parts) - {"a", "b", "c"}:
-        ap.error(f"--parts: unknown part(s) {sorted(unknown)}; expected a, b, c")
+    if unknown := set(args.parts) - {"a", "b", "c", "m"}:
+        ap.error(f"--parts: unknown part(s) {sorted(unknown)}; expected a, b, c, m")
     return args
 
 
@@ -536,7 +625,7 @@ def main(argv=None) -> None:
         "dtype": "float32", "dropout": True, "argv": sys.argv[1:]}}
     print(f"# gradcache benchmark: {report['machine'].get('gpu', report['machine']['cpu'])}, "
           f"{report['machine']['torch_threads']} torch threads, torch {torch.__version__}")
-    for part, run in (("a", part_a), ("b", part_b), ("c", part_c)):
+    for part, run in (("a", part_a), ("b", part_b), ("c", part_c), ("m", part_m)):
         if part in args.parts:
             report[part] = run(args)
     report["machine"]["load_average_end"] = os.getloadavg()
@@ -551,6 +640,7 @@ def failures(report: dict) -> int:
     found = [r for r in report.get("a", [])]
     found += [r for r in report.get("b", {}).values() if isinstance(r, dict)]
     found += [report["c"]] if "c" in report else []
+    found += list(report.get("m", {}).values())
     return sum("error" in r for r in found)
 
 

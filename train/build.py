@@ -27,7 +27,7 @@ import torch
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
-from train import card, checkpoint, dist, engines, mining, mteb_eval, record, streaming, synthesis
+from train import card, checkpoint, dist, engines, mining, mteb_eval, packing, record, streaming, synthesis
 from train.boundary import first_line, library_errors, optimizer_error, reading
 from train.config import recipe_name
 from train.data import ALIASES, Mixture, Source, check_shapes, read_source
@@ -248,6 +248,26 @@ def check_chunk_tokens(t: DictConfig, max_length: int) -> None:
                         f"{max_length} tokens; expected at least {max_length}")
 
 
+def use_packing(t: DictConfig, enc: Encoder, device: torch.device, strategy: str = "ddp") -> bool:
+    """trainer.packing -> whether forwards are packed (train/packing.py). `on` refuses an encoder
+    that has no packed form. `auto` packs where it was measured faster than padded length-grouped
+    chunks (docs/benchmarks.md): a BERT-family encoder on CPU (sdpa, eager); and on CUDA with flash
+    attention's varlen kernels, the path the issue asks for (not yet run on a GPU here). Elsewhere
+    (decoders on CPU, sdpa/eager on CUDA: a dense 4D mask there) packing is unmeasured: padded."""
+    why = enc.packing_refusal()
+    if strategy in ("fsdp2", "deepspeed"):
+        # Sharded parameters: every forward all-gathers them, so all ranks must run as many forwards;
+        # packed chunks follow each rank's own lengths and their count differs between ranks.
+        why = (f"dist.strategy={strategy} needs the same number of forwards on every rank, which packed "
+               "chunks do not keep")
+    if str(t.packing) == "on" and why:
+        raise UserError(f"trainer.packing=on: {why}; expected trainer.packing=off or auto for this model")
+    if str(t.packing) == "off" or why:
+        return False
+    flash = enc.backbone.config._attn_implementation in packing.FLASH
+    return str(t.packing) == "on" or flash or (device.type == "cpu" and not enc.decoder)
+
+
 def use_bf16(precision: str, world: dist.World) -> bool:
     if precision == "fp32":
         return False
@@ -288,6 +308,7 @@ class FitConfig:
     eval_batch_size: int
     eval_dims: list[int] | None = None  # Matryoshka prefixes also evaluated
     chunk_tokens: int | None = None  # padded tokens per forward pass; None: chunk_size alone
+    packed: bool = False  # packed forwards (trainer.packing, resolved for this encoder)
     gather_queries: bool = True  # the loss reads other ranks' queries (loss.symmetric)
     select: str | None = None  # a metric: model/ is the best evaluated step by it
     keep_last_model: bool = False  # with select: the last step's model as model-last/ too
@@ -391,6 +412,10 @@ def training(cfg: DictConfig, world: dist.World, run_dir: Path) -> Training:
         say(lengths_line(enc.spec))
     check_loss(cfg.loss, cfg.eval, enc.dim)
     check_chunk_tokens(t, enc.spec.max_length)
+    packed = use_packing(t, enc, world.device, str(cfg.dist.strategy) if world.size > 1 else "single")
+    if world.is_main:
+        say(f"forwards: {'packed, rows as long as the longest text' if packed else 'padded chunks'} "
+            f"(trainer.packing={t.packing})")
     eng = engine(cfg, enc, world, per_rank)
     logger = Logger(run_dir, world.is_main, t.max_steps, config={**resolved, "run": run_record},
                     wandb=cfg.log.wandb, wandb_project=cfg.log.wandb_project, wandb_mode=str(cfg.log.wandb_mode),
@@ -398,7 +423,7 @@ def training(cfg: DictConfig, world: dist.World, run_dir: Path) -> Training:
     fit = FitConfig(
         max_steps=t.max_steps, chunk_size=chunk, chunk_tokens=t.chunk_tokens, gather_queries=cfg.loss.symmetric,
         accum_steps=t.accum_steps,
-        group_by_length=t.group_by_length,
+        group_by_length=t.group_by_length, packed=packed,
         mask_duplicates=cfg.data.mask_duplicates, log_every=t.log_every, eval_before=cfg.eval.before,
         eval_every=cfg.eval.every, eval_batch_size=cfg.eval.batch_size, eval_dims=eval_dims(cfg.eval),
         select=cfg.eval.select, keep_last_model=cfg.eval.keep_last,

@@ -51,6 +51,7 @@ Schedule = choice("Schedule", "linear", "cosine", "constant")
 Precision = choice("Precision", "auto", "bf16", "fp32")
 Device = choice("Device", "auto", "cpu", "cuda")
 Strategy = choice("Strategy", "auto", "ddp", "fsdp2", "deepspeed")
+Packing = choice("Packing", "auto", "on", "off")  # packed (padding-free) forwards: train/packing.py
 Fingerprint = choice("Fingerprint", "sampled", "full")
 # pairs: retrieval from a (query, positive) JSONL, each query's own positive among the cut's
 TaskKind = choice("TaskKind", "sts", "retrieval", "pairs")
@@ -159,6 +160,10 @@ class TrainerConfig:
     chunk_tokens: Optional[int] = None
     accum_steps: int = 1  # contrastive batches whose gradients are summed per optimizer step
     group_by_length: bool = True  # chunks of similar-length texts, each padded to its own longest
+    # packed forwards (train/packing.py): texts end to end in rows as long as the longest text, positions
+    # and attention per text, no padding computed. auto: where measured faster (see README and build.use_packing),
+    # off for pooling=latent and attention kernels without a packed form; on: refuse where unsupported
+    packing: Packing = Packing.auto
     schedule: Schedule = Schedule.linear  # after warmup
     warmup_ratio: float = 0.1
     max_grad_norm: Optional[float] = 1.0

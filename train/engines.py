@@ -37,6 +37,11 @@ def _autocast(world: World, bf16: bool):
     return torch.autocast(world.device.type, dtype=torch.bfloat16)
 
 
+def _to(world: World, *tensors: torch.Tensor | None) -> list[torch.Tensor]:
+    """The model's positional inputs on the device, a packed forward's `seg` only when given."""
+    return [t.to(world.device) for t in tensors if t is not None]
+
+
 class TorchEngine:
     """One process, or DDP over several. Also the base of FSDP2's engine (which swaps the wrapping)."""
 
@@ -62,9 +67,10 @@ class TorchEngine:
             else "broadcast_buffers"
         return DDP(model, device_ids=ids, **{no_sync: False})
 
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor, seg: torch.Tensor | None = None) -> torch.Tensor:
+        # seg: the packed layout's text index per token (train/packing.py); None: padded
         with _autocast(self.world, self.bf16):
-            return self.module(ids.to(self.world.device), mask.to(self.world.device)).float()
+            return self.module(*_to(self.world, ids, mask, seg)).float()
 
     def begin_step(self) -> None:
         """Nothing to open: DDP reduces under the last backward outside no_sync()."""
@@ -210,8 +216,8 @@ class DeepSpeedEngine:
     # when it ends, and DeepSpeed has no public way to drop it; a signal stops at the end of the step.
     abandons_steps = False
 
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.engine(ids.to(self.world.device), mask.to(self.world.device)).float()
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor, seg: torch.Tensor | None = None) -> torch.Tensor:
+        return self.engine(*_to(self.world, ids, mask, seg)).float()
 
     def begin_step(self) -> None:
         """Open the block in which every backward of this optimizer step accumulates locally."""

@@ -32,7 +32,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from train import dist
+from train import dist, packing
 from train.data import Batch
 from train.losses import Pairing
 from train.model import pad
@@ -140,12 +140,15 @@ class StepStats:
 def contrastive_step(engine, batch: Batch, loss_fn: Callable[[Pairing], torch.Tensor], chunk_size: int,
                      group_by_length: bool = True, mask_duplicates: bool = True, scale: float = 1.0,
                      reduce: bool = True, chunk_tokens: int | None = None,
-                     gather_queries: bool = True, stop: Callable[[], bool] | None = None) -> StepStats:
+                     gather_queries: bool = True, packed: bool = False, row_tokens: int | None = None,
+                     stop: Callable[[], bool] | None = None) -> StepStats:
     """Forward, loss and backward of one contrastive batch on this rank.
 
     chunk_size: examples per forward pass (each example brings 1 query + group passages).
     chunk_tokens: also at most this many padded tokens per forward pass (None: no budget).
     gather_queries: whether the loss reads other ranks' queries (false unless loss.symmetric).
+    packed: packed forwards (train/packing.py): the rank's texts laid end to end in rows of
+    `row_tokens` (None: its longest text), so chunk_tokens counts rows x the fullest row.
     scale: multiplies the loss (1 / accumulated batches).  reduce: whether this batch's
     final backward reduces gradients across ranks (the optimizer step's last batch).
     stop: a collective asked at each chunk boundary (before every no-grad forward, before the loss,
@@ -154,18 +157,26 @@ def contrastive_step(engine, batch: Batch, loss_fn: Callable[[Pairing], torch.Te
     seqs = batch.query_ids + batch.passage_ids
     b = len(batch)
     per_chunk = chunk_size * (1 + batch.group)
-    chunks = plan_chunks([len(s) for s in seqs], per_chunk, group_by_length, chunk_tokens)
+    if packed:  # several texts per row, positions and attention per text (train/packing.py)
+        # rows as long as the rank's longest text: on a kernel that takes the block mask, attention
+        # costs rows x row^2, so short texts at a large max_length must not sit in max_length rows
+        row = row_tokens or max(len(s) for s in seqs)
+        plans = packing.plan_chunks([len(s) for s in seqs], per_chunk, row, chunk_tokens)
+        chunks = [[i for r in rows for i in r] for rows in plans]
+        inputs = [packing.pack(seqs, rows, engine.encoder.pad_id) for rows in plans]  # (ids, mask, seg) [R, T]
+    else:
+        chunks = plan_chunks([len(s) for s in seqs], per_chunk, group_by_length, chunk_tokens)
+        inputs = [pad([seqs[i] for i in c], engine.encoder.pad_id, engine.encoder.left_pad) for c in chunks]
     dev = engine.world.device
-    padded = [pad([seqs[i] for i in c], engine.encoder.pad_id, engine.encoder.left_pad) for c in chunks]
-    stats = StepStats(0.0, len(chunks), len(seqs), sum(ids.numel() for ids, _ in padded),
-                      sum(len(s) for s in seqs), max(ids.numel() for ids, _ in padded))
+    stats = StepStats(0.0, len(chunks), len(seqs), sum(x[0].numel() for x in inputs),
+                      sum(len(s) for s in seqs), max(x[0].numel() for x in inputs))
 
     def sync(last: bool):
         return contextlib.nullcontext() if (reduce and last) else engine.no_sync()
 
     if len(chunks) == 1:  # the batch fits: no caching
         with sync(True):
-            out = engine.forward(*padded[0])  # [b*(2+n), D] in chunk order
+            out = engine.forward(*inputs[0])  # [b*(2+n), D] in chunk order
             emb = out[torch.argsort(torch.as_tensor(chunks[0], device=out.device))]  # text order
             pair = make_pairing(emb[:b], emb[b:], batch, mask_duplicates, engine.world, gather_queries)
             surrogate, loss = loss_backward(loss_fn, pair, scale)
@@ -173,9 +184,11 @@ def contrastive_step(engine, batch: Batch, loss_fn: Callable[[Pairing], torch.Te
         stats.loss = float(loss)
         return stats
 
-    # Every rank must ask `stop` at the same boundaries: with a token budget the ranks' chunk counts
-    # differ, so the boundaries asked are those of the smallest count (one more collective per batch).
-    asked = len(chunks) if stop is None or chunk_tokens is None else dist.min_over_ranks(len(chunks), engine.world)
+    # Every rank must ask `stop` at the same boundaries: with a token budget or packed rows the ranks'
+    # chunk counts differ, so the boundaries asked are those of the smallest count (one more
+    # collective per batch).
+    same_counts = chunk_tokens is None and not packed
+    asked = len(chunks) if stop is None or same_counts else dist.min_over_ranks(len(chunks), engine.world)
 
     def check(k: int) -> None:
         if stop is not None and k < asked and stop():
@@ -184,10 +197,10 @@ def contrastive_step(engine, batch: Batch, loss_fn: Callable[[Pairing], torch.Te
     # 1. no-grad pass, remembering the RNG state in front of every chunk
     states, parts = [], []
     with torch.no_grad():
-        for k, (ids, mask) in enumerate(padded):
+        for k, x in enumerate(inputs):
             check(k)
             states.append(rng_state(dev))
-            parts.append(engine.forward(ids, mask))  # [c*(2+n), D]
+            parts.append(engine.forward(*x))  # [c*(2+n), D]
     after = rng_state(dev)
     check(0)  # before the loss: its gather is the first collective that moves every rank's embeddings
     emb = torch.empty((len(seqs), parts[0].shape[1]), device=parts[0].device)
@@ -201,12 +214,12 @@ def contrastive_step(engine, batch: Batch, loss_fn: Callable[[Pairing], torch.Te
     grad = emb.grad  # [b*(2+n), D]
 
     # 3. replay each chunk with its RNG and push the cached gradient into the parameters
-    for k, (c, (ids, mask)) in enumerate(zip(chunks, padded)):
+    for k, (c, x) in enumerate(zip(chunks, inputs)):
         if k:
             check(k)  # only this step's gradients so far: the caller discards them
         set_rng_state(states[k], dev)
         with sync(k == len(chunks) - 1):
-            out = engine.forward(ids, mask)
+            out = engine.forward(*x)
             engine.backward((out * grad[torch.as_tensor(c, device=grad.device)]).sum())
     set_rng_state(after, dev)
     stats.loss = float(loss)

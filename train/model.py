@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from train import llm, lora
+from train import llm, lora, packing
 from train.atomic import atomic_folder
 from train.boundary import check_safetensors
 from train.errors import UserError
@@ -216,22 +216,53 @@ class Encoder(nn.Module):
             out.append(llm.Tokens(context + t[:room] + self.tail, context=len(context)))
         return out
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        # input_ids, attention_mask: [N, L] -> [N, D]; mask 2 = attended, not pooled (see pad)
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                seg: torch.Tensor | None = None) -> torch.Tensor:
+        # input_ids, attention_mask: [N, L] -> [N, D]; mask 2 = attended, not pooled (see pad).
+        # With seg (the packed layout of train/packing.py): [R, T] rows of several texts -> [N, D].
         attn = (attention_mask > 0).long()
-        if self.decoder:
-            hidden = llm.decoder_hidden(self.backbone, input_ids, attn, self.spec.bidirectional)
+        how = "mean" if self.spec.pooling == "echo" else self.spec.pooling  # echo: the mean over the second copy
+        if seg is not None:
+            emb = packing.pool(self._packed_hidden(input_ids, seg), attention_mask, seg, how).float()
         else:
-            hidden = self.backbone(input_ids=input_ids, attention_mask=attn).last_hidden_state
-        if self.spec.pooling == "latent":
-            emb = self.latent(hidden, attention_mask == 1).float()
-        else:  # echo: the mean over the second copy, the first being context
-            emb = pool(hidden, attention_mask, "mean" if self.spec.pooling == "echo" else self.spec.pooling).float()
+            if self.decoder:
+                hidden = llm.decoder_hidden(self.backbone, input_ids, attn, self.spec.bidirectional)
+            else:
+                hidden = self.backbone(input_ids=input_ids, attention_mask=attn).last_hidden_state
+            if self.spec.pooling == "latent":
+                emb = self.latent(hidden, attention_mask == 1).float()
+            else:
+                emb = pool(hidden, attention_mask, how).float()
         if self.mlp is not None and (self.spec.head == "mlp" or self.training):  # mlp_train: dropped in eval()
             emb = self.mlp(emb).float()
         if self.spec.truncate_dim:
             emb = emb[:, : self.spec.truncate_dim]  # normalised after the cut, as Matryoshka training saw it
         return F.normalize(emb, dim=-1) if self.spec.normalize else emb
+
+    def packing_refusal(self) -> str | None:
+        """Why this encoder cannot run packed forwards, or None when it can."""
+        kernel = self.backbone.config._attn_implementation
+        if self.spec.pooling == "latent":
+            return "model.pooling=latent has no packed form here (its pooling runs on the padded layout)"
+        if kernel not in packing.MASKED + packing.FLASH:
+            return f"model.attn_implementation={kernel}: packing needs sdpa, eager or flash_attention_2"
+        if kernel in packing.FLASH and self.spec.bidirectional:
+            return "model.bidirectional=true needs a 4D mask, which flash attention does not take"
+        return None
+
+    def _packed_hidden(self, input_ids: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
+        """Packed rows ids, seg [R, T] -> last hidden states [R, T, D], each text on its own."""
+        kernel = self.backbone.config._attn_implementation
+        pos = packing.positions(seg)  # [R, T]
+        extra = {"use_cache": False} if self.decoder else {}
+        if kernel in packing.FLASH:
+            # One row: transformers' flash path reads the texts' boundaries from the restarting
+            # positions and runs varlen attention (padding tokens are 1-token texts, never pooled).
+            out = self.backbone(input_ids=input_ids.reshape(1, -1), position_ids=pos.reshape(1, -1), **extra)
+            return out.last_hidden_state.reshape(*input_ids.shape, -1)
+        causal = self.decoder and not self.spec.bidirectional
+        mask = packing.block_mask(seg, causal, kernel, self.backbone.dtype)  # [R, 1, T, T]
+        return self.backbone(input_ids=input_ids, attention_mask=mask, position_ids=pos, **extra).last_hidden_state
 
     # --- saving --------------------------------------------------------------------------------
 

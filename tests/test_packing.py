@@ -1,0 +1,164 @@
+"""Packed forwards (train/packing.py) compute what padded ones do: embeddings equal the padded
+forward's (dropout off), gradients through the cache equal plain autograd on the padded full batch
+(dropout off) and on the same packed chunks (dropout on, replayed)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import LOSS, grads, max_rel_diff, plain_engine, reference_grads, snli_batch, tiny_lora_encoder
+
+from train import assets, packing
+from train.build import use_packing
+from train.data import collate, read_source
+from train.dist import World
+from train.errors import UserError
+from train.gradcache import contrastive_step, make_pairing
+from train.model import load_encoder, pad
+
+
+def packed_and_padded(encoder, seqs, row: int):
+    """(packed embeddings put back in text order, padded embeddings), both [N, D], no grad."""
+    rows = packing.plan_rows([len(s) for s in seqs], row)
+    order = torch.tensor([i for r in rows for i in r])
+    with torch.no_grad():
+        out = encoder(*packing.pack(seqs, rows, encoder.pad_id))
+        ref = encoder(*pad(seqs, encoder.pad_id, encoder.left_pad))
+    got = torch.empty_like(out)
+    got[order] = out
+    return got, ref, rows
+
+
+def test_plan_rows_holds_every_text_once_within_the_row():
+    lengths = [5, 1, 9, 3, 3, 7, 2, 30]
+    rows = packing.plan_rows(lengths, 10)
+    assert sorted(i for r in rows for i in r) == list(range(8))
+    # by hand, first fit over 30, 9, 7, 5, 3, 3, 2, 1 into rows of 10: 30 alone (longer than a row),
+    # 9+1, 7+3, 5+3+2
+    assert [[lengths[i] for i in r] for r in rows] == [[30], [9, 1], [7, 3], [5, 3, 2]]
+    chunks = packing.plan_chunks(lengths, per_chunk=3, row=10, max_tokens=20)
+    assert [r for c in chunks for r in c] == rows  # rows in order, each in one chunk
+    assert [[[lengths[i] for i in r] for r in c] for c in chunks] == [[[30]], [[9, 1]], [[7, 3]], [[5, 3, 2]]]
+    wide = packing.plan_chunks(lengths, per_chunk=100, row=10, max_tokens=20)  # two rows of 10 per chunk
+    assert [[[lengths[i] for i in r] for r in c] for c in wide] == [[[30]], [[9, 1], [7, 3]], [[5, 3, 2]]]
+
+
+def test_pack_lays_texts_end_to_end_with_positions_restarting():
+    seqs = [[11, 12, 13], [21], [31, 32]]
+    ids, mask, seg = packing.pack(seqs, [[0, 1], [2]], pad_id=0)
+    assert ids.tolist() == [[11, 12, 13, 21], [31, 32, 0, 0]]
+    assert mask.tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
+    assert seg.tolist() == [[0, 0, 0, 1], [2, 2, -1, -1]]
+    assert packing.positions(seg).tolist() == [[0, 1, 2, 0], [0, 1, 0, 1]]
+    causal = packing.block_mask(seg, causal=True, kernel="sdpa", dtype=torch.float32)[0, 0].int().tolist()
+    assert causal == [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [0, 0, 0, 1]]
+
+
+@pytest.mark.parametrize("name,kw", [
+    ("tiny-bert", {"pooling": "mean"}),
+    ("tiny-bert", {"pooling": "cls", "attn_implementation": "eager"}),
+    ("minilm", {"pooling": "mean"}),
+    ("tiny-llama", {"pooling": "last"}),
+    ("tiny-llama", {"pooling": "mean", "bidirectional": True}),
+    ("tiny-llama", {"pooling": "echo", "attn_implementation": "eager"}),
+])
+def test_packed_embeddings_equal_the_padded_forward(name, kw):
+    encoder = load_encoder(str(assets.path(name)), max_length=32, **kw).eval()
+    seqs = (lambda b: b.query_ids + b.passage_ids)(snli_batch(encoder, range(8)))
+    got, ref, rows = packed_and_padded(encoder, seqs, row=128)
+    assert len(rows) < len(seqs) // 2  # several texts share a row: the test exercises the packing
+    assert float((got - ref).abs().max()) < 1e-5
+
+
+def test_packed_embeddings_equal_the_padded_forward_with_lora_and_an_instruction():
+    encoder = tiny_lora_encoder(pooling="mean").eval()
+    encoder.spec.pool_prompt = False  # the instruction's tokens are context: attended, not pooled
+    q = encoder.tokenize(["a man rides a horse", "two dogs play"], "query", instruction="Find the answer")
+    assert all(s.context > 0 for s in q)
+    seqs = q + encoder.tokenize(["a person is outdoors", "animals", "nothing at all here"], "passage")
+    got, ref, _ = packed_and_padded(encoder, seqs, row=64)
+    assert float((got - ref).abs().max()) < 1e-5
+
+
+@pytest.mark.parametrize("chunk_size,chunk_tokens", [(32, None), (3, None), (32, 160)])
+def test_packed_cache_gives_the_padded_full_batch_gradient(tiny_encoder_factory, chunk_size, chunk_tokens):
+    encoder = tiny_encoder_factory().eval()
+    batch = snli_batch(encoder, range(32))
+    ref_loss, ref = reference_grads(encoder, batch)  # padded, one forward, plain autograd
+    encoder.zero_grad(set_to_none=True)
+    stats = contrastive_step(plain_engine(encoder), batch, LOSS, chunk_size, packed=True, chunk_tokens=chunk_tokens)
+    assert stats.chunks > 1 or chunk_size == 32 and chunk_tokens is None
+    assert stats.largest_chunk <= (chunk_tokens or 10**9)
+    assert abs(stats.loss - ref_loss) < 1e-5
+    assert max_rel_diff(grads(encoder), ref) < 1e-5
+
+
+def test_packed_cache_gives_the_padded_gradient_for_a_lora_decoder():
+    encoder = tiny_lora_encoder(pooling="last").eval()
+    batch = snli_batch(encoder, range(12))
+    ref_loss, ref = reference_grads(encoder, batch)
+    encoder.zero_grad(set_to_none=True)
+    stats = contrastive_step(plain_engine(encoder), batch, LOSS, 2, packed=True)
+    assert stats.chunks > 1
+    assert abs(stats.loss - ref_loss) < 1e-5
+    assert max_rel_diff(grads(encoder), ref) < 1e-5
+    assert all("lora" in k for k in ref)  # only the adapter trains
+
+
+def test_packed_dropout_is_replayed_exactly(tiny_encoder_factory):
+    """Dropout on: the cache equals plain autograd on the same packed chunks from the same seed
+    (packed and padded masks differ by layout, so the reference is packed too)."""
+    encoder = tiny_encoder_factory().train()
+    assert encoder.backbone.config.hidden_dropout_prob > 0
+    batch = snli_batch(encoder, range(24))
+    seqs = batch.query_ids + batch.passage_ids
+    plans = packing.plan_chunks([len(s) for s in seqs], 4 * 3, encoder.spec.max_length)
+    assert len(plans) > 1
+    torch.manual_seed(7)
+    encoder.zero_grad(set_to_none=True)
+    emb = torch.empty((len(seqs), encoder.dim))
+    order = torch.tensor([i for rows in plans for r in rows for i in r])
+    emb = emb.index_put((order,), torch.cat([encoder(*packing.pack(seqs, rows, encoder.pad_id)) for rows in plans]))
+    LOSS(make_pairing(emb[:24], emb[24:], batch, True, World())).backward()
+    ref = grads(encoder)
+    torch.manual_seed(7)
+    encoder.zero_grad(set_to_none=True)
+    contrastive_step(plain_engine(encoder), batch, LOSS, 4, packed=True)
+    assert max_rel_diff(grads(encoder), ref) < 1e-5
+    torch.manual_seed(8)  # control: other dropout masks give another gradient
+    encoder.zero_grad(set_to_none=True)
+    contrastive_step(plain_engine(encoder), batch, LOSS, 4, packed=True)
+    assert max_rel_diff(grads(encoder), ref) > 1e-2
+
+
+def test_packing_computes_few_padding_tokens_on_short_and_long_texts(tiny_encoder_factory):
+    """The padded / real token ratio per step (the issue's goal: at most 1.10); SNLI triples at 64
+    tokens and Wikipedia (title, paragraph) pairs at 256."""
+    for source, max_length in ((read_source("snli", str(assets.path("snli") / "train_triples.jsonl"), limit=128), 64),
+                               (read_source("wiki", str(assets.path("wiki") / "title_passage.jsonl"), limit=128), 256)):
+        encoder = tiny_encoder_factory(max_length=max_length).eval()
+        batch = collate([source], [(0, r) for r in range(128)], encoder.tokenize)
+        seqs = batch.query_ids + batch.passage_ids
+        plans = packing.plan_chunks([len(s) for s in seqs], 32 * (1 + batch.group), max_length, 32 * max_length)
+        processed = sum(packing.pack(seqs, rows, encoder.pad_id)[0].numel() for rows in plans)
+        real = sum(len(s) for s in seqs)
+        assert max(len(s) for s in seqs) > max_length // 2  # long texts present: not a trivially short case
+        assert processed / real <= 1.10, (source.name, processed / real)
+
+
+def test_packing_on_is_refused_where_it_has_no_form_and_auto_falls_back(compose, tiny_encoder_factory):
+    latent = tiny_encoder_factory(pooling="latent", latents=8, latent_heads=2)
+    with pytest.raises(UserError, match="trainer.packing=on: model.pooling=latent"):
+        use_packing(compose(["trainer.packing=on"]).trainer, latent, torch.device("cpu"))
+    assert not use_packing(compose([]).trainer, latent, torch.device("cpu"))
+    plain = tiny_encoder_factory()
+    assert use_packing(compose([]).trainer, plain, torch.device("cpu"))  # measured faster on CPU
+    assert not use_packing(compose([]).trainer, plain, torch.device("cuda"))  # sdpa on CUDA: padded
+    assert not use_packing(compose(["trainer.packing=off"]).trainer, plain, torch.device("cpu"))
+    for strategy in ("fsdp2", "deepspeed"):  # sharded: ranks must run as many forwards
+        assert not use_packing(compose([]).trainer, plain, torch.device("cpu"), strategy)
+        with pytest.raises(UserError, match=f"dist.strategy={strategy}"):
+            use_packing(compose(["trainer.packing=on"]).trainer, plain, torch.device("cpu"), strategy)
+    decoder = tiny_lora_encoder()
+    assert not use_packing(compose([]).trainer, decoder, torch.device("cpu"))  # unmeasured: padded
+    assert use_packing(compose(["trainer.packing=on"]).trainer, decoder, torch.device("cpu"))

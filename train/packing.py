@@ -1,0 +1,139 @@
+"""Packed (padding-free) forwards: many texts in one row, each seeing only itself.
+
+A padded chunk computes every layer on `texts x longest` tokens; a packed one lays the texts end
+to end in rows of `row` tokens (first-fit, longest first), so only the rows' tails are padding.
+What keeps the texts apart:
+
+- positions restart at each text (BERT's absolute position embeddings, Llama's rotary ones), and
+  BERT's token types are all 0 as in the padded forward;
+- attention stays inside each text: a block-diagonal 4D mask (causal inside a block for a
+  decoder) on the sdpa and eager kernels. On those kernels a row costs row^2 in attention
+  but saves the padding in every linear layer; rows are at most `row` tokens (the rank's longest
+  text by default: contrastive_step), so a row's attention costs what one padded text's does;
+- with flash attention (CUDA), the rows are flattened into one and transformers' varlen path
+  reads the sequence boundaries from the restarting position ids (no mask, no row^2 work);
+- pooling is computed per text from the packed output (a segment mean, a segment's first or
+  last token), in the chunk's text order, as `model.pool` does on the padded layout.
+
+Layout: ids [R, T], mask [R, T] (0 pad, 1 pooled, 2 context: as `model.pad`), seg [R, T] (the
+text each token belongs to, -1 for padding). Pads attend to pads only, so no row of the
+attention matrix is empty (an all-masked row is NaN in sdpa) and no text sees them.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+FLASH = ("flash_attention_2", "flash_attention_3")
+MASKED = ("sdpa", "eager")  # kernels that take the 4D block mask
+
+
+def plan_rows(lengths: Sequence[int], row: int) -> list[list[int]]:
+    """Text indices -> rows of at most `row` tokens, first-fit over the texts longest first
+    (within 11/9 of the fewest rows possible; Johnson 1973). A text longer than `row` gets a
+    row of its own, as long as itself."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        n = lengths[i]
+        k = next((r for r in range(len(rows)) if room[r] >= n), None)
+        if k is None:
+            rows.append([i])
+            room.append(max(row, n) - n)
+        else:
+            rows[k].append(i)
+            room[k] -= n
+    return rows
+
+
+def pack(seqs: Sequence[Sequence[int]], rows: list[list[int]], pad_id: int
+         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token id lists and a row plan (indices into seqs) -> (ids, mask, seg), each [R, T] with
+    T the fullest row; seg numbers the texts 0, 1, ... in row order, [i for r in rows for i in r],
+    which is the order of the embeddings the packed forward returns."""
+    width = max(sum(len(seqs[i]) for i in r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    seg = torch.full((len(rows), width), -1, dtype=torch.long)
+    k = 0
+    for r, texts in enumerate(rows):
+        at = 0
+        for i in texts:
+            s = seqs[i]
+            ids[r, at : at + len(s)] = torch.as_tensor(s)
+            mask[r, at : at + len(s)] = 1
+            mask[r, at : at + getattr(s, "context", 0)] = 2
+            seg[r, at : at + len(s)] = k
+            at, k = at + len(s), k + 1
+    return ids, mask, seg
+
+
+def plan_chunks(lengths: Sequence[int], per_chunk: int, row: int, max_tokens: int | None = None
+                ) -> list[list[list[int]]]:
+    """Text indices -> chunks of rows: the rank's texts packed first (plan_rows, so long passages
+    and short queries share rows), then consecutive rows grouped while a chunk holds at most
+    `per_chunk` texts and `max_tokens` tokens (rows x the fullest row). A row with more texts than
+    `per_chunk` (many short ones) is a chunk of its own: its tokens, not its texts, set memory."""
+    chunks: list[list[list[int]]] = []
+    texts = width = 0  # the current chunk's texts and its fullest row (pack pads rows to it)
+    for r in plan_rows(lengths, row):
+        fill = sum(lengths[i] for i in r)
+        fits = chunks and texts + len(r) <= per_chunk and (
+            max_tokens is None or (len(chunks[-1]) + 1) * max(width, fill) <= max_tokens)
+        if fits:
+            chunks[-1].append(r)
+            texts, width = texts + len(r), max(width, fill)
+        else:
+            chunks.append([r])
+            texts, width = len(r), fill
+    return chunks
+
+
+def positions(seg: torch.Tensor) -> torch.Tensor:
+    """seg [R, T] -> [R, T]: 0, 1, 2, ... from each text's first token (padding counts from its
+    own first token too; it is never pooled)."""
+    idx = torch.arange(seg.shape[1], device=seg.device).expand_as(seg)
+    new = torch.ones_like(seg, dtype=torch.bool)
+    new[:, 1:] = seg[:, 1:] != seg[:, :-1]
+    start = torch.where(new, idx, torch.zeros_like(idx)).cummax(dim=1).values  # each token's text start
+    return idx - start
+
+
+def block_mask(seg: torch.Tensor, causal: bool, kernel: str, dtype: torch.dtype) -> torch.Tensor:
+    """seg [R, T] -> the 4D mask [R, 1, T, T] in which a token sees only its own text (and, for a
+    decoder, only the text's earlier tokens): bool for sdpa (True = attend), additive for eager."""
+    keep = seg[:, :, None] == seg[:, None, :]  # [R, T, T]
+    if causal:
+        keep = keep & torch.ones(seg.shape[1], seg.shape[1], dtype=torch.bool, device=seg.device).tril()
+    keep = keep[:, None]  # [R, 1, T, T]
+    if kernel == "sdpa":
+        return keep
+    return torch.zeros(keep.shape, dtype=dtype, device=seg.device).masked_fill(~keep, torch.finfo(dtype).min)
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, seg: torch.Tensor, how: str) -> torch.Tensor:
+    """hidden [R, T, D], mask and seg [R, T] -> [N, D], text i's embedding in row i, for the
+    poolings of `model.pool`: mean (over mask == 1), cls (a text's first token), last (its last)."""
+    d = hidden.shape[-1]
+    h, m, s = hidden.reshape(-1, d), mask.reshape(-1), seg.reshape(-1)  # [R*T, D], [R*T], [R*T]
+    n = int(s.max()) + 1
+    if how == "mean":
+        keep = m == 1
+        total = torch.zeros((n, d), dtype=h.dtype, device=h.device).index_add_(0, s[keep], h[keep])
+        count = torch.bincount(s[keep], minlength=n).clamp(min=1).to(h.dtype)
+        return total / count[:, None]
+    if how not in ("cls", "last"):
+        raise ValueError(how)
+    nxt = torch.full_like(s, -1)
+    nxt[:-1] = s[1:]
+    prev = torch.full_like(s, -1)
+    prev[1:] = s[:-1]
+    # one token per text: where its index starts (cls) or ends (last); a text never spans rows, so
+    # the flattened rows' seams are text boundaries too
+    at = (s >= 0) & ((prev != s) if how == "cls" else (nxt != s))  # [R*T]
+    out = torch.empty((n, d), dtype=h.dtype, device=h.device)
+    out[s[at]] = h[at]
+    return out
