@@ -2,6 +2,9 @@
 
     Prefetcher(mixture, sources, encoder, rank, world, workers).next() -> Batch     (in order)
 
+`collate` makes the batch from a rank's picks and the encoder's tokenize: data.collate (texts,
+for an embedder) or data.collate_pairs ((query, passage) pairs, for a cross-encoder).
+
 The global batches are still drawn in order from a copy of the mixture (it is a pure function of
 step and cursors, so drawing ahead changes nothing); only the reading and tokenizing of this rank's
 slice runs in the threads. The trainer's own mixture is advanced to a batch's position when that
@@ -23,14 +26,16 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Sequence
+from typing import Callable, Sequence
 
-from train.data import Batch, Mixture, Source, collate, shard
+from train.data import Batch, Mixture, PairBatch, Source, collate, shard
 
 
 class Prefetcher:
-    def __init__(self, mixture: Mixture, sources: Sequence[Source], encoder, rank: int, world: int, workers: int):
+    def __init__(self, mixture: Mixture, sources: Sequence[Source], encoder, rank: int, world: int, workers: int,
+                 collate: Callable = collate):
         self.mixture, self.sources, self.encoder, self.rank, self.world = mixture, sources, encoder, rank, world
+        self.collate = collate
         self.waited = 0.0  # seconds next() spent waiting for data since the last take_waited()
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="prefetch") if workers else None
         self.ahead = copy.deepcopy(mixture)  # draws the batches being prepared
@@ -49,12 +54,13 @@ class Prefetcher:
 
     def _submit(self) -> None:
         picks = shard(self.ahead.next_batch(), self.rank, self.world)
-        self.queue.append((self.pool.submit(collate, self.sources, picks, self._tokenize), self.ahead.state_dict()))
+        future = self.pool.submit(self.collate, self.sources, picks, self._tokenize)
+        self.queue.append((future, self.ahead.state_dict()))
 
-    def next(self) -> Batch:
+    def next(self) -> Batch | PairBatch:
         t0 = time.perf_counter()
         if self.pool is None:  # in line: the step waits for all of it
-            batch = collate(self.sources, shard(self.mixture.next_batch(), self.rank, self.world),
+            batch = self.collate(self.sources, shard(self.mixture.next_batch(), self.rank, self.world),
                             self.encoder.tokenize)
         else:
             future, state = self.queue.popleft()
