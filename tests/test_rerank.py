@@ -192,3 +192,53 @@ def test_rerank_task_reorders_the_retrievers_candidates(tmp_path):
     assert got["retriever_ndcg@10"] == pytest.approx((1 / math.log2(4) + 1) / 2)
     assert got["ndcg@10"] == pytest.approx(1.0) and got["mrr@10"] == pytest.approx(1.0)
     assert got["retriever_mrr@10"] == pytest.approx((1 / 3 + 1) / 2) and got["recall@k"] == 1.0
+
+
+# --- bad input: one line, exit 2, nothing written -------------------------------------------------
+
+
+def three_label_folder(t: Path) -> None:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tiny = str(assets.path("tiny-bert"))
+    AutoModelForSequenceClassification.from_pretrained(tiny, num_labels=3).save_pretrained(t / "three")
+    AutoTokenizer.from_pretrained(tiny).save_pretrained(t / "three")
+
+
+SNLI = str(assets.path("snli"))
+BAD = [
+    (["data.path=" + SNLI + "/train_pairs.jsonl"], None,
+     "recipe reranker (loss.rerank=listwise) needs each query's positive and negatives, but source 'main' "),
+    (["data.path=" + SNLI + "/train_sentences.jsonl", "loss.rerank=pointwise"], None,
+     "(loss.rerank=pointwise) needs each query's positive and negatives, but source 'main'"),
+    (["model.path={t}/three"], three_label_folder, "a classifier with 3 labels; a re-ranker needs 1"),
+    (["eval=snli"], None, "eval.tasks.snli_sts.kind=sts: a cross-encoder (model.kind=cross_encoder) scores pairs"),
+    (["eval.tasks.snli_rerank.retriever=null"], None, "eval.tasks.snli_rerank.retriever is not set"),
+    (["model.head=mlp"], None, "model.head=mlp is an embedder's setting; model.kind=cross_encoder has none"),
+    (["loss.distill_weight=1.0"], None, "loss.distill_weight=1.0: distillation trains an embedder"),
+    (["model.kind=embedder", "eval=snli"], None, "loss.rerank=listwise is a cross-encoder's loss"),
+    (["model.kind=embedder", "loss.rerank=null"], None, "eval.tasks.snli_rerank.kind=rerank evaluates a cross-encoder"),
+]
+
+
+@pytest.mark.parametrize("overrides, make, message", BAD, ids=[f"{i:02d}" for i in range(len(BAD))])
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, monkeypatch, overrides, make, message):
+    from test_cli import main_in_process
+
+    if make:
+        make(tmp_path)
+    tiny = str(assets.path("tiny-bert"))
+    run = tmp_path / "run"
+    cut = [] if "eval=snli" in overrides else [  # the rerank tasks, small, with the tiny model as retriever
+        f"eval.tasks.snli_rerank.retriever={tiny}", f"eval.tasks.gcide_rerank.retriever={tiny}",
+        "eval.tasks.snli_rerank.limit=5", "eval.tasks.gcide_rerank.limit=5"]
+    args = ["recipe=reranker", "model=tiny_bert", f"data.path={SNLI}/train_triples.jsonl", "data.limit=32",
+            "trainer.max_steps=1", "trainer.batch_size=8", *cut, *(o.format(t=tmp_path) for o in overrides),
+            f"hydra.run.dir={run}"]
+    code, err = main_in_process(args, monkeypatch)
+    lines = err.strip().splitlines()
+    assert code == 2, err[-3000:]
+    assert "Traceback" not in err and lines[-1].startswith("error: "), err[-3000:]
+    assert [line for line in lines if line.startswith("error:")] == [lines[-1]]
+    assert message.format(t=tmp_path) in lines[-1], lines[-1]
+    assert not (run / "model").exists() and not (run / "checkpoints").exists()
