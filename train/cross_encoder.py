@@ -84,7 +84,8 @@ class CrossEncoder(nn.Module):
 
     def tokenize(self, pairs: Sequence[tuple[str, str]], side: str | None = None) -> list[list[int]]:
         """(query, passage) pairs -> token ids, unpadded, the pair cut to max_length tokens by
-        trimming the longer text first (the tokenizer's longest_first, as CrossEncoder.predict)."""
+        trimming the longer text first (the tokenizer's longest_first, as CrossEncoder.predict).
+        `side` is unused: the prefetcher calls every model's tokenize(texts, side)."""
         if not pairs:
             return []
         queries, passages = zip(*pairs)
