@@ -127,3 +127,45 @@ def max_rel_diff(a: dict, b: dict) -> float:
     assert a.keys() == b.keys() and a, (sorted(a)[:3], sorted(b)[:3])
     floor = 1e-4 * max(float(v.abs().max()) for v in b.values())
     return max(float((a[k] - b[k]).abs().max() / max(float(b[k].abs().max()), floor)) for k in a)
+
+
+# --- cross-encoders (tests/test_rerank.py, tests/rerank_worker.py) ---------------------------------
+
+
+def tiny_cross_encoder_folder(out) -> str:
+    """The tiny BERT with a one-label head, saved as a CrossEncoder folder. The pooler and head are
+    drawn (seeded) at a scale that spreads the scores: the random BERT's own (std 0.02) leave every
+    score near one value, where a wrong segment id or a dropped pair would hardly show."""
+    from train.cross_encoder import load_cross_encoder
+
+    torch.manual_seed(0)
+    ce = load_cross_encoder(str(assets.path("tiny-bert")), max_length=32)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for module, std in ((ce.backbone.bert.pooler.dense, 0.5), (ce.backbone.classifier, 1.0)):
+            for p in module.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    ce.save(out)
+    return str(out)
+
+
+def grouped_source(n: int = 32) -> Source:
+    """n SNLI triples widened to 3 negatives each: the contradiction and the next two examples'
+    positives (the grouped shape the mining job writes), as plain lists."""
+    src = snli_source(n + 2)
+    pos, negs = list(src.positives), list(src.negatives)
+    return Source("grouped", list(src.anchors)[:n], pos[:n], [[negs[i][0], pos[i + 1], pos[i + 2]] for i in range(n)],
+                  None, "snli triples")
+
+
+def rerank_reference(cross_encoder, batches, loss_fn) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """Mean over the batches of the full-batch loss on one process, by plain autograd (every pair
+    of a batch in one forward, one backward): (each batch's loss, the gradient)."""
+    cross_encoder.zero_grad(set_to_none=True)
+    losses = []
+    for batch in batches:
+        scores = cross_encoder(*pad(batch.pair_ids, cross_encoder.pad_id)).view(len(batch), batch.group)
+        loss = loss_fn(scores)
+        (loss / len(batches)).backward()
+        losses.append(float(loss.detach()))
+    return losses, grads(cross_encoder)

@@ -19,10 +19,11 @@ LEVELS = {
     # the engine: processes, the step, checkpoints, the one embedding pass, and what runs them
     "train.dist": ENGINE, "train.engines": ENGINE, "train.gradcache": ENGINE, "train.embed": ENGINE,
     "train.checkpoint": ENGINE, "train.preempt": ENGINE, "train.record": ENGINE, "train.teacher": ENGINE,
+    "train.rerank": ENGINE,
 }
 # only these touch torch.distributed (directly, or through train.dist / train.engines / train.gradcache)
 DISTRIBUTED = {"train.dist", "train.engines", "train.gradcache", "train.embed", "train.__main__", "train.run",
-               "train.build"}
+               "train.build", "train.rerank"}
 
 
 def module_name(path: Path) -> str:

@@ -30,10 +30,15 @@ def tiny_overrides(compose, name: str, tmp_path) -> list[str]:
     if (CONF_DIR / "data" / f"{name}_offline.yaml").exists():
         base.append(f"data={name}_offline")
     base += [*TINY, f"model.path={assets.path(TINY_ASSET.get(name, 'tiny-bert'))}"]
-    if name == "e5_finetune":  # its offline data is the mining stage's output: stand in a small one
+    if name in ("e5_finetune", "reranker"):  # their offline data is the mining stage's output: stand in a small one
         base.append(f"data.path={scored_triples(tmp_path / 'mined.jsonl')}")
+    if name == "reranker":  # the random tiny BERT's pooled [CLS] hardly varies: its scores need a larger step to move
+        base.append("optim.lr=1e-3")
     cfg = compose(base)
     extra = [f"eval.tasks.{task}.limit=40" for task in cfg.eval.tasks]
+    for task, spec in cfg.eval.tasks.items():  # re-ranking: the tiny model retrieves from a cut corpus
+        if spec.get("kind") == "rerank":
+            extra += [f"eval.tasks.{task}.retriever={assets.path('tiny-bert')}", f"eval.tasks.{task}.corpus_limit=200"]
     if cfg.loss.matryoshka_dims:  # the tiny model is 32-d
         extra += ["loss.matryoshka_dims=[32,16,8]", "eval.dims=[16,8]"]
     # One batch per source: every step trains on a batch whose loss the test measures before and after.
@@ -54,10 +59,30 @@ def fixed_batch_loss(cfg, model_path: str) -> float:
     from train.data import collate
 
     sources = build.sources(cfg.data, cfg.loss)
+    if cfg.model.kind == "cross_encoder":
+        return cross_encoder_loss(cfg, sources, model_path)
     encoder = build.encoder(OmegaConf.merge(cfg, {"model": {"path": model_path, "lora": None}}).model).eval()
     loss_fn = build.loss(cfg.loss)
     return sum(reference_grads(encoder, collate(sources, [(i, r) for r in range(len(s))], encoder.tokenize),
                                loss_fn=loss_fn)[0] for i, s in enumerate(sources))
+
+
+def cross_encoder_loss(cfg, sources, model_path: str) -> float:
+    """fixed_batch_loss for a cross-encoder: each source's pairs scored at once, dropout off."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from train import build
+    from train.data import collate_pairs
+    from train.model import pad
+
+    ce = build.cross_encoder(OmegaConf.merge(cfg, {"model": {"path": model_path}}).model).eval()
+    loss_fn, total = build.loss(cfg.loss, "cross_encoder"), 0.0
+    with torch.no_grad():
+        for i, s in enumerate(sources):
+            batch = collate_pairs(sources, [(i, r) for r in range(len(s))], ce.tokenize)
+            total += float(loss_fn(ce(*pad(batch.pair_ids, ce.pad_id)).view(len(batch), batch.group)))
+    return total
 
 
 @pytest.mark.parametrize("name", RECIPES)

@@ -3,8 +3,10 @@ that only make sense together. Jobs (train/jobs/) receive what is built here and
 config block, never the whole config.
 
     cfg.model   --> encoder()            Encoder (load, LoRA, pooling, prompts)
+                    cross_encoder()      CrossEncoder (model.kind=cross_encoder: a re-ranker)
     cfg.data    --> sources(), Mixture   records with their weight and instruction, the sampler
-    cfg.loss    --> loss()               a function of a Pairing (losses.embedding_loss, bound)
+    cfg.loss    --> loss()               a function of a Pairing (losses.embedding_loss, bound), or of a
+                                         cross-encoder's [b, 1+n] scores (losses.rerank_loss)
     cfg.optim   --> optimizer()          torch optimizer over weight-decay groups
     cfg.dist    --> engine()             DDP / FSDP2 / DeepSpeed around encoder + optimizer + schedule
     cfg.eval    --> tasks()              evaluators
@@ -30,14 +32,16 @@ from omegaconf import DictConfig, OmegaConf
 from train import card, checkpoint, dist, engines, mining, mteb_eval, packing, record, streaming, synthesis
 from train.boundary import first_line, library_errors, optimizer_error, reading
 from train.config import recipe_name
+from train.cross_encoder import CrossEncoder, load_cross_encoder
 from train.data import ALIASES, Mixture, Source, check_shapes, read_source
+from train.embed import embedder
 from train.errors import UserError
-from train.evaluate import build_tasks, defined_tasks, metric_names
+from train.evaluate import RerankTask, build_tasks, defined_tasks, metric_names, rerank_bases
 from train.log import Logger, say
 from train.lora import trainable_share
-from train.losses import embedding_loss
+from train.losses import embedding_loss, rerank_loss
 from train.merge_folders import MergePlan, plan_merge
-from train.model import Encoder, freeze_unused, load_encoder
+from train.model import DTYPES, Encoder, freeze_unused, load_encoder
 from train.optim import param_groups, schedule
 
 
@@ -75,6 +79,59 @@ def encoder(m: DictConfig) -> Encoder:
     return enc
 
 
+def cross_encoder(m: DictConfig) -> CrossEncoder:
+    """cfg.model (kind cross_encoder) -> CrossEncoder; a bi-encoder folder gets a new head (said once)."""
+    try:
+        enc = load_cross_encoder(m.path, max_length=m.max_length, save_max_length=m.save_max_length,
+                                 dtype=DTYPES[str(m.dtype)], attn_implementation=plain_str(m.attn_implementation))
+    except UserError as e:
+        raise UserError(f"recipe {recipe_name()}: {e}") from e
+    except library_errors() as e:
+        raise UserError(f"recipe {recipe_name()}: model.path={m.path}: {first_line(e)}; expected a model folder "
+                        "that transformers can load") from e
+    for note in enc.notes:
+        say(note)
+    say(f"pairs cut at {enc.max_length} tokens in training; the saved model's max length: {enc.save_max_length} "
+        "(model.save_max_length)")
+    return enc
+
+
+def check_cross_encoder(cfg: DictConfig) -> None:
+    """Settings of the embedder that a cross-encoder has no use for are refused, not ignored."""
+    m, lo = cfg.model, cfg.loss
+    # A model config written for embedders (model=tiny_bert: pooling mean) still serves: how to pool
+    # is said to go unused; what would change the trained model or its memory is refused.
+    unused = [f"model.{k}={plain(m[k]) if OmegaConf.is_config(m[k]) else m[k]}" for k in ("pooling", "normalize",
+                                                                                          "prompts")
+              if m[k] is not None]
+    if unused:
+        say(f"{', '.join(unused)}: not used by a cross-encoder (model.kind=cross_encoder)")
+    embedder_only = {"model.head": m.head, "model.lora": m.lora, "model.truncate_dim": m.truncate_dim,
+                     "model.quantization": m.quantization, "loss.matryoshka_dims": lo.matryoshka_dims,
+                     "trainer.chunk_tokens": cfg.trainer.chunk_tokens}
+    for key, value in embedder_only.items():
+        if value is not None:
+            raise UserError(f"{key}={plain(value) if OmegaConf.is_config(value) else value} is an embedder's "
+                            "setting; model.kind=cross_encoder has none (remove it)")
+    if cfg.trainer.packing == "on":
+        raise UserError("trainer.packing=on: packed forwards are an embedder's; a cross-encoder "
+                        "(model.kind=cross_encoder) reads each (query, passage) pair padded (remove it)")
+    if lo.distill_weight:
+        raise UserError(f"loss.distill_weight={lo.distill_weight}: distillation trains an embedder; a cross-encoder "
+                        "(model.kind=cross_encoder) trains with loss.rerank=listwise or pointwise")
+
+
+def check_rerank_data(loss_kind: str, srcs: list[Source]) -> None:
+    """Both re-ranker losses score each query's positive against its negatives: data without
+    negatives (pairs, single texts) has nothing to rank."""
+    for s in srcs:
+        if s.positives is None or not s.num_negatives:
+            has = "single texts" if s.positives is None else "(query, positive) pairs without negatives"
+            raise UserError(f"recipe {recipe_name()} (loss.rerank={loss_kind}) needs each query's positive and "
+                            f"negatives, but source {s.name!r} ({s.origin}) has {has}: expected a negatives field "
+                            f"named one of {', '.join(ALIASES['negatives'])} (mine them: recipe=mine_hard_negatives)")
+
+
 def plain_str(value) -> str | None:
     return None if value is None else str(value)
 
@@ -104,9 +161,17 @@ def check_optim(optim: DictConfig, t: DictConfig) -> None:
     schedule(stand_in, t.max_steps, t.warmup_ratio, str(t.schedule))
 
 
-def loss(loss_cfg: DictConfig) -> Callable:
-    """The training loss of a Pairing: InfoNCE, distillation and Matryoshka terms as configured."""
-    return functools.partial(embedding_loss, **plain(loss_cfg))
+def loss(loss_cfg: DictConfig, kind: str = "embedder") -> Callable:
+    """The training loss of a Pairing (InfoNCE, distillation and Matryoshka terms as configured), or for
+    kind=cross_encoder of the [b, 1+n] scores of each query's positive and negatives."""
+    kwargs = plain(loss_cfg)
+    rerank = kwargs.pop("rerank", None)
+    if kind == "cross_encoder":
+        return functools.partial(rerank_loss, kind=rerank or "listwise")
+    if rerank:
+        raise UserError(f"loss.rerank={rerank} is a cross-encoder's loss: set model.kind=cross_encoder "
+                        "(recipe=reranker), or remove it")
+    return functools.partial(embedding_loss, **kwargs)
 
 
 def sources(data: DictConfig, loss_cfg: DictConfig, world: dist.World | None = None, seed: int = 0) -> list[Source]:
@@ -161,6 +226,21 @@ def check_fields(data: DictConfig, loss_cfg: DictConfig, srcs: list[Source]) -> 
 def tasks(eval_cfg: DictConfig) -> list:
     with reading("eval.tasks", expected="readable evaluation files"):
         return build_tasks(eval_cfg.tasks)
+
+
+def rerank_tasks(eval_cfg: DictConfig, world: dist.World) -> list[RerankTask]:
+    """Each rerank task's candidates: its retriever's top k documents per query, embedded sharded over
+    the ranks, once, before the cross-encoder loads."""
+    with reading("eval.tasks", expected="readable evaluation files"):
+        bases = rerank_bases(eval_cfg.tasks)
+    out = []
+    for name, base, retriever, k in bases:
+        try:
+            enc = load_encoder(retriever).to(world.device).eval()
+        except UserError as e:
+            raise UserError(f"eval.tasks.{name}.retriever: {e}") from e
+        out.append(RerankTask(name, base, base.top_k(embedder(enc, world, eval_cfg.batch_size), k)))
+    return out
 
 
 def eval_dims(eval_cfg: DictConfig) -> list[int] | None:
@@ -314,6 +394,7 @@ class FitConfig:
     keep_last_model: bool = False  # with select: the last step's model as model-last/ too
     save_every: int = 0  # checkpoint every N steps; 0: only on a preemption signal
     keep_last: int = 2
+    cross_encoder: bool = False  # a re-ranker: rerank.rerank_step on (query, passage) pairs, not contrastive_step
     resume_from: list[Path] = field(default_factory=list)  # checkpoints to try, newest first
     identity: dict = field(default_factory=dict)  # settings a checkpoint must share (checkpoint.IDENTITY_KEYS)
     preempt_signals: list[str] = field(default_factory=list)
@@ -353,10 +434,15 @@ def card_info(cfg: DictConfig, run_dir: Path, run_record: dict, enc: Encoder, wo
         resolved = value if node is None or OmegaConf.is_dict(node) else plain(node) if OmegaConf.is_list(node) \
             else node  # a group choice (data=...) is itself the resolved value
         overrides.append((given, str(resolved)))
-    spec, t = enc.spec, cfg.trainer
-    model = {"pooling": spec.pooling, "normalize": spec.normalize, "head": spec.head, "dimension": enc.dim,
-             "max_seq_length (saved)": spec.save_max_length or spec.max_length,
-             "max_length (training)": spec.max_length, "prompts": dict(spec.prompts) or "none"}
+    t = cfg.trainer
+    if isinstance(enc, CrossEncoder):
+        model = {"kind": "cross-encoder", "labels": enc.num_labels, "max_length (saved)": enc.save_max_length,
+                 "max_length (training)": enc.max_length}
+    else:
+        spec = enc.spec
+        model = {"pooling": spec.pooling, "normalize": spec.normalize, "head": spec.head, "dimension": enc.dim,
+                 "max_seq_length (saved)": spec.save_max_length or spec.max_length,
+                 "max_length (training)": spec.max_length, "prompts": dict(spec.prompts) or "none"}
     training_values = {"steps": t.max_steps, "global batch": t.batch_size, "world size": world_size,
                        "strategy": str(cfg.dist.strategy), "lr": cfg.optim.lr,
                        "weight decay": cfg.optim.weight_decay, "schedule": f"{t.schedule}, warmup {t.warmup_ratio}",
@@ -366,17 +452,22 @@ def card_info(cfg: DictConfig, run_dir: Path, run_record: dict, enc: Encoder, wo
     return card.CardInfo(name=run_dir.resolve().name, recipe=recipe_name(), command=run_record["command"],
                          base_model=str(cfg.model.path), overrides=overrides, model=model, training=training_values,
                          data=run_record.get("data") or {}, tasks=tasks, git=run_record.get("git"),
-                         versions=run_record.get("versions") or {})
+                         versions=run_record.get("versions") or {}, cross_encoder=isinstance(enc, CrossEncoder))
 
 
 def training(cfg: DictConfig, world: dist.World, run_dir: Path) -> Training:
     t = cfg.trainer
+    cross = cfg.model.kind == "cross_encoder"
     per_rank, chunk = check_batch(t, world.size)
     check_strategy(cfg)
+    if cross:
+        check_cross_encoder(cfg)
     strategy = cfg.dist.strategy if cfg.dist.strategy != "auto" else ("ddp" if world.size > 1 else "single process")
     budget = f", at most {t.chunk_tokens:,} padded tokens" if t.chunk_tokens is not None else ""
     caching = "gradient cache" if chunk < per_rank else \
         "gradient cache when a batch exceeds the budget" if t.chunk_tokens is not None else "no caching"
+    if cross:  # a per-query loss: chunks are forwarded and backpropagated one by one (rerank.py)
+        caching = "cross-encoder: chunks of whole queries, no cache needed" if chunk < per_rank else "one forward"
     if (t.chunk_size or 0) > per_rank:
         caching += f": trainer.chunk_size={t.chunk_size} holds the whole per-rank batch"
     say(f"world size {world.size} (rank {world.rank}, device {world.device}), strategy {strategy}, "
@@ -386,9 +477,12 @@ def training(cfg: DictConfig, world: dist.World, run_dir: Path) -> Training:
     for s in srcs:
         if world.is_main:
             say(s.describe())
+    loss_fn = loss(cfg.loss, str(cfg.model.kind))
+    if cross:
+        check_rerank_data(str(cfg.loss.rerank or "listwise"), srcs)
     mixing = streaming.StreamMixture if cfg.data.streaming else Mixture
     mixture = mixing.of(srcs, t.batch_size, cfg.seed, cfg.data.temperature)
-    evaluators = tasks(cfg.eval)
+    evaluators = rerank_tasks(cfg.eval, world) if cross else tasks(cfg.eval)
     check_optim(cfg.optim, t)
     if cfg.dist.strategy == "deepspeed" and cfg.dist.deepspeed_config:
         engines.read_deepspeed_file(cfg.dist.deepspeed_config)
@@ -400,20 +494,9 @@ def training(cfg: DictConfig, world: dist.World, run_dir: Path) -> Training:
         fingerprints = record.data_fingerprints(srcs, full=cfg.data.fingerprint == "full")
         run_record = record.write(run_dir, fingerprints, world.size, str(resume_from[0]) if resume_from else None)
 
-    enc = encoder(cfg.model).to(world.device)
-    frozen = freeze_unused(enc)  # on the device: the probe's gradients are cheap there
-    trainable, total = trainable_share(enc)
-    if world.is_main and trainable < total:
-        say(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
-    if frozen and world.is_main:
-        say(f"froze {len(frozen)} parameters the embedding never uses ({', '.join(frozen[:3])}"
-            f"{', ...' if len(frozen) > 3 else ''})")
-    if world.is_main:
-        say(lengths_line(enc.spec))
-    check_loss(cfg.loss, cfg.eval, enc.dim)
-    check_chunk_tokens(t, enc.spec.max_length)
-    packed = use_packing(t, enc, world.device, str(cfg.dist.strategy) if world.size > 1 else "single")
-    if world.is_main:
+    enc = cross_encoder(cfg.model).to(world.device) if cross else embedding_model(cfg, world)
+    packed = not cross and use_packing(t, enc, world.device, str(cfg.dist.strategy) if world.size > 1 else "single")
+    if world.is_main and not cross:
         say(f"forwards: {'packed, rows as long as the longest text' if packed else 'padded chunks'} "
             f"(trainer.packing={t.packing})")
     eng = engine(cfg, enc, world, per_rank)
@@ -429,9 +512,26 @@ def training(cfg: DictConfig, world: dist.World, run_dir: Path) -> Training:
         select=cfg.eval.select, keep_last_model=cfg.eval.keep_last,
         save_every=t.save_every, keep_last=t.keep_last, resume_from=resume_from,
         identity={**checkpoint.identity(resolved, world.size), **record.data_identity(srcs)},
-        preempt_signals=list(t.preempt_signals), num_workers=cfg.data.num_workers)
+        preempt_signals=list(t.preempt_signals), num_workers=cfg.data.num_workers, cross_encoder=cross)
     info = card_info(cfg, run_dir, run_record, enc, world.size) if world.is_main else None
-    return Training(eng, mixture, srcs, loss(cfg.loss), evaluators, logger, fit, run_dir, info)
+    return Training(eng, mixture, srcs, loss_fn, evaluators, logger, fit, run_dir, info)
+
+
+def embedding_model(cfg: DictConfig, world: dist.World) -> Encoder:
+    """The embedder to train, its unused parameters frozen, its lengths and loss checked against it."""
+    enc = encoder(cfg.model).to(world.device)
+    frozen = freeze_unused(enc)  # on the device: the probe's gradients are cheap there
+    trainable, total = trainable_share(enc)
+    if world.is_main and trainable < total:
+        say(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
+    if frozen and world.is_main:
+        say(f"froze {len(frozen)} parameters the embedding never uses ({', '.join(frozen[:3])}"
+            f"{', ...' if len(frozen) > 3 else ''})")
+    if world.is_main:
+        say(lengths_line(enc.spec))
+    check_loss(cfg.loss, cfg.eval, enc.dim)
+    check_chunk_tokens(cfg.trainer, enc.spec.max_length)
+    return enc
 
 
 @dataclass

@@ -19,7 +19,7 @@ import yaml
 
 from train import assets
 
-KIND_TO_TASK = {"sts": "sentence-similarity", "retrieval": "retrieval"}
+KIND_TO_TASK = {"sts": "sentence-similarity", "retrieval": "retrieval", "rerank": "text-ranking"}
 
 
 @dataclass
@@ -35,6 +35,7 @@ class CardInfo:
     tasks: dict = field(default_factory=dict)  # evaluation task -> {kind, path}
     git: dict | None = None
     versions: dict = field(default_factory=dict)
+    cross_encoder: bool = False  # a re-ranker (sentence-transformers CrossEncoder), not an embedder
 
 
 def hub_name(name_or_path: str) -> str | None:
@@ -55,6 +56,8 @@ def dataset_name(origin: str) -> str | None:
 def metadata(info: CardInfo, after: dict[str, float]) -> dict:
     meta: dict = {"library_name": "sentence-transformers", "pipeline_tag": "sentence-similarity",
                   "tags": ["sentence-transformers", "sentence-similarity", "feature-extraction", "train"]}
+    if info.cross_encoder:
+        meta.update(pipeline_tag="text-ranking", tags=["sentence-transformers", "cross-encoder", "reranker", "train"])
     base = hub_name(info.base_model)
     if base:
         meta["base_model"] = base
@@ -105,12 +108,16 @@ def render(info: CardInfo, before: dict[str, float] | None, after: dict[str, flo
     # the metadata's results are those of the model in this folder: the selected step's, when one was
     front = yaml.safe_dump(metadata(info, best["metrics"] if best else after), sort_keys=False,
                            allow_unicode=True, width=1000)
+    usage = ["from sentence_transformers import CrossEncoder", "",
+             'model = CrossEncoder("path/to/this/folder")',
+             'scores = model.predict([("A man plays a guitar.", "Someone makes music.")])'] if info.cross_encoder else \
+        ["from sentence_transformers import SentenceTransformer", "",
+         'model = SentenceTransformer("path/to/this/folder")',
+         'embeddings = model.encode(["A man plays a guitar.", "Someone makes music."])']
+    what = "cross-encoder (re-ranker)" if info.cross_encoder else "model"
     lines = ["---", front.rstrip(), "---", "", f"# {info.name}", "",
-             f"A sentence-transformers model trained with `train` (recipe `{info.recipe}`) from "
-             f"`{info.base_model}`.", "", "## Usage", "", "```python",
-             "from sentence_transformers import SentenceTransformer", "",
-             'model = SentenceTransformer("path/to/this/folder")',
-             'embeddings = model.encode(["A man plays a guitar.", "Someone makes music."])', "```", "",
+             f"A sentence-transformers {what} trained with `train` (recipe `{info.recipe}`) from "
+             f"`{info.base_model}`.", "", "## Usage", "", "```python", *usage, "```", "",
              "## How it was trained", "", f"Command: `{info.command}`", ""]
     if info.overrides:
         lines += ["| override | resolved |", "|---|---|"]

@@ -53,8 +53,13 @@ Device = choice("Device", "auto", "cpu", "cuda")
 Strategy = choice("Strategy", "auto", "ddp", "fsdp2", "deepspeed")
 Packing = choice("Packing", "auto", "on", "off")  # packed (padding-free) forwards: train/packing.py
 Fingerprint = choice("Fingerprint", "sampled", "full")
-# pairs: retrieval from a (query, positive) JSONL, each query's own positive among the cut's
-TaskKind = choice("TaskKind", "sts", "retrieval", "pairs")
+# pairs: retrieval from a (query, positive) JSONL, each query's own positive among the cut's;
+# rerank: a retrieval folder or pairs file, a bi-encoder's top k re-ranked by the cross-encoder trained
+TaskKind = choice("TaskKind", "sts", "retrieval", "pairs", "rerank")
+# embedder: texts -> embeddings (model.py); cross_encoder: (query, passage) -> a score (cross_encoder.py)
+ModelKind = choice("ModelKind", "embedder", "cross_encoder")
+# a cross-encoder's loss over each query's [positive, negatives...] scores (losses.py)
+RerankLoss = choice("RerankLoss", "listwise", "pointwise")
 WandbMode = choice("WandbMode", "offline", "online", "disabled")
 MinedFormat = choice("MinedFormat", "jsonl", "parquet", "datasets")
 MergeMethodName = choice("MergeMethodName", "linear", "task_arithmetic", "ties", "dare_linear", "dare_ties",
@@ -78,6 +83,7 @@ class LoraConfig:
 @dataclass
 class ModelConfig:
     path: str = MISSING  # local folder or Hugging Face Hub name
+    kind: ModelKind = ModelKind.embedder  # cross_encoder: a re-ranker (recipe=reranker); a bi-encoder gets a new head
     pooling: Optional[Pooling] = None  # mean | cls | last | latent | echo; None: what the model folder says, else mean
     normalize: Optional[bool] = None  # L2-normalise embeddings; None: the folder's choice, else true
     max_length: Optional[int] = None  # tokens per text; None: the folder's, else 128
@@ -139,6 +145,9 @@ class LossConfig:
     teacher_temperature: float = 1.0  # softens the teacher's scores (cross-encoder logits: 1; cosines: ~0.05)
     matryoshka_dims: Optional[List[int]] = None  # also train these prefixes of the embedding, e.g. [384, 128, 64]
     matryoshka_weights: Optional[List[float]] = None  # one per dim; None: all 1
+    # model.kind=cross_encoder only: listwise (softmax over positive + negatives) | pointwise (BCE per
+    # pair); None: listwise for a cross-encoder, and nothing for an embedder
+    rerank: Optional[RerankLoss] = None
 
 
 @dataclass
@@ -187,6 +196,8 @@ class EvalTaskConfig:
     side: Optional[str] = "query"  # sts: the prompt side both sentences get
     instruction: Optional[str] = None  # task instruction on the query side (sts: both sentences)
     corpus_limit: Optional[int] = None  # retrieval: the kept queries' relevant documents + others up to N
+    retriever: Optional[str] = None  # rerank: the bi-encoder whose top_k documents per query are re-ranked
+    top_k: int = 20  # rerank: candidates per query
 
 
 @dataclass

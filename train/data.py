@@ -620,12 +620,10 @@ def fetch(sources: Sequence[Source], picks: Sequence[tuple[int, int]]) -> list[t
     return [next(fetched[s]) for s, _ in picks]
 
 
-def collate(sources: Sequence[Source], picks: Sequence[tuple[int, int]], tokenize,
-            records: Sequence[tuple] | None = None) -> Batch:
-    """picks: (source, row) of this rank's examples; tokenize(texts, side) -> token id lists;
+def _texts(sources: Sequence[Source], picks: Sequence[tuple[int, int]], records: Sequence[tuple] | None
+           ) -> tuple[list[str], list[str], list[list[float]] | None, int]:
+    """(anchors [b], passages [b*group] example-major, teacher scores [b][group] or None, group);
     records: the picks already fetched (a stream is read in order, before tokenizing in a thread)."""
-    import torch  # here, not at import: converting workers import this module and need no torch
-
     groups = {1 + sources[s].num_negatives for s, _ in picks}
     if len(groups) > 1:
         names = sorted({sources[s].name for s, _ in picks})
@@ -638,15 +636,42 @@ def collate(sources: Sequence[Source], picks: Sequence[tuple[int, int]], tokeniz
         passages += [positive, *negatives]
         if scores is not None:
             teacher.append(scores)
-    has_teacher = teacher and len(teacher) == len(picks)
+    return anchors, passages, teacher if teacher and len(teacher) == len(picks) else None, group
+
+
+def collate(sources: Sequence[Source], picks: Sequence[tuple[int, int]], tokenize,
+            records: Sequence[tuple] | None = None) -> Batch:
+    """picks: (source, row) of this rank's examples; tokenize(texts, side) -> token id lists."""
+    import torch  # here, not at import: converting workers import this module and need no torch
+
+    anchors, passages, teacher, group = _texts(sources, picks, records)
     return Batch(
         query_ids=_tokenize_queries(tokenize, anchors, [sources[s].instruction for s, _ in picks]),
         passage_ids=tokenize(passages, "passage"),
         anchor_hash=torch.tensor([text_hash(t) for t in anchors], dtype=torch.long),
         passage_hash=torch.tensor([text_hash(t) for t in passages], dtype=torch.long),
-        teacher=torch.tensor(teacher, dtype=torch.float32) if has_teacher else None,
+        teacher=torch.tensor(teacher, dtype=torch.float32) if teacher else None,
         group=group,
     )
+
+
+@dataclass
+class PairBatch:
+    """One rank's share of a global batch for a cross-encoder: each query paired with its own
+    positive and negatives, tokenized together, unpadded."""
+
+    pair_ids: list[list[int]]  # b * group sequences, example-major: (q_i, pos_i), (q_i, neg_i_1), ...
+    group: int  # 1 + n
+
+    def __len__(self) -> int:
+        return len(self.pair_ids) // self.group
+
+
+def collate_pairs(sources: Sequence[Source], picks: Sequence[tuple[int, int]], tokenize,
+                  records: Sequence[tuple] | None = None) -> PairBatch:
+    """picks: (source, row) of this rank's examples; tokenize([(query, passage), ...]) -> token id lists."""
+    anchors, passages, _, group = _texts(sources, picks, records)
+    return PairBatch(tokenize([(anchors[i // group], p) for i, p in enumerate(passages)]), group)
 
 
 def _tokenize_queries(tokenize, anchors: list[str], instructions: list[str | None]) -> list[list[int]]:

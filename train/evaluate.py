@@ -133,19 +133,62 @@ class RetrievalTask:
         q = F.normalize(_embed(embed, self.query_texts, "query", self.instruction).float(), dim=-1)
         d = F.normalize(embed(self.doc_texts, "passage").float(), dim=-1)
         _, idx = topk(q, d, max(self.k_values + (10,)))
-        ndcg, mrr, recall = [], [], {k: [] for k in self.k_values}
-        for qi, qid in enumerate(self.query_ids):
-            rel = self.rel[qid]
-            ranked = idx[qi].tolist()
-            dcg = sum(rel.get(doc, 0.0) / math.log2(r + 2) for r, doc in enumerate(ranked[:10]))
-            ideal = sum(g / math.log2(r + 2) for r, g in enumerate(sorted(rel.values(), reverse=True)[:10]))
-            ndcg.append(dcg / ideal)
-            mrr.append(next((1.0 / (r + 1) for r, doc in enumerate(ranked[:10]) if doc in rel), 0.0))
-            for k in self.k_values:
-                recall[k].append(sum(1 for doc in ranked[:k] if doc in rel) / len(rel))
-        out = {"ndcg@10": float(np.mean(ndcg)), "mrr@10": float(np.mean(mrr))}
-        out.update({f"recall@{k}": float(np.mean(v)) for k, v in recall.items()})
-        return out
+        return ranking_metrics([idx[qi].tolist() for qi in range(len(self.query_ids))],
+                               [self.rel[qid] for qid in self.query_ids], self.k_values)
+
+    def top_k(self, embed: Embed, k: int) -> torch.Tensor:
+        """[Q, k] each query's k best documents by cosine, best first (a re-ranker's candidates)."""
+        q = F.normalize(_embed(embed, self.query_texts, "query", self.instruction).float(), dim=-1)
+        d = F.normalize(embed(self.doc_texts, "passage").float(), dim=-1)
+        return topk(q, d, min(k, len(self.doc_texts)))[1]
+
+
+def ranking_metrics(ranked: list[list[int]], rels: list[dict[int, float]], k_values=()) -> dict[str, float]:
+    """nDCG@10, MRR@10 and Recall@k of ranked document lists (best first) against graded relevance."""
+    ndcg, mrr, recall = [], [], {k: [] for k in k_values}
+    for docs, rel in zip(ranked, rels):
+        dcg = sum(rel.get(doc, 0.0) / math.log2(r + 2) for r, doc in enumerate(docs[:10]))
+        ideal = sum(g / math.log2(r + 2) for r, g in enumerate(sorted(rel.values(), reverse=True)[:10]))
+        ndcg.append(dcg / ideal)
+        mrr.append(next((1.0 / (r + 1) for r, doc in enumerate(docs[:10]) if doc in rel), 0.0))
+        for k in k_values:
+            recall[k].append(sum(1 for doc in docs[:k] if doc in rel) / len(rel))
+    out = {"ndcg@10": float(np.mean(ndcg)), "mrr@10": float(np.mean(mrr))}
+    out.update({f"recall@{k}": float(np.mean(v)) for k, v in recall.items()})
+    return out
+
+
+Score = Callable[[list[tuple[str, str]]], torch.Tensor]
+
+
+class RerankTask:
+    """A retrieval task re-ranked: a bi-encoder's (the retriever's) top k documents of each query,
+    ordered again by a cross-encoder's scores. nDCG@10 and MRR@10 of the retriever's order and of the
+    re-ranked one, on the same candidates: the re-ranker's lift. Relevant documents outside the top
+    k stay out of reach of both (recall@k says how many made it in)."""
+
+    metrics = ("retriever_ndcg@10", "ndcg@10", "retriever_mrr@10", "mrr@10", "recall@k")
+
+    def __init__(self, name: str, base: RetrievalTask, candidates: torch.Tensor):
+        self.name, self.base = name, base
+        self.candidates = candidates.tolist()  # [Q][k] document indices, the retriever's order
+        rels = [base.rel[qid] for qid in base.query_ids]
+        before = ranking_metrics(self.candidates, rels)
+        self.fixed = {"retriever_ndcg@10": before["ndcg@10"], "retriever_mrr@10": before["mrr@10"],
+                      "recall@k": float(np.mean([sum(d in rel for d in docs) / len(rel)
+                                                 for docs, rel in zip(self.candidates, rels)]))}
+
+    def __call__(self, score: Score) -> dict[str, float]:
+        b = self.base
+        pairs = [(b.query_texts[qi], b.doc_texts[d]) for qi, docs in enumerate(self.candidates) for d in docs]
+        flat = score(pairs).tolist()
+        ranked, at = [], 0
+        for docs in self.candidates:
+            mine = flat[at : at + len(docs)]
+            at += len(docs)
+            ranked.append([docs[j] for j in sorted(range(len(docs)), key=lambda j: -mine[j])])
+        after = ranking_metrics(ranked, [b.rel[qid] for qid in b.query_ids])
+        return {**self.fixed, "ndcg@10": after["ndcg@10"], "mrr@10": after["mrr@10"]}
 
 
 class PairsTask(RetrievalTask):
@@ -203,6 +246,9 @@ def defined_tasks(tasks_cfg: dict) -> dict:
 def build_tasks(tasks_cfg: dict) -> list:
     tasks = []
     for name, t in defined_tasks(tasks_cfg).items():
+        if t.kind == "rerank":
+            raise UserError(f"eval.tasks.{name}.kind=rerank evaluates a cross-encoder: set model.kind=cross_encoder "
+                            "(recipe=reranker), or choose an embedder's task kind (sts, retrieval, pairs)")
         if t.kind not in KINDS:
             raise UserError(f"eval.tasks.{name}.kind={t.kind!r}: expected one of {', '.join(KINDS)}")
         kwargs = {"limit": t.limit, "instruction": t.get("instruction")}
@@ -212,6 +258,26 @@ def build_tasks(tasks_cfg: dict) -> list:
             kwargs["corpus_limit"] = t.corpus_limit
         tasks.append(KINDS[t.kind](name, t.path, **kwargs))
     return tasks
+
+
+def rerank_bases(tasks_cfg: dict) -> list[tuple[str, RetrievalTask, str, int]]:
+    """(name, retrieval task, retriever, k) of each rerank task; a cross-encoder has no embedding, so
+    any other kind of task is refused. The path: a retrieval folder (corpus/queries/qrels.jsonl) or a
+    (query, positive) pairs file."""
+    out = []
+    for name, t in defined_tasks(tasks_cfg).items():
+        if t.kind != "rerank":
+            raise UserError(f"eval.tasks.{name}.kind={t.kind}: a cross-encoder (model.kind=cross_encoder) scores "
+                            "pairs and has no embedding; expected kind=rerank (or eval=none)")
+        if not t.get("retriever"):
+            raise UserError(f"eval.tasks.{name}.retriever is not set: expected the bi-encoder whose top "
+                            f"{t.top_k} documents per query are re-ranked")
+        if t.top_k < 1:
+            raise UserError(f"eval.tasks.{name}.top_k={t.top_k}: expected a positive number of candidates")
+        kind = RetrievalTask if Path(t.path).is_dir() else PairsTask
+        base = kind(name, t.path, limit=t.limit, corpus_limit=t.get("corpus_limit"))
+        out.append((name, base, str(t.retriever), int(t.top_k)))
+    return out
 
 
 def run_tasks(tasks: list, embed: Embed, dims: list[int] | None = None) -> dict[str, float]:

@@ -151,3 +151,30 @@ def false_negative_masks(anchor_all: torch.Tensor, passage_all: torch.Tensor, ro
     q_mask = (anchor_all[None, :] == my_anchor[:, None]) | (pos_all[None, :] == my_pos[:, None])  # [b, W*b]
     q_mask[torch.arange(b, device=dev), rows] = False
     return mask, q_mask
+
+
+# --- re-ranker losses: over a cross-encoder's scores of each query's own passages -------------------
+
+
+def listwise_loss(scores: torch.Tensor) -> torch.Tensor:
+    """Softmax cross-entropy over each query's [positive, negatives...] (column 0 is the positive),
+    mean over queries: the localized contrastive estimation of Gao, Dai & Callan (arXiv 2101.08751),
+    the loss the mined groups are shaped for. scores: [b, 1+n] raw cross-encoder scores."""
+    return F.cross_entropy(scores, torch.zeros(scores.shape[0], dtype=torch.long, device=scores.device))
+
+
+def pointwise_loss(scores: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy of every (query, passage) pair: the positive labelled 1, each negative 0
+    (monoBERT, Nogueira & Cho, arXiv 1901.04085), mean over queries of the mean over their pairs
+    (equal groups: the mean over all pairs). scores: [b, 1+n] logits."""
+    labels = torch.zeros_like(scores)
+    labels[:, 0] = 1.0
+    return F.binary_cross_entropy_with_logits(scores, labels)
+
+
+RERANK_LOSSES = {"listwise": listwise_loss, "pointwise": pointwise_loss}
+
+
+def rerank_loss(scores: torch.Tensor, kind: str = "listwise") -> torch.Tensor:
+    """A mean over the rows (queries) of `scores` [b, 1+n], so a batch may be scored in chunks."""
+    return RERANK_LOSSES[kind](scores)

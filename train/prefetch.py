@@ -2,6 +2,9 @@
 
     Prefetcher(mixture, sources, encoder, rank, world, workers).next() -> Batch     (in order)
 
+`collate` makes the batch from a rank's picks and the encoder's tokenize: data.collate (texts,
+for an embedder) or data.collate_pairs ((query, passage) pairs, for a cross-encoder).
+
 The global batches are still drawn in order from a copy of the mixture (it is a pure function of
 step and cursors, so drawing ahead changes nothing); only the reading and tokenizing of this rank's
 slice runs in the threads. The trainer's own mixture is advanced to a batch's position when that
@@ -27,15 +30,17 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Sequence
+from typing import Callable, Sequence
 
-from train.data import Batch, Mixture, Source, collate, fetch, shard
+from train.data import Batch, Mixture, PairBatch, Source, collate, fetch, shard
 from train.streaming import positions
 
 
 class Prefetcher:
-    def __init__(self, mixture: Mixture, sources: Sequence[Source], encoder, rank: int, world: int, workers: int):
+    def __init__(self, mixture: Mixture, sources: Sequence[Source], encoder, rank: int, world: int, workers: int,
+                 collate: Callable = collate):
         self.mixture, self.sources, self.encoder, self.rank, self.world = mixture, sources, encoder, rank, world
+        self.collate = collate
         self.waited = 0.0  # seconds next() spent waiting for data since the last take_waited()
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="prefetch") if workers else None
         self.ahead = copy.deepcopy(mixture)  # draws the batches being prepared
@@ -61,13 +66,13 @@ class Prefetcher:
         records = None
         if self.streaming:  # a stream is read in order, here; only tokenizing goes to the threads
             records = fetch(self.sources, picks)
-        future = self.pool.submit(collate, self.sources, picks, self._tokenize, records)
+        future = self.pool.submit(self.collate, self.sources, picks, self._tokenize, records)
         self.queue.append((future, self.ahead.state_dict(), positions(self.sources)))
 
-    def next(self) -> Batch:
+    def next(self) -> Batch | PairBatch:
         t0 = time.perf_counter()
         if self.pool is None:  # in line: the step waits for all of it
-            batch = collate(self.sources, shard(self.mixture.next_batch(), self.rank, self.world),
+            batch = self.collate(self.sources, shard(self.mixture.next_batch(), self.rank, self.world),
                             self.encoder.tokenize)
             self.streams = positions(self.sources)
         else:

@@ -15,25 +15,17 @@ distillation loss reads.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
+from train.cross_encoder import is_cross_encoder, relevance
 from train.embed import encode
 from train.errors import UserError
 from train.model import load_encoder
 from train.st_folder import resolve_model_dir
-
-
-def is_cross_encoder(folder: Path) -> bool:
-    cfg = folder / "config.json"
-    if not cfg.is_file():
-        return False
-    archs = json.loads(cfg.read_text()).get("architectures") or []
-    return any(a.endswith("ForSequenceClassification") for a in archs)
 
 
 def score(teacher: str, queries: Sequence[str], candidates: Sequence[Sequence[str]], batch_size: int = 32,
@@ -76,7 +68,7 @@ def cross_encoder_scores(folder: Path, pairs: Sequence[tuple[str, str]], batch_s
         enc = tokenizer([pairs[i][0] for i in idx], [pairs[i][1] for i in idx], truncation=True,
                         max_length=max_length, padding=True, return_tensors="pt").to(device)
         logits = model(**enc).logits.float()  # [b, labels]
-        out[idx] = (logits[:, 0] if labels == 1 else logits[:, 1] - logits[:, 0]).cpu()
+        out[idx] = relevance(logits).cpu()
     return out
 
 

@@ -5,6 +5,7 @@
         for each accumulated contrastive batch:
             the next global batch's slice of this rank, tokenized ahead (prefetch.py)
             forward + loss + backward (gradient-cached when chunk < batch)   gradcache.py
+              (a cross-encoder: its (query, passage) pairs scored, per-query loss)   rerank.py
         clip, step, schedule, zero grad                                      dist.py engine
         log; checkpoint every N steps, or on a preemption signal (then stop); evaluate every N steps
         (a signal mid-step gives the step up at its next chunk boundary: checkpoint the step before, stop)
@@ -25,7 +26,7 @@ import torch
 from train import card, checkpoint, dist, streaming
 from train.atomic import write_json, write_text
 from train.build import FitConfig, Training
-from train.data import Mixture, Source
+from train.data import Mixture, Source, collate, collate_pairs
 from train.embed import embedder
 from train.errors import UserError
 from train.evaluate import Selection, run_tasks, side_by_side
@@ -33,6 +34,7 @@ from train.gradcache import Abandoned, contrastive_step
 from train.log import Logger, say
 from train.preempt import Preempted, Watch
 from train.prefetch import Prefetcher
+from train.rerank import rerank_step, scorer
 
 
 def run(t: Training) -> dict:
@@ -42,9 +44,12 @@ def run(t: Training) -> dict:
         t.logger.close()
 
 
-def evaluate(engine, tasks: list, batch_size: int, dims: list[int] | None = None) -> dict[str, float]:
+def evaluate(engine, tasks: list, batch_size: int, dims: list[int] | None = None,
+             cross_encoder: bool = False) -> dict[str, float]:
     engine.module.eval()
     try:
+        if cross_encoder:  # rerank tasks: the model scores (query, passage) pairs
+            return run_tasks(tasks, scorer(engine, batch_size))
         return run_tasks(tasks, embedder(engine.encoder, engine.world, batch_size, forward=engine.forward), dims)
     finally:
         engine.module.train()
@@ -139,10 +144,15 @@ def _train_step(engine, data: Prefetcher, loss_fn: Callable, logger: Logger, cfg
     try:
         for micro in range(cfg.accum_steps):
             batch = data.next()  # this rank's slice of the next global batch, tokenized
-            stats = contrastive_step(engine, batch, loss_fn, cfg.chunk_size, cfg.group_by_length,
-                                     cfg.mask_duplicates, scale=1.0 / cfg.accum_steps,
-                                     reduce=micro == cfg.accum_steps - 1, chunk_tokens=cfg.chunk_tokens,
-                                     gather_queries=cfg.gather_queries, packed=cfg.packed, stop=stop)
+            last = micro == cfg.accum_steps - 1
+            if cfg.cross_encoder:
+                stats = rerank_step(engine, batch, loss_fn, cfg.chunk_size, cfg.group_by_length,
+                                    scale=1.0 / cfg.accum_steps, reduce=last, stop=stop)
+            else:
+                stats = contrastive_step(engine, batch, loss_fn, cfg.chunk_size, cfg.group_by_length,
+                                         cfg.mask_duplicates, scale=1.0 / cfg.accum_steps, reduce=last,
+                                         chunk_tokens=cfg.chunk_tokens, gather_queries=cfg.gather_queries,
+                                         packed=cfg.packed, stop=stop)
             losses.append(stats.loss)
             padded, real, texts = padded + stats.padded_tokens, real + stats.real_tokens, texts + stats.texts
             largest = max(largest, stats.largest_chunk)
@@ -183,7 +193,8 @@ def fit(engine, mixture: Mixture, sources: Sequence[Source], loss_fn: Callable, 
         if selection and chosen:  # the step chosen before the preemption, its model already in model/
             selection.load_state_dict(chosen)
     else:
-        before = evaluate(engine, tasks, cfg.eval_batch_size, cfg.eval_dims) if tasks and cfg.eval_before else None
+        before = evaluate(engine, tasks, cfg.eval_batch_size, cfg.eval_dims, cfg.cross_encoder) \
+            if tasks and cfg.eval_before else None
         if before:
             logger.write({"step": 0, "eval": before})
             logger.print("eval before training:\n" + side_by_side(None, before))
@@ -203,7 +214,8 @@ def fit(engine, mixture: Mixture, sources: Sequence[Source], loss_fn: Callable, 
 
         def stop() -> bool:
             return bool(dist.any_rank(watch.signum, where))
-    with watch, Prefetcher(mixture, sources, engine.encoder, world.rank, world.size, cfg.num_workers) as data:
+    with watch, Prefetcher(mixture, sources, engine.encoder, world.rank, world.size, cfg.num_workers,
+                           collate_pairs if cfg.cross_encoder else collate) as data:
         for step in range(start + 1, cfg.max_steps + 1):
             if not _train_step(engine, data, loss_fn, logger, cfg, step, stop):
                 # Nothing of this step is kept: checkpoint the one before (unless none finished: then a
@@ -216,7 +228,7 @@ def fit(engine, mixture: Mixture, sources: Sequence[Source], loss_fn: Callable, 
             # Evaluate before any checkpoint of this step, so the checkpoint holds the selection that
             # includes it: a run preempted here and resumed neither skips nor repeats this evaluation.
             if cfg.eval_every and tasks and step % cfg.eval_every == 0 and step != cfg.max_steps:
-                metrics = evaluate(engine, tasks, cfg.eval_batch_size, cfg.eval_dims)
+                metrics = evaluate(engine, tasks, cfg.eval_batch_size, cfg.eval_dims, cfg.cross_encoder)
                 logger.write({"step": step, "eval": metrics})
                 logger.print(f"eval at step {step}:\n" + side_by_side(before, metrics))
                 if selection and _improves(selection, step, metrics, world):
@@ -253,7 +265,7 @@ def _finish(engine, mixture: Mixture, tasks: list, logger: Logger, cfg: FitConfi
 
     # --- final evaluation and save ----------------------------------------------------------------
     stop_if_signalled()
-    after = evaluate(engine, tasks, cfg.eval_batch_size, cfg.eval_dims) if tasks else {}
+    after = evaluate(engine, tasks, cfg.eval_batch_size, cfg.eval_dims, cfg.cross_encoder) if tasks else {}
     if after:
         logger.write({"step": cfg.max_steps, "eval": after})
         logger.print("eval after training:\n" + side_by_side(before, after))
