@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RUN = ["model=tiny_bert", "trainer.batch_size=16", "trainer.chunk_size=4", "data=snli_mix",
        "data.sources.pairs.limit=300", "data.sources.triples.limit=300", "eval=none", "trainer.max_steps=6",
        "trainer.save_every=4", "trainer.keep_last=3", "trainer.log_every=1", "trainer.progress=false",
-       "dist=ddp"]
+       "dist=ddp", "trainer.packing=off"]  # padded chunks: a known number of forwards per step
 FORWARDS_PER_STEP = 4  # 8 examples a rank in chunks of 4: 2 forwards without gradient, 2 replayed
 
 # `python -m train`, with rank R sending itself signal S from inside its N-th forward pass (from 0).
@@ -34,12 +34,12 @@ from train import engines
 rank, at, name = os.environ["FAULT_AT"].split(":") if os.environ.get("FAULT_AT") else (-1, 0, "")
 if int(os.environ.get("RANK", "0")) == int(rank):
     forward, calls = engines.TorchEngine.forward, [0]
-    def faulty(self, ids, mask):
+    def faulty(self, *inputs):
         if calls[0] == int(at):
             open(os.environ["FAULT_STAMP"], "w").write(repr(time.time()))  # when it struck
             os.kill(os.getpid(), getattr(signal, name))
         calls[0] += 1
-        return forward(self, ids, mask)
+        return forward(self, *inputs)
     engines.TorchEngine.forward = faulty
 if os.environ.get("FAULT_SAVE") == os.environ.get("RANK"):  # this rank's ZeRO files cannot be written
     import torch
