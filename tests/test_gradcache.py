@@ -151,3 +151,17 @@ def test_cached_equals_full_batch_for_distillation_and_matryoshka(tiny_encoder_f
     assert stats.chunks == 5
     assert abs(stats.loss - ref_loss) < 1e-5
     assert max_rel_diff(got, ref) < 1e-5
+
+
+def test_a_token_budget_under_sharded_parameters_is_refused(compose):
+    """FSDP2 and ZeRO gather parameters in every forward: ranks with different chunk counts (a token
+    budget follows each rank's lengths) would wait in different collectives."""
+    from train.build import check_chunk_tokens
+    from train.errors import UserError
+
+    t = compose(["trainer.chunk_tokens=512"]).trainer
+    for strategy in ("fsdp2", "deepspeed"):
+        with pytest.raises(UserError, match=f"trainer.chunk_tokens=512 with dist.strategy={strategy}.*chunk_size"):
+            check_chunk_tokens(t, 128, strategy)
+    check_chunk_tokens(t, 128, "ddp")
+    check_chunk_tokens(t, 128, "single")

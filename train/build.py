@@ -321,8 +321,14 @@ def check_batch(t: DictConfig, world_size: int) -> tuple[int, int]:
     return per_rank, chunk
 
 
-def check_chunk_tokens(t: DictConfig, max_length: int) -> None:
-    """A budget below the longest text would give every long text a chunk of its own, over budget."""
+def check_chunk_tokens(t: DictConfig, max_length: int, strategy: str = "single") -> None:
+    """A budget below the longest text would give every long text a chunk of its own, over budget.
+    Under sharded parameters every forward is a collective (an all-gather), so every rank must run as
+    many forwards; chunks cut by a budget follow each rank's own lengths, and their count differs."""
+    if t.chunk_tokens is not None and strategy in ("fsdp2", "deepspeed"):
+        raise UserError(f"trainer.chunk_tokens={t.chunk_tokens} with dist.strategy={strategy}: every forward "
+                        "gathers the sharded parameters, so all ranks must run as many chunks, which a token "
+                        "budget does not keep; use trainer.chunk_size (or dist=ddp)")
     if t.chunk_tokens is not None and t.chunk_tokens < max_length:
         raise UserError(f"trainer.chunk_tokens={t.chunk_tokens} is less than one text of model.max_length="
                         f"{max_length} tokens; expected at least {max_length}")
@@ -530,7 +536,7 @@ def embedding_model(cfg: DictConfig, world: dist.World) -> Encoder:
     if world.is_main:
         say(lengths_line(enc.spec))
     check_loss(cfg.loss, cfg.eval, enc.dim)
-    check_chunk_tokens(cfg.trainer, enc.spec.max_length)
+    check_chunk_tokens(cfg.trainer, enc.spec.max_length, str(cfg.dist.strategy) if world.size > 1 else "single")
     return enc
 
 
