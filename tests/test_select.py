@@ -5,6 +5,7 @@ takes the same steps)."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import signal
@@ -48,9 +49,9 @@ def planted(monkeypatch):
     signal_at: set[int] = set()
     train_step = train_job._train_step
 
-    def tracking(*args):
-        now["step"] = args[-1]  # the step: the last argument of _train_step
-        return train_step(*args)
+    def tracking(*args, **kwargs):
+        now["step"] = inspect.signature(train_step).bind(*args, **kwargs).arguments["step"]
+        return train_step(*args, **kwargs)
 
     def evaluate(*args, **kwargs):
         if now["step"] in signal_at:
