@@ -107,10 +107,10 @@ class CrossEncoder(nn.Module):
 
     def save(self, out: str | Path, state_dict: dict | None = None, texts: dict[str, str] | None = None) -> Path:
         """A sentence-transformers CrossEncoder folder, atomically (temp folder, then rename)."""
-        from train.model import _no_deepspeed_probe
+        from train.model import no_deepspeed_probe
 
         with atomic_folder(out) as tmp:
-            with _no_deepspeed_probe():
+            with no_deepspeed_probe():
                 self.backbone.save_pretrained(tmp, state_dict=state_dict)
             trained_length = self.tokenizer.model_max_length
             self.tokenizer.model_max_length = self.save_max_length  # the inference length, not the training cut

@@ -276,7 +276,7 @@ class Encoder(nn.Module):
         with atomic_folder(out) as tmp:
             dim = int(self.backbone.config.hidden_size)  # pooling sees all dims
             folders = [tmp, tmp / lora.ADAPTER_DIR] if adapter else [tmp]
-            with _no_deepspeed_probe():
+            with no_deepspeed_probe():
                 if adapter:  # the merged model at the root, the adapter alone beside it
                     lora.save_backbone(self.backbone, tmp)
                 else:
@@ -297,7 +297,7 @@ class Encoder(nn.Module):
 
 
 @contextlib.contextmanager
-def _no_deepspeed_probe():
+def no_deepspeed_probe():
     """transformers' save_pretrained unwraps the model through accelerate, which imports deepspeed
     (when installed) only to ask whether the model is a DeepSpeedEngine; importing deepspeed picks
     an accelerator and, on a machine without one, prints a warning into every run. Nothing can be a
