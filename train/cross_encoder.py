@@ -29,6 +29,7 @@ from torch import nn
 from train.atomic import atomic_folder
 from train.boundary import check_safetensors
 from train.errors import UserError
+from train.model import Padded
 from train.st_folder import resolve_model_dir
 
 # sentence-transformers' CrossEncoder: one Transformer module in sequence-classification mode whose
@@ -55,7 +56,7 @@ def relevance(logits: torch.Tensor) -> torch.Tensor:
     return logits[:, 0] if logits.shape[1] == 1 else logits[:, 1] - logits[:, 0]
 
 
-class CrossEncoder(nn.Module):
+class CrossEncoder(Padded, nn.Module):
     def __init__(self, backbone: nn.Module, tokenizer, max_length: int, save_max_length: int):
         super().__init__()
         self.backbone = backbone  # the name engines._backbone_keys strips from a gathered state dict
@@ -73,14 +74,6 @@ class CrossEncoder(nn.Module):
     @property
     def num_labels(self) -> int:
         return int(self.backbone.config.num_labels)
-
-    @property
-    def pad_id(self) -> int:
-        return int(self.tokenizer.pad_token_id)
-
-    @property
-    def left_pad(self) -> bool:
-        return self.tokenizer.padding_side == "left"
 
     def tokenize(self, pairs: Sequence[tuple[str, str]], side: str | None = None) -> list[list[int]]:
         """(query, passage) pairs -> token ids, unpadded, the pair cut to max_length tokens by

@@ -14,7 +14,7 @@ import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -119,7 +119,21 @@ def pad(seqs: Sequence[Sequence[int]], pad_id: int, left: bool = False) -> tuple
     return ids, mask
 
 
-class Encoder(nn.Module):
+class Padded:
+    """What the padding code (pad(), packing.pack) reads of a model's tokenizer."""
+
+    tokenizer: Any
+
+    @property
+    def pad_id(self) -> int:
+        return int(self.tokenizer.pad_token_id)
+
+    @property
+    def left_pad(self) -> bool:
+        return self.tokenizer.padding_side == "left"
+
+
+class Encoder(Padded, nn.Module):
     """texts -> token ids (tokenize) -> [N, D] embeddings (forward)."""
 
     def __init__(self, backbone: nn.Module, tokenizer, spec: EncoderSpec):
@@ -164,14 +178,6 @@ class Encoder(nn.Module):
     @property
     def dim(self) -> int:
         return self.spec.truncate_dim or int(self.backbone.config.hidden_size)
-
-    @property
-    def pad_id(self) -> int:
-        return int(self.tokenizer.pad_token_id)
-
-    @property
-    def left_pad(self) -> bool:
-        return self.tokenizer.padding_side == "left"
 
     def prefix(self, side: str | None, instruction: str | None = None) -> str:
         """What goes in front of a text: the instruction template on the query side when the data
