@@ -3,6 +3,7 @@ tests/test_resume.py), so that where they land does not depend on the timing of 
 
     FAULT_AT=R:N:SIG    rank R sends itself signal SIG from inside its N-th forward pass (from 0), after
                         writing the time to the file FAULT_STAMP
+    FAULT_SLOW=R:N:S    rank R spends S more seconds in its N-th forward pass (busy when a peer dies)
     FAULT_SAVE=R        rank R cannot write its ZeRO optimizer files (a full disk, inside DeepSpeed's save)
 """
 
@@ -14,19 +15,24 @@ import time
 from train import engines
 
 
-def signal_at_forward(rank: int, at: int, name: str) -> None:
+def at_forward(at: int, fault) -> None:
+    """fault() runs in this rank's `at`-th forward pass (from 0), under every engine."""
     for engine in (engines.TorchEngine, engines.DeepSpeedEngine):  # FSDP2Engine inherits TorchEngine's
         forward, calls = engine.forward, [0]
 
         def faulty(self, *inputs, forward=forward, calls=calls):
             if calls[0] == at:
-                with open(os.environ["FAULT_STAMP"], "w") as f:  # when it struck
-                    f.write(repr(time.time()))
-                os.kill(os.getpid(), getattr(signal, name))
+                fault()
             calls[0] += 1
             return forward(self, *inputs)
 
         engine.forward = faulty
+
+
+def send_signal(name: str) -> None:
+    with open(os.environ["FAULT_STAMP"], "w") as f:  # when it struck
+        f.write(repr(time.time()))
+    os.kill(os.getpid(), getattr(signal, name))
 
 
 def failing_zero_save() -> None:
@@ -47,7 +53,11 @@ if __name__ == "__main__":
     if os.environ.get("FAULT_AT"):
         r, n, sig = os.environ["FAULT_AT"].split(":")
         if r == rank:
-            signal_at_forward(int(r), int(n), sig)
+            at_forward(int(n), lambda: send_signal(sig))
+    if os.environ.get("FAULT_SLOW"):
+        r, n, seconds = os.environ["FAULT_SLOW"].split(":")
+        if r == rank:
+            at_forward(int(n), lambda: time.sleep(float(seconds)))  # the signal handler does not cut it short
     if os.environ.get("FAULT_SAVE") == rank:
         failing_zero_save()
     sys.argv = ["train", *sys.argv[1:]]
