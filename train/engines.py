@@ -153,7 +153,11 @@ class FSDP2Engine(TorchEngine):
     # state: the unsharded gradient (`_unsharded_param.grad`, or `unsharded_accumulated_grad` when a
     # reduce dtype is set), full-size on every rank. It is in no state dict (the checkpoint written next
     # holds parameters and optimizer state only), but a later synced backward would add it to its own
-    # gradient and it holds a whole model's gradient in memory: discard_grads() drops it.
+    # gradient (tests/test_dist.py: 1.4 relative off without this) and it holds a whole model's gradient
+    # in memory: discard_grads() drops it. FSDP2 has no public call for that; these are torch 2.13's
+    # private names, read with getattr so that another torch leaves the gradient in place instead of
+    # failing the preemption (the run checkpoints and exits next, so only the memory stays taken), and
+    # the test above says when they change.
     abandons_steps = True
 
     def discard_grads(self) -> None:
