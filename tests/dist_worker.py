@@ -6,6 +6,8 @@ full-batch reference. Every case asserts the world size it was launched with.
 
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/dist_worker.py \
         OUT_DIR CASE...      CASE = NAME:STRATEGY:ZERO_STAGE:BATCH:CHUNK:ACCUM
+
+A NAME starting with `abandoned` first gives a step up mid-replay (a preemption signal) and discards it.
 """
 
 from __future__ import annotations
@@ -44,8 +46,28 @@ def labels_aligned(batch, world) -> bool:
     return bool(torch.equal(pair.p_all[pair.labels], own_positives)) and pair.row0 == world.rank * len(batch)
 
 
+def give_up_a_step(engine, batch, chunk: int, at: int) -> None:
+    """A step given up as on a preemption signal: stop() says yes at its `at`-th boundary (the same on
+    every rank, as the agreed flag is), after some chunks' gradients were accumulated; then discarded."""
+    from train.gradcache import Abandoned
+
+    asked = [0]
+
+    def stop() -> bool:
+        asked[0] += 1
+        return asked[0] == at
+
+    engine.begin_step()
+    try:
+        contrastive_step(engine, batch, LOSS, chunk, stop=stop)
+    except Abandoned:
+        engine.discard_grads()
+        return
+    raise AssertionError(f"the step was not given up at boundary {at} (asked {asked[0]} times)")
+
+
 def run_case(strategy: str, zero: int, world, batch_size: int, chunk: int, accum: int, coalesce: bool = True,
-             lora: bool = False, one_way: bool = False):
+             lora: bool = False, one_way: bool = False, abandon: bool = False):
     from train import assets
 
     torch.manual_seed(0)
@@ -64,7 +86,13 @@ def run_case(strategy: str, zero: int, world, batch_size: int, chunk: int, accum
                        coalesce_reduction=coalesce)
     engine.module.eval()
     source = snli_source_with_cross_rank_duplicates(batch_size * accum, batch_size)
+    if abandon:  # first a step given up with part of its gradient accumulated: none of it may remain
+        rows = [(0, r) for r in range(batch_size)]
+        batch = collate([source], shard(rows, world.rank, world.size), encoder.tokenize)
+        chunks = -(-batch_size // world.size // chunk)
+        give_up_a_step(engine, batch, chunk, at=chunks + 1 + 2)  # the no-grad pass, the loss, 2 replayed chunks
     engine.begin_step()
+    abandons = engine.abandons_steps  # asked as _train_step asks it: after begin_step()
     losses, aligned = [], True
     for micro in range(accum):
         rows = [(0, r) for r in range(micro * batch_size, (micro + 1) * batch_size)]
@@ -74,7 +102,7 @@ def run_case(strategy: str, zero: int, world, batch_size: int, chunk: int, accum
                                  reduce=micro == accum - 1, gather_queries=not one_way)
         losses.append(dist.mean_over_ranks(stats.loss, world.device))
     grads = engine.full_grads()
-    return {"grads": grads, "losses": losses, "aligned": aligned, "world_size": world.size}
+    return {"grads": grads, "losses": losses, "aligned": aligned, "world_size": world.size, "abandons": abandons}
 
 
 def embed_shares(world) -> list:
@@ -162,7 +190,7 @@ def main() -> None:
         label, strategy, zero, batch_size, chunk, accum = case.split(":")
         result = run_case(strategy, int(zero), world, int(batch_size), int(chunk), int(accum),
                           coalesce="per_chunk" not in label, lora=label.startswith("lora"),
-                          one_way=label.startswith("one_way"))
+                          one_way=label.startswith("one_way"), abandon=label.startswith("abandoned"))
         if world.is_main:
             torch.save(result, out / f"{label}.pt")
         dist.barrier()

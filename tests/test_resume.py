@@ -224,11 +224,12 @@ def test_a_signal_is_handed_on_to_the_handler_installed_before():
 TWO = [*RUN[:-4], "trainer.max_steps=12", "trainer.save_every=4", "trainer.progress=false"]
 
 
-def torchrun(*args: str) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def torchrun(*args: str, fault: str = "") -> subprocess.Popen:
+    """`python -m train` on 2 ranks; fault="R:N:SIG": rank R sends itself SIG in its N-th forward (fault_worker.py)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FAULT_AT": fault, "FAULT_STAMP": os.devnull}
+    main = [str(Path(__file__).resolve().parent / "fault_worker.py")] if fault else ["-m", "train"]
     return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             "-m", "train", *TWO, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                             *main, *TWO, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def finish(p: subprocess.Popen) -> subprocess.CompletedProcess:
@@ -238,8 +239,11 @@ def finish(p: subprocess.Popen) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2", "deepspeed_zero3"])
 def test_two_ranks_resume_bit_identical(strategy, tmp_path):
-    """2 gloo ranks: the run resumed from the reference's step-4 checkpoint (DDP: from a run that
-    torchrun's SIGTERM stopped, both ranks at the same step) ends with the reference's losses and weights."""
+    """2 gloo ranks: a stopped run, resumed, ends with the uninterrupted reference's losses and weights.
+    DDP: stopped by torchrun's SIGTERM (both ranks at the same step, wherever it lands). FSDP2 and ZeRO-3:
+    SIGUSR1 on rank 1 alone, in step 6's first replayed forward, so that both ranks give step 6 up with one
+    chunk's gradient accumulated in the engine (FSDP2: unsharded in its parameter state; ZeRO-3: inside
+    the coalescing block) and checkpoint step 5. On main these ran step 6 to its end."""
     ref = tmp_path / "ref"
     out = finish(torchrun(f"dist={strategy}", f"hydra.run.dir={ref}", "trainer.keep_last=3"))  # 4, 8 and 12
     assert out.returncode == 0, out.stderr[-3000:]
@@ -257,8 +261,12 @@ def test_two_ranks_resume_bit_identical(strategy, tmp_path):
         k = checkpoint.listed(run / "checkpoints")[-1][0]
         assert 2 <= k < 12 and stopped.stderr.count(f"stopped by SIGTERM after step {k}") == 1, stopped.stderr[-3000:]
         assert {f.name for f in (run / "checkpoints" / f"step-{k:08d}").iterdir()} >= {"rng-rank0.pt", "rng-rank1.pt"}
-    else:
-        shutil.copytree(ref / "checkpoints" / "step-00000004", run / "checkpoints" / "step-00000004")
+    else:  # 8 examples a rank in chunks of 4: 2 forwards without gradient then 2 replayed per step
+        stopped = finish(torchrun(f"dist={strategy}", f"hydra.run.dir={run}", fault=f"1:{5 * 4 + 2}:SIGUSR1"))
+        assert "exitcode  : 143" in stopped.stderr, stopped.stderr[-3000:]
+        assert stopped.stderr.count("step 6 given up at a chunk boundary") == 1  # rank 0 logs
+        assert "stopped by a signal on another rank after step 5" in stopped.stderr  # rank 0 heard of it
+        assert checkpoint.listed(run / "checkpoints")[-1][0] == 5 and max(losses(run)) == 5
     out = finish(torchrun(f"dist={strategy}", f"hydra.run.dir={run}", "trainer.resume=auto"))
     assert out.returncode == 0, out.stderr[-3000:]
     assert "resumed from" in out.stderr

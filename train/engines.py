@@ -10,7 +10,7 @@ gradient-cached step needs:
     backward(t)               backward through the strategy
     step()                    clip, optimizer step, schedule step, zero grad -> grad norm
     abandons_steps            whether a step may be given up at a chunk boundary: discard_grads()
-                              then drops what it accumulated (TorchEngine; see gradcache.Abandoned)
+                              then drops what it accumulated (every engine; see gradcache.Abandoned)
     full_state_dict()         the whole model's weights on rank 0 (sharded strategies gather)
     save_state(folder)        model + optimizer + schedule for a checkpoint (collective)
     load_state(folder)        the same, read back
@@ -147,10 +147,28 @@ class FSDP2Engine(TorchEngine):
         self.bf16 = False  # the policy casts; no autocast on top
         return model
 
-    # Not at a chunk boundary: under set_requires_gradient_sync(False) FSDP2 accumulates unsharded
-    # gradients in its own parameter state, which zero_grad() does not clear; a signal stops the run at
-    # the end of the step instead.
-    abandons_steps = False
+    # A step is given up at a chunk boundary as under DDP: the optimizer has not stepped, and no gradient
+    # has been reduced (every backward before the step's last runs under no_sync()). What the step
+    # accumulated is not in the sharded .grad that zero_grad() clears but in FSDP2's own per-parameter
+    # state: the unsharded gradient (`_unsharded_param.grad`, or `unsharded_accumulated_grad` when a
+    # reduce dtype is set), full-size on every rank. It is in no state dict (the checkpoint written next
+    # holds parameters and optimizer state only), but a later synced backward would add it to its own
+    # gradient (tests/test_dist.py: 1.4 relative off without this) and it holds a whole model's gradient
+    # in memory: discard_grads() drops it. FSDP2 has no public call for that; these are torch 2.13's
+    # private names, read with getattr so that another torch leaves the gradient in place instead of
+    # failing the preemption (the run checkpoints and exits next, so only the memory stays taken), and
+    # the test above says when they change.
+    abandons_steps = True
+
+    def discard_grads(self) -> None:
+        self.module.zero_grad(set_to_none=True)
+        for m in self.module.modules():
+            state = m._get_fsdp_state() if hasattr(m, "_get_fsdp_state") else None
+            for group in getattr(state, "_fsdp_param_groups", []):
+                for p in group.fsdp_params:
+                    p.unsharded_accumulated_grad = None
+                    if getattr(p, "_unsharded_param", None) is not None:
+                        p._unsharded_param.grad = None
 
     @contextlib.contextmanager
     def no_sync(self):
@@ -212,9 +230,29 @@ class DeepSpeedEngine:
         self.stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
         self._block, self._coalesce = None, coalesce
 
-    # Not at a chunk boundary: the coalescing block opened in begin_step() reduces whatever it holds
-    # when it ends, and DeepSpeed has no public way to drop it; a signal stops at the end of the step.
-    abandons_steps = False
+    @property
+    def abandons_steps(self) -> bool:
+        """Whether the step begun can be given up at a chunk boundary (asked after begin_step()).
+
+        Yes under ZeRO 0 (gradients accumulate in .grad under no_sync(), as with DDP), ZeRO 3, and ZeRO 1/2
+        inside the coalescing block (gradients accumulate locally in .grad until the block ends). No under
+        ZeRO 1/2 with per-chunk reduction (dist.coalesce_reduction=false, or an optimizer wrapper without
+        the block): each chunk's reduced gradient is added into the optimizer's partition buffers, which
+        only step() empties, and DeepSpeed has no public call to drop them; a step given up would leave them
+        to be added to the next one (tests/dist_worker.py's abandoned cases measured it). That step runs to
+        its end, as before."""
+        return self.stage in (0, 3) or self._block is not None
+
+    def discard_grads(self) -> None:
+        """The optimizer has not stepped. The coalescing block opened in begin_step() is closed first
+        (inside it DeepSpeed refuses step() and no_sync(), and ZeRO-3 keeps its reduction hooks muted);
+        that runs its one reduction, a collective, which is safe because every rank gives the step up at
+        the same boundary (the stop flag is agreed). Then the reduced partitions and the local gradients
+        are dropped: the next step starts from none (the run checkpoints and exits; DeepSpeed's
+        checkpoint holds parameters and optimizer state, no gradient)."""
+        self.reduce()
+        self.engine.optimizer.zero_grad(set_to_none=True)
+        self.engine.zero_grad()
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor, seg: torch.Tensor | None = None) -> torch.Tensor:
         return self.engine(*_to(self.world, ids, mask, seg)).float()

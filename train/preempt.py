@@ -5,8 +5,8 @@ when it ends a job; submitit (the Hydra launcher in conf/hydra/launcher/) sends 
 raises a flag. Every rank polls it at every chunk boundary of the gradient cache (any rank's flag stops
 all of them at the same boundary): the step in progress is given up (gradcache.Abandoned; its gradients
 discarded, its RNG and data position put back) and the last finished step is checkpointed, so the wait
-is one chunk, not the rest of a step that may take minutes. Engines that cannot discard a partial step
-(FSDP2, DeepSpeed: engines.py) and a one-chunk step stop at the end of the step instead. Then the loop
+is one chunk, not the rest of a step that may take minutes. An engine that cannot discard a partial step
+(ZeRO 1/2 with per-chunk reduction: engines.py) and a one-chunk step stop at the end of the step instead. Then the loop
 raises `Preempted`. The entry point then hands the signal on to the
 handler that was installed before ours (submitit's requeues the job from rank 0) and exits with
 `trainer.preempt_exit_code` (default 143, what a shell reports for SIGTERM: the sbatch requeues on it, and

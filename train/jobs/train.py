@@ -140,6 +140,8 @@ def _train_step(engine, data: Prefetcher, loss_fn: Callable, logger: Logger, cfg
     if stop is not None:
         rng, position = checkpoint.rng_state(), data.position()
     engine.begin_step()
+    if not engine.abandons_steps:  # this engine's step cannot be given up midway (engines.py): it runs to its end
+        stop = None
     losses, padded, real, texts, largest = [], 0, 0, 0, 0
     try:
         for micro in range(cfg.accum_steps):
@@ -209,7 +211,7 @@ def fit(engine, mixture: Mixture, sources: Sequence[Source], loss_fn: Callable, 
     # A signal gives up a long step at its next chunk boundary (a 32k-example step takes minutes, the
     # grace period is about 30 s): the flag is agreed over gloo, so asking never waits for the GPU.
     stop = None
-    if watch.signals and getattr(engine, "abandons_steps", False):
+    if watch.signals:
         where = dist.flag_device(world)
 
         def stop() -> bool:
