@@ -108,12 +108,37 @@ def test_parse_query(reply, query):
     assert synthesis.parse_query(reply) == query
 
 
+@pytest.mark.parametrize("reply, task", [
+    ("Given a question about a battle, retrieve paragraphs that answer it.\nThe passage...",
+     "Given a question about a battle, retrieve paragraphs that answer it."),
+    ("\n**Task:** Given a city, retrieve its history", "Given a city, retrieve its history"),
+    ("Retrieval task: find 'Cowpens' accounts", "find 'Cowpens' accounts"),  # inner quotes stay
+    ('"Given a term, retrieve its definition"', "Given a term, retrieve its definition"),
+    ("- Instruction: Given a disease, retrieve treatments", "Given a disease, retrieve treatments"),
+    ("Task:", ""),
+    ("  \n ", ""),
+])
+def test_parse_task(reply, task):
+    assert synthesis.parse_task(reply) == task
+
+
 # --- generation -------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
 def tiny_llm():
     return synthesis.load_generator(str(assets.path("tiny-llama")), torch.device("cpu"))
+
+
+def plain(tok):
+    """The tokenizer without its chat template: prompts are the template filled in, nothing around."""
+    return type("Plain", (), {"__call__": tok.__call__, "decode": tok.decode, "chat_template": None})()
+
+
+def test_the_task_and_the_passage_are_filled_in_one_pass(tiny_llm):
+    tok = plain(tiny_llm[1])
+    text = synthesis.render(tok, "T={task} P={passage}", "a {task} b", 64, task="c {passage} d")
+    assert text == "T=c {passage} d P=a {task} b"
 
 
 def test_sampling_is_seeded_per_passage_and_independent_of_the_batch(tiny_llm):
@@ -226,11 +251,122 @@ def test_the_job_keeps_what_a_brute_force_ranking_keeps_and_the_output_trains(co
             if "loss" in s] == [1]
 
 
+def test_task_stage_and_several_queries_per_passage(compose, tmp_path, corpus, tiny_llm, monkeypatch):
+    """synth=task_query with 3 queries per passage: every task and query equals its reference written one
+    prompt at a time from its own seed (the first draw's seed is the passage's, as with one query); a
+    run crashed in its second shard and resumed with another batch size writes the same files."""
+    model, tok = tiny_llm
+    cfg = compose(["recipe=synthesize", *TINY, "synth=task_query"]).synth
+    n, texts = 3, [r["text"] for r in read_jsonl(Path(corpus))]
+    args = [f"synth.corpus={corpus}", "synth=task_query", "synth.top_k=5", "synth.max_task_tokens=6"]
+    real, prompts = synthesis.generate, {}  # seed -> the prompt the job generated from
+
+    def record(model, tok, batch, seeds, *rest):
+        prompts.update(zip(seeds, batch))
+        return real(model, tok, batch, seeds, *rest)
+
+    whole = tmp_path / "whole"
+    monkeypatch.setattr(synthesis, "generate", record)
+    synthesize(compose, tmp_path / "r1", *args, f"synth.out={whole}", f"synth.queries_per_passage={n}")
+    monkeypatch.setattr(synthesis, "generate", real)
+    rows = [r for i in range(3) for r in read_jsonl(whole / f"shards/shard-{i:05d}.jsonl")]
+    assert [(r["index"], r["draw"]) for r in rows] == [(j, d) for j in range(8) for d in range(n)]
+    # the query for a passage is written from its task (a random tiny LLM's reply barely depends on it)
+    assert prompts == {**{synthesis.task_seed(42, f"p{j}"): synthesis.render(tok, cfg.task_prompt, texts[j], 256)
+                          for j in range(8)},
+                       **{synthesis.draw_seed(42, f"p{r['index']}", r["draw"]):
+                          synthesis.render(tok, cfg.prompt, texts[r["index"]], 256, r["task"]) for r in rows}}
+
+    def one(template: str, j: int, seed: int, tokens: int, task: str | None = None) -> str:
+        return synthesis.generate(model, tok, [synthesis.render(tok, template, texts[j], 256, task)], [seed], tokens,
+                                  1.0)[0]
+
+    assert synthesis.draw_seed(42, "p0", 0) == synthesis.passage_seed(42, "p0")
+    task_replies = [one(cfg.task_prompt, j, synthesis.task_seed(42, f"p{j}"), 6) for j in range(8)]
+    for r in rows:
+        j = r["index"]
+        assert r["task_reply"] == task_replies[j]
+        assert r["task"] == synthesis.parse_task(r["task_reply"])
+        want = one(cfg.prompt, j, synthesis.draw_seed(42, f"p{j}", r["draw"]), 6, r["task"]) if r["task"] else ""
+        assert r["reply"] == want
+    assert all(r["task"] for r in rows) and all(len({r["reply"] for r in rows[j * n:(j + 1) * n]}) == n
+                                                 for j in range(8))  # real tasks; draws that differ
+
+    # every (passage, distinct query) is filtered on its own and carries the task it was written for
+    out = read_jsonl(whole / "synthetic_unfiltered.jsonl")
+    assert [(r["source_id"], r["query"], r["task"]) for r in out] == list(dict.fromkeys(
+        (r["id"], synthesis.parse_query(r["reply"]), r["task"]) for r in rows if synthesis.parse_query(r["reply"])))
+    kept = read_jsonl(whole / "synthetic.jsonl")
+    assert [r["query"] for r in kept] == [r["query"] for r in out if r["source_rank"] in range(5)]
+    assert all(r["task"] == rows[int(r["source_id"][1:]) * n]["task"] for r in kept)
+
+    # crash in the second shard, resume with another batch size: the same files
+    calls = []
+
+    def crash_on_second_shard(*a, **kw):
+        calls.append(1)
+        if len(calls) == 5:  # shard 0: 1 task batch + 3 query batches of 3; then shard 1
+            raise RuntimeError("killed")
+        return real(*a, **kw)
+
+    resumed = tmp_path / "resumed"
+    monkeypatch.setattr(synthesis, "generate", crash_on_second_shard)
+    with pytest.raises(UserError, match="rank 0: RuntimeError: killed"):
+        synthesize(compose, tmp_path / "r3", *args, f"synth.out={resumed}", f"synth.queries_per_passage={n}")
+    assert sorted(p.name for p in (resumed / "shards").iterdir()) == ["shard-00000.jsonl"]
+    monkeypatch.setattr(synthesis, "generate", real)
+    synthesize(compose, tmp_path / "r4", *args, f"synth.out={resumed}", f"synth.queries_per_passage={n}",
+               "synth.batch_size=2")
+    assert snapshot(resumed) == snapshot(whole)
+    with pytest.raises(UserError, match=r"generated with queries_per_passage=3, this run has 1"):
+        synthesize(compose, tmp_path / "r2", *args, f"synth.out={resumed}")
+
+
+def test_a_passage_without_a_task_gets_no_query_and_repeated_queries_count_once(tiny_llm, monkeypatch):
+    from types import SimpleNamespace
+
+    from train.jobs.synthesize import shard_rows
+
+    tok = plain(tiny_llm[1])
+    texts = ["alpha river", "beta mountain", "gamma lake"]
+    settings = SimpleNamespace(task_prompt="T {passage}", prompt="Q {task} | {passage}", queries_per_passage=2,
+                               batch_size=4, max_passage_tokens=64, max_task_tokens=8, max_new_tokens=8,
+                               temperature=1.0)
+    job = SimpleNamespace(settings=settings, corpus=SimpleNamespace(texts=texts, ids=None), seed=0)
+    asked = []
+
+    def fake(model, tok_, prompts, seeds, max_new_tokens, temperature):
+        asked.extend(prompts)
+        if prompts[0].startswith("T "):  # the task stage
+            return ["Task:" if "beta" in p else f"Task: find {p.split()[1]}" for p in prompts]
+        return ["Query: same" if "gamma" in p else f"q{len(asked) + i}" for i, p in enumerate(prompts)]
+
+    monkeypatch.setattr(synthesis, "generate", fake)
+    rows = shard_rows(job, None, tok, range(3))
+    assert [(r["index"], r["draw"], r["task"]) for r in rows] == [
+        (0, 0, "find alpha"), (0, 1, "find alpha"), (1, 0, ""), (1, 1, ""), (2, 0, "find gamma"), (2, 1, "find gamma")]
+    assert not any("beta" in p for p in asked[3:])  # no query asked for the passage without a task
+    assert [r["reply"] for r in rows[2:4]] == ["", ""]
+    parsed = [{**r, "query": synthesis.parse_query(r["reply"])} for r in rows]
+    assert [(r["index"], r["draw"]) for r in synthesis.distinct_queries(parsed)] == [(0, 0), (0, 1), (2, 0)]
+    assert synthesis.distinct_queries([{"index": 0, "query": "A  b"}, {"index": 1, "query": "a b"},
+                                       {"index": 0, "query": "a B"}]) == [{"index": 0, "query": "A  b"},
+                                                                         {"index": 1, "query": "a b"}]
+
+
 @pytest.mark.parametrize("make, message", [
     (lambda t, c: [f"synth.generator={assets.path('minilm')}"], "is not a causal LM (config.json architectures "
                                                                 "['BertModel'], model_type 'bert')"),
     (lambda t, c: [f"synth.corpus={write_jsonl(t / 'empty.jsonl', [])}"], "empty.jsonl: no passage with text"),
     (lambda t, c: ["synth.prompt=Write a query."], "synth.prompt='Write a query.': has no {passage} placeholder"),
+    (lambda t, c: ["synth.task_prompt=Name a search task.", "synth.prompt='For {task}: {passage}'"],
+     "synth.task_prompt='Name a search task.': has no {passage} placeholder"),
+    (lambda t, c: ["synth.task_prompt='Task for {passage}'"], "Passage: {passage}': has no {task} placeholder, but "
+                                                             "synth.task_prompt is set"),
+    (lambda t, c: ["synth.prompt='For {task}: {passage}'"], "holds {task}, but synth.task_prompt is not set"),
+    (lambda t, c: ["synth.queries_per_passage=2", "synth.temperature=0"],
+     "synth.queries_per_passage=2 with synth.temperature=0: greedy decoding writes the same query"),
+    (lambda t, c: ["synth.queries_per_passage=0"], "synth.queries_per_passage=0: expected a positive integer"),
 ])
 def test_bad_input_is_one_clear_message_and_nothing_is_written(compose, tmp_path, corpus, make, message):
     with pytest.raises(UserError, match=None) as e:
@@ -252,7 +388,8 @@ def cli(*args: str, ranks: int = 0) -> subprocess.CompletedProcess:
 
 
 def test_two_ranks_write_the_same_pairs_as_one(tmp_path, corpus):
-    args = [f"synth.corpus={corpus}", "synth.top_k=5"]
+    # with both stages and 2 queries per passage (one query per passage is the same code, fewer rows)
+    args = [f"synth.corpus={corpus}", "synth.top_k=5", "synth=task_query", "synth.queries_per_passage=2"]
     one = cli(*args, f"synth.out={tmp_path / 'one'}", f"hydra.run.dir={tmp_path / 'r1'}")
     assert one.returncode == 0, one.stderr[-3000:]
     two = cli(*args, f"synth.out={tmp_path / 'two'}", f"hydra.run.dir={tmp_path / 'r2'}", ranks=2)
@@ -261,7 +398,7 @@ def test_two_ranks_write_the_same_pairs_as_one(tmp_path, corpus):
     assert (a["world_size"], b["world_size"]) == (1, 2) and a["counts"] == b["counts"]
     assert snapshot(tmp_path / "one") == snapshot(tmp_path / "two")
 
-    bad = cli(*args, "synth.prompt=no placeholder", f"synth.out={tmp_path / 'bad'}",
+    bad = cli(*args, "synth.task_prompt=no placeholder", f"synth.out={tmp_path / 'bad'}",
               f"hydra.run.dir={tmp_path / 'r3'}")
-    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: synth.prompt=")
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: synth.task_prompt=")
     assert not (tmp_path / "bad").exists()

@@ -627,7 +627,8 @@ class Synthesis:
 def synthesize_inputs(cfg: DictConfig, run_dir: Path) -> Synthesis:
     """Every check of the inputs, before a model loads or a file is written."""
     s = cfg.synth
-    for key in ("max_passage_tokens", "max_new_tokens", "batch_size", "shard_size", "top_k", "batch_size_filter"):
+    for key in ("max_passage_tokens", "max_new_tokens", "max_task_tokens", "queries_per_passage", "batch_size",
+                "shard_size", "top_k", "batch_size_filter"):
         if s[key] < 1:
             raise UserError(f"synth.{key}={s[key]}: expected a positive integer")
     for key, low in (("num_negatives", 0), ("temperature", 0)):
@@ -640,7 +641,10 @@ def synthesize_inputs(cfg: DictConfig, run_dir: Path) -> Synthesis:
                         "text field), e.g. synth.corpus=passages.jsonl")
     if not s.generator:
         raise UserError("synth.generator is not set: expected an instruction-tuned causal LM folder or hub name")
-    synthesis.check_template(s.prompt)
+    synthesis.check_template(s.prompt, s.task_prompt)
+    if s.queries_per_passage > 1 and s.temperature == 0:
+        raise UserError(f"synth.queries_per_passage={s.queries_per_passage} with synth.temperature=0: greedy "
+                        "decoding writes the same query every time; set synth.temperature > 0 (e.g. 0.7)")
     synthesis.check_causal_lm(s.generator)
     corpus = mining.read_corpus(s.corpus, s.text_field, s.id_field, group="synth")
     need = s.top_k + s.num_negatives + 1

@@ -285,9 +285,15 @@ class SynthConfig:
     limit: Optional[int] = None  # the first N passages of the corpus (the filter still ranks against all)
     generator: Optional[str] = None  # an instruction-tuned causal LM folder or hub name (recipe: SmolLM2)
     prompt: str = ("Write one short search query that a user could type to find the passage below. "
-                   "Reply with the query only.\n\nPassage: {passage}")  # {passage}: required
+                   "Reply with the query only.\n\nPassage: {passage}")  # {passage}: required; {task} with task_prompt
+    # E5-Mistral / Gecko's first stage: the LLM first writes a task description for each passage from this
+    # template ({passage}: required), then the query for that task (synth.prompt must then hold {task});
+    # kept as the `task` field of each record. None: queries only
+    task_prompt: Optional[str] = None
+    queries_per_passage: int = 1  # queries per passage, each its own seeded draw (needs temperature > 0)
     max_passage_tokens: int = 256  # passages are cut to this many generator tokens before prompting
     max_new_tokens: int = 32
+    max_task_tokens: int = 48  # new tokens for a task description
     temperature: float = 0.0  # 0: greedy; > 0: sampling seeded per (seed, passage id)
     batch_size: int = 8  # prompts per generate call
     # passages per output shard: the unit of resumption. Ranks whose shards are done wait for the others

@@ -3,8 +3,11 @@ passage, then a retriever keeps the pair only if the passage ranks within the to
 The job that runs them, shard by shard over the ranks, is jobs/synthesize.py.
 
     passages (mining.read_corpus)
-      prompt     the template with {passage} filled in, through the tokenizer's chat template
-      generate   batched, left-padded; sampling seeded per passage (Gumbel-max, below)
+      task       optional first stage: a task description per passage (E5-Mistral, Wang et al.
+                 arXiv 2401.00368, brainstorms retrieval tasks before writing examples for them;
+                 Gecko, Lee et al. arXiv 2403.20327, has the LLM write a task and a query per passage)
+      prompt     the template with {passage} (and {task}) filled in, through the chat template
+      generate   batched, left-padded; sampling seeded per (passage, draw) (Gumbel-max, below)
       parse      the first line of the reply, quotes and a "Query:" label stripped
       filter     consistency: the source passage's rank for its query among the whole corpus
                  (Promptagator, Dai et al. arXiv 2209.11755, round-trip filtering; Gecko, Lee et
@@ -26,16 +29,33 @@ import torch
 from train.errors import UserError
 
 PLACEHOLDER = "{passage}"
+TASK = "{task}"
 CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 
 
 # --- the generator ---------------------------------------------------------------------------------
 
 
-def check_template(template: str) -> None:
+def check_template(template: str, task_prompt: str | None = None) -> None:
+    """The query prompt needs the passage, and {task} exactly when a task stage writes one; the task
+    prompt needs the passage and cannot hold {task} (nothing fills it)."""
     if PLACEHOLDER not in template:
         raise UserError(f"synth.prompt={template!r}: has no {PLACEHOLDER} placeholder; the passage must go "
                         f"into the prompt (e.g. 'Write a search query for this passage.\\n\\n{PLACEHOLDER}')")
+    if task_prompt is None:
+        if TASK in template:
+            raise UserError(f"synth.prompt={template!r}: holds {TASK}, but synth.task_prompt is not set; set a "
+                            f"task prompt (e.g. synth=task_query) or take {TASK} out")
+        return
+    if PLACEHOLDER not in task_prompt:
+        raise UserError(f"synth.task_prompt={task_prompt!r}: has no {PLACEHOLDER} placeholder; the task is "
+                        f"written for a passage (e.g. 'Describe a search task this passage answers.\\n\\n"
+                        f"{PLACEHOLDER}')")
+    if TASK in task_prompt:
+        raise UserError(f"synth.task_prompt={task_prompt!r}: holds {TASK}, which nothing fills at the task stage")
+    if TASK not in template:
+        raise UserError(f"synth.prompt={template!r}: has no {TASK} placeholder, but synth.task_prompt is set: the "
+                        f"query must be written for the task (e.g. 'Task: {TASK}\\nWrite a query for it ...')")
 
 
 def check_causal_lm(path: str) -> None:
@@ -66,13 +86,16 @@ def load_generator(path: str, device: torch.device):
     return model, tokenizer
 
 
-def render(tokenizer, template: str, passage: str, max_passage_tokens: int) -> str:
-    """The prompt for one passage: cut to max_passage_tokens, put into the template, then wrapped
-    in the chat template when the tokenizer has one (instruct models answer in their format)."""
+def render(tokenizer, template: str, passage: str, max_passage_tokens: int, task: str | None = None) -> str:
+    """The prompt for one passage: cut to max_passage_tokens, put into the template (with its task,
+    if any), then wrapped in the chat template when the tokenizer has one (instruct models answer
+    in their format)."""
     ids = tokenizer(passage, add_special_tokens=False)["input_ids"]
     if len(ids) > max_passage_tokens:
         passage = tokenizer.decode(ids[:max_passage_tokens])
-    text = template.replace(PLACEHOLDER, passage)
+    # One pass over the template, so a passage that contains "{task}" (or a task "{passage}") stays as written.
+    fill = {PLACEHOLDER: passage, TASK: task or ""}
+    text = re.sub(r"\{passage\}|\{task\}", lambda m: fill[m.group(0)], template)
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
                                              add_generation_prompt=True)
@@ -86,6 +109,17 @@ def passage_seed(seed: int, passage_id: str) -> int:
 
     digest = hashlib.sha256(f"{seed}\x00{passage_id}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def draw_seed(seed: int, passage_id: str, draw: int) -> int:
+    """The seed of a passage's query number `draw` (synth.queries_per_passage): the first is the passage's
+    own seed (one query per passage samples as before), the others their own streams."""
+    return passage_seed(seed, passage_id if draw == 0 else f"{passage_id}\x00query {draw}")
+
+
+def task_seed(seed: int, passage_id: str) -> int:
+    """The seed of a passage's task description: a stream apart from its queries'."""
+    return passage_seed(seed, f"{passage_id}\x00task")
 
 
 class GumbelSampling:
@@ -139,6 +173,35 @@ def parse_query(reply: str) -> str:
     return line.strip().strip("\"'`“”").strip()
 
 
+_TASK_LEAD_IN = re.compile(r"^\s*(?:\*\*)?(?:(?:retrieval\s+|search\s+)?task(?:\s+description)?|instruction)\s*"
+                           r"\d*\s*[:\-]\s*(?:\*\*)?\s*", re.IGNORECASE)
+
+
+def parse_task(reply: str) -> str:
+    """The task description in an LLM's reply: its first non-empty line without a 'Task:' label, list
+    marker or surrounding quotes (quotes inside it stay: a task may quote a phrase). '' when nothing
+    is left (the passage then gets no query, and is counted)."""
+    line = next((s.strip() for s in reply.splitlines() if s.strip()), "")
+    line = re.sub(r"^(?:[-*•]|\d+[.)])\s+", "", line)
+    line = _TASK_LEAD_IN.sub("", line, count=1).strip()
+    if len(line) > 1 and line[0] in "\"“'" and line[-1] in "\"”'":
+        line = line[1:-1]
+    return line.strip()
+
+
+def distinct_queries(rows: list[dict]) -> list[dict]:
+    """The rows that hold a query, without a passage's repeats of one of its queries (the same up to case
+    and spacing): a repeat would only weight that pair twice. The first draw stays."""
+    seen: set[tuple[int, str]] = set()
+    out = []
+    for r in rows:
+        key = (r["index"], " ".join(r["query"].lower().split()))
+        if r["query"] and key not in seen:
+            seen.add(key)
+            out.append(r)
+    return out
+
+
 # --- shards ------------------------------------------------------------------------------------------
 
 
@@ -150,11 +213,13 @@ def shard_ranges(n: int, shard_size: int) -> list[range]:
     return [range(s, min(s + shard_size, n)) for s in range(0, n, shard_size)]
 
 
-def read_shard(path: Path, expected: range) -> list[dict]:
+def read_shard(path: Path, expected: range, draws: int = 1) -> list[dict]:
+    """A shard's rows, one per (passage, draw) in that order; anything else is another plan's folder."""
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-    if [r["index"] for r in rows] != list(expected):
+    if [(r["index"], r.get("draw", 0)) for r in rows] != [(i, d) for i in expected for d in range(draws)]:
         raise UserError(f"{path}: holds passages {[r['index'] for r in rows][:3]}..., expected {expected.start}-"
-                        f"{expected.stop - 1}; the folder was written by another plan, use a new synth.out")
+                        f"{expected.stop - 1} x {draws} queries; the folder was written by another plan, use a "
+                        "new synth.out")
     return rows
 
 

@@ -1,14 +1,17 @@
-"""job=synthesize: an LLM writes a query for each passage, a retriever keeps the consistent pairs.
+"""job=synthesize: an LLM writes queries for each passage, a retriever keeps the consistent pairs.
 The parts (prompt, generate, parse, filter) are in train/synthesis.py.
 
     plan       synth_plan.json in synth.out: what the shards were generated with; a rerun with
                the same plan resumes, with another is refused
     generate   shard s (synth.shard_size passages) on rank s % W, each written atomically to
-               shards/shard-NNNNN.jsonl; finished shards are skipped on a rerun
+               shards/shard-NNNNN.jsonl; finished shards are skipped on a rerun. Per passage:
+               with synth.task_prompt first a task description, then synth.queries_per_passage
+               queries (one row each), every one its own seeded draw
     filter     queries and the whole corpus encoded by the retriever (model.path), sharded over the
                ranks; rank 0 ranks the corpus for each query and keeps the pair when its passage is
-               within synth.top_k (optionally relabelling the positive, adding hard negatives)
-    write      synthetic.jsonl (kept, fields query/positive[/negatives]: train with
+               within synth.top_k (optionally relabelling the positive, adding hard negatives);
+               each query on its own, after a passage's repeated queries are dropped
+    write      synthetic.jsonl (kept, fields query/positive[/negatives][/task]: train with
                data.path=<out>/synthetic.jsonl), synthetic_unfiltered.jsonl, synth_summary.json
 """
 
@@ -30,6 +33,8 @@ from train.jobs.mine import encode_both
 from train.log import say
 
 PASS_AT = (1, 3, 10)  # pass rates reported besides synth.top_k's
+# Plan keys added after folders were first written, with the value those folders were written under.
+PLAN_DEFAULTS = {"task_prompt": None, "max_task_tokens": None, "queries_per_passage": 1}
 
 
 def plan_of(job: Synthesis) -> dict:
@@ -41,14 +46,16 @@ def plan_of(job: Synthesis) -> dict:
         h.update(f"{c.ids[i] if c.ids else i}\x00{c.texts[i]}\x00".encode())
     return {"generator": str(s.generator), "prompt": str(s.prompt), "max_passage_tokens": s.max_passage_tokens,
             "max_new_tokens": s.max_new_tokens, "temperature": float(s.temperature), "seed": job.seed,
-            "shard_size": s.shard_size, "passages": job.sources, "passages_sha256": h.hexdigest()}
+            "shard_size": s.shard_size, "passages": job.sources, "passages_sha256": h.hexdigest(),
+            "task_prompt": s.task_prompt, "max_task_tokens": s.max_task_tokens if s.task_prompt else None,
+            "queries_per_passage": s.queries_per_passage}
 
 
 def check_plan(out: Path, plan: dict) -> None:
     path = out / "synth_plan.json"
     if not path.is_file():
         return
-    old = json.loads(path.read_text())
+    old = PLAN_DEFAULTS | json.loads(path.read_text())
     changed = [k for k in plan if old.get(k) != plan[k]]
     if changed:
         k = changed[0]
@@ -57,9 +64,38 @@ def check_plan(out: Path, plan: dict) -> None:
                         "use a new synth.out, or the same settings to resume")
 
 
+def batches(items: list, size: int):
+    return (items[b:b + size] for b in range(0, len(items), size))
+
+
+def shard_rows(job: Synthesis, model, tok, passages: range) -> list[dict]:
+    """One shard's rows, (passage, draw) in order. Every reply has its own seed, so neither the batches
+    nor which rank writes the shard change it."""
+    s, c = job.settings, job.corpus
+    pid = (lambda j: c.ids[j]) if c.ids else str
+    tasks: dict[int, tuple[str, str]] = {}  # passage -> (raw reply, parsed task)
+    if s.task_prompt:  # stage 1 (E5-Mistral / Gecko): a task description for each passage
+        for idx in batches(list(passages), s.batch_size):
+            prompts = [synthesis.render(tok, s.task_prompt, c.texts[j], s.max_passage_tokens) for j in idx]
+            replies = synthesis.generate(model, tok, prompts, [synthesis.task_seed(job.seed, pid(j)) for j in idx],
+                                         s.max_task_tokens, s.temperature)
+            tasks |= {j: (r, synthesis.parse_task(r)) for j, r in zip(idx, replies)}
+    # stage 2: the queries; a passage whose task reply held no task gets none (counted at the filter)
+    items = [(j, d) for j in passages for d in range(s.queries_per_passage) if not tasks or tasks[j][1]]
+    replies: dict[tuple[int, int], str] = {}
+    for batch in batches(items, s.batch_size):
+        prompts = [synthesis.render(tok, s.prompt, c.texts[j], s.max_passage_tokens, tasks[j][1] if tasks else None)
+                   for j, _ in batch]
+        seeds = [synthesis.draw_seed(job.seed, pid(j), d) for j, d in batch]
+        replies |= dict(zip(batch, synthesis.generate(model, tok, prompts, seeds, s.max_new_tokens, s.temperature)))
+    return [{"index": j, "id": pid(j), "draw": d,
+             **({"task_reply": tasks[j][0], "task": tasks[j][1]} if tasks else {}), "reply": replies.get((j, d), "")}
+            for j in passages for d in range(s.queries_per_passage)]
+
+
 def generate_shards(job: Synthesis, world: World, log) -> int:
     """This rank's missing shards; returns how many it generated."""
-    s, c = job.settings, job.corpus
+    s = job.settings
     shards = synthesis.shard_ranges(job.sources, s.shard_size)
     todo = [i for i in range(world.rank, len(shards), world.size)
             if not synthesis.shard_path(job.out, i).is_file()]
@@ -68,17 +104,10 @@ def generate_shards(job: Synthesis, world: World, log) -> int:
     model, tok = synthesis.load_generator(str(s.generator), world.device)
     t0, done = time.perf_counter(), 0
     for i in todo:
-        rows = []
-        for b in range(shards[i].start, shards[i].stop, s.batch_size):
-            idx = list(range(b, min(b + s.batch_size, shards[i].stop)))
-            pids = [c.ids[j] if c.ids else str(j) for j in idx]
-            prompts = [synthesis.render(tok, s.prompt, c.texts[j], s.max_passage_tokens) for j in idx]
-            replies = synthesis.generate(model, tok, prompts, [synthesis.passage_seed(job.seed, p) for p in pids],
-                                         s.max_new_tokens, s.temperature)
-            rows += [{"index": j, "id": p, "reply": r} for j, p, r in zip(idx, pids, replies)]
+        rows = shard_rows(job, model, tok, shards[i])
         with atomic_file(synthesis.shard_path(job.out, i)) as tmp:
             tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-        done += len(rows)
+        done += len(shards[i])
         log(f"shard {i}: {len(rows)} queries ({done / (time.perf_counter() - t0):.2f} passages/s on this rank)")
     return len(todo)
 
@@ -105,10 +134,13 @@ def run(job: Synthesis, world: World, run_dir: Path) -> dict:
     # The shards hold the raw replies; parsing them here means a rerun with a better parser reuses them.
     rows = [{**r, "query": synthesis.parse_query(r["reply"])}
             for i, rng in enumerate(synthesis.shard_ranges(job.sources, s.shard_size))
-            for r in synthesis.read_shard(synthesis.shard_path(job.out, i), rng)]
-    pairs = [r for r in rows if r["query"]]
+            for r in synthesis.read_shard(synthesis.shard_path(job.out, i), rng, s.queries_per_passage)]
+    pairs = synthesis.distinct_queries(rows)
+    empty = sum(not r["query"] for r in rows)
+    no_task = sum(1 for r in rows if "task" in r and not r["task"])
     log(f"generated {made} shards on rank 0 ({n_shards - made} were there); {len(pairs):,} of {len(rows):,} "
-        "replies hold a query")
+        f"replies hold a new query ({empty:,} none{f', {no_task:,} for lack of a task' if s.task_prompt else ''}, "
+        f"{len(rows) - empty - len(pairs):,} repeated for their passage)")
     if not pairs:
         raise UserError(f"no query could be read from the generator's {len(rows):,} replies (e.g. "
                         f"{rows[0]['reply']!r}); check synth.prompt and synth.generator")
@@ -130,6 +162,8 @@ def run(job: Synthesis, world: World, run_dir: Path) -> dict:
         rec = {"query": pairs[j]["query"], "positive": c.texts[positive]}
         if negatives is not None:
             rec["negatives"] = [c.texts[x] for x in negatives]
+        if s.task_prompt:  # what the query was written for: an instruction for it (model.instruction_template)
+            rec["task"] = pairs[j]["task"]
         rec["source_id"], rec["source_rank"] = pairs[j]["id"], int(f.rank[j])
         return rec
 
@@ -144,9 +178,11 @@ def run(job: Synthesis, world: World, run_dir: Path) -> dict:
         "world_size": world.size, "generator": str(s.generator), "retriever": job.model, "corpus": c.origin,
         "output": str(job.out / "synthetic.jsonl"),
         "settings": {"top_k": s.top_k, "relabel": s.relabel, "num_negatives": s.num_negatives,
-                     "temperature": float(s.temperature), "seed": job.seed},
+                     "temperature": float(s.temperature), "seed": job.seed, "task_stage": bool(s.task_prompt),
+                     "queries_per_passage": s.queries_per_passage},
         "counts": {"passages": job.sources, "corpus": len(c.texts), "replies": len(rows), "queries": len(pairs),
-                   "empty_query": len(rows) - len(pairs), "kept": len(kept),
+                   "empty_query": empty, "no_task": no_task, "repeated_query": len(rows) - empty - len(pairs),
+                   "kept": len(kept),
                    "relabelled": int((f.keep & (f.positive != source)).sum())},
         "pass_rate": len(kept) / len(pairs),
         "pass_rate_at": {str(k): float(((ranks >= 0) & (ranks < k)).float().mean()) for k in PASS_AT if k <= m},
