@@ -4,7 +4,7 @@ Local files are converted once (train/data.py reads and validates them) into a c
 later run memory-maps; hub datasets are memory-mapped by `datasets` already and used in place.
 Resident memory then holds only the pages a batch touched, not the corpus (issue 14: Python lists
 cost about 0.42 KB per pair, ~110 GB per rank at E5's 270M pairs), and those only while it reads
-them (Pages.release).
+them (Pages).
 
     <cache root>/<stem>-<key>/          key: blake2b of (file, its fingerprint, reading options, FORMAT)
         part-00000.arrow ...            Arrow IPC files, one per converting process, in file order
@@ -84,17 +84,19 @@ def _locked(path: Path) -> Iterator[None]:
 class Pages:
     """The memory maps of one cache's part files, read-only and shared (MAP_SHARED).
 
-    Each page a batch reads stays mapped into the process (RssFile) until the map is closed, and
+    Each page a read touches stays mapped into the process (RssFile) until the map is closed, and
     where the file sits in the page cache the kernel maps up to 16 cached neighbours at each fault
-    (fault-around): without `release()` a few random batches leave the whole file mapped, ~10 GB at
-    50M pairs, and the process's resident memory grows with the corpus (issue 14). `release()`
-    (madvise MADV_DONTNEED) takes this process's page-table entries off the whole map: on a shared
-    file mapping that discards nothing (the page cache keeps the pages, shared by the node's ranks),
-    the addresses stay valid for the Arrow arrays over them, and the next read faults a page back in
-    (a minor fault when it is still cached)."""
+    (fault-around, which MADV_RANDOM does not turn off): one batch of 32,768 random rows maps ~64 KiB
+    per row, the whole of each column at 10M pairs, and the process's resident memory grows with the
+    corpus (issue 14). `release(array)` (madvise MADV_DONTNEED over the pages under one record
+    batch's column) takes this process's page-table entries off them once its rows are read: on a
+    shared file mapping that discards nothing (the page cache keeps the pages, shared by the node's
+    ranks), the addresses stay valid for the Arrow arrays over them, and the next read faults a page
+    back in (a minor fault while it is cached). What stays mapped is one record batch's column at a
+    time, whatever the corpus's size."""
 
     def __init__(self) -> None:
-        self.maps: list[mmap.mmap] = []
+        self.maps: list[tuple[int, mmap.mmap]] = []  # (address of the map's first byte, the map)
 
     def map(self, part: Path) -> pa.BufferReader:
         """`part` memory-mapped for random reads: a batch's rows are scattered, so the kernel's
@@ -102,12 +104,25 @@ class Pages:
         with open(part, "rb") as f:
             mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # the mapping outlives the descriptor
         mm.madvise(mmap.MADV_RANDOM)
-        self.maps.append(mm)
-        return pa.BufferReader(pa.py_buffer(mm))
+        buffer = pa.py_buffer(mm)
+        self.maps.append((buffer.address, mm))
+        return pa.BufferReader(buffer)
 
-    def release(self) -> None:
-        for mm in self.maps:
-            mm.madvise(mmap.MADV_DONTNEED)
+    def release(self, array: pa.Array | None = None) -> None:
+        """Unmap the pages under `array`'s buffers (one chunk of a column), or under every map."""
+        if array is None:
+            for _, mm in self.maps:
+                mm.madvise(mmap.MADV_DONTNEED)
+            return
+        spans = [(b.address, b.address + b.size) for b in array.buffers() if b is not None and b.size]
+        if not spans:
+            return
+        lo, hi = min(a for a, _ in spans), max(b for _, b in spans)
+        for base, mm in self.maps:
+            if base <= lo and hi <= base + len(mm):
+                start = (lo - base) // mmap.PAGESIZE * mmap.PAGESIZE
+                mm.madvise(mmap.MADV_DONTNEED, start, hi - base - start)
+                return
 
 
 def _open(folder: Path) -> tuple[pa.Table | None, Pages | None, str]:
@@ -124,7 +139,13 @@ def _open(folder: Path) -> tuple[pa.Table | None, Pages | None, str]:
             part = folder / name
             if part.stat().st_size != size:
                 return None, None, f"{name} has {part.stat().st_size} bytes, {size} were written"
-            tables.append(pa.ipc.open_file(pages.map(part)).read_all())  # zero-copy: the pages map the file
+            reader = pa.ipc.open_file(pages.map(part))
+            batches = []
+            for i in range(reader.num_record_batches):  # zero-copy: the arrays map the file
+                batches.append(reader.get_batch(i))
+                if i % 256 == 255:  # each batch's header was read: ~64 KiB mapped per batch (fault-around)
+                    pages.release()
+            tables.append(pa.Table.from_batches(batches, reader.schema))
         table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
     except (OSError, ValueError, KeyError, pa.ArrowException) as e:
         return None, None, f"{type(e).__name__}: {e}"
@@ -233,8 +254,8 @@ class Column(Rows):
     """One field of an Arrow table as a read-only sequence; `take(rows)` fetches a batch's rows at once.
 
     `check` (hub datasets, which are not converted): the name of the field, so that a missing or empty
-    text is refused when a batch reads it, naming the row. `pages` (a local file's cache): released
-    after each read, so that the pages mapped stay one batch's, whatever the corpus's size."""
+    text is refused when a batch reads it, naming the row. `pages` (a local file's cache): each
+    chunk's pages released once its rows are read, so that one chunk is mapped at a time."""
 
     def __init__(self, array: pa.ChunkedArray, origin: str = "", check: str | None = None, width: int | None = None,
                  pages: Pages | None = None):
@@ -252,11 +273,12 @@ class Column(Rows):
         which = np.searchsorted(self.starts, rows, side="right") - 1
         for c in np.unique(which).tolist():
             at = np.nonzero(which == c)[0]
-            values = self.array.chunk(c).take(pa.array(rows[at] - self.starts[c])).to_pylist()
+            chunk = self.array.chunk(c)
+            values = chunk.take(pa.array(rows[at] - self.starts[c])).to_pylist()
+            if self.pages is not None:  # the values are Python copies now
+                self.pages.release(chunk)
             for i, v in zip(at.tolist(), values):
                 out[i] = v
-        if self.pages is not None:  # the values are Python copies now
-            self.pages.release()
         if self.check:
             for r, v in zip(rows.tolist(), out):
                 _check_text(v, self.check, f"{self.origin}:{r + 1}")
