@@ -7,9 +7,6 @@ a fixed vocabulary, seeded; past 1M pairs, blocks of the first 1M with their dig
 write_corpus) into --dir if it is not there, then measures, each in a fresh process
 so that peak RSS is that process's own:
   convert    one-off conversion into the Arrow cache (read + validate + write), seconds, peak RSS
-  assemble   (instead of convert, past 1M pairs) the cache built from the 1M cache, digits permuted as
-             write_corpus does, checked against the corpus's lines: for the read path at 50M pairs
-             where conversion would take hours (`assemble`)
   start      a cached start: process start -> sources read -> first global batch collated
              (seconds from the interpreter's start, imports included), peak RSS
   step       data time per step at --batch (draw the global batch, read, tokenize, collate; 1 rank, in line)
@@ -64,66 +61,6 @@ def write_corpus(path: Path, pairs: int) -> None:
     tmp.replace(path)
 
 
-def assemble(corpus: Path, cache: Path, base_corpus: Path, base_cache: Path) -> dict:
-    """The Arrow cache of a corpus past 1M pairs built from the 1M corpus's cache, as write_corpus
-    built the corpus (each block of 1M: the first with its digits permuted), instead of converting it:
-    conversion runs at ~10k pairs/s on the shared 2-core machine (hours at 50M), and what `start`
-    and `step` measure is the read path over the finished cache. Through arrow_store.cached with the
-    corpus's own fingerprint (the cache read_source then finds), in two parts of 8,192-row record
-    batches as --num-proc 2 writes them; 2,000 random rows checked against the corpus's own lines."""
-    import numpy as np
-    import pyarrow as pa
-
-    from train import arrow_store
-    from train.data import read_source
-
-    base = read_source("base", str(base_corpus), cache_dir=str(base_cache))
-    columns = {"anchor": base.anchors.array, "positive": base.positives.array}
-    pairs = sum(1 for _ in open(corpus, "rb"))
-    assert pairs % BLOCK_PAIRS == 0 and len(base) == BLOCK_PAIRS, (pairs, len(base))
-    digits = b"0123456789"
-    tables = [bytes.maketrans(digits, bytes(digits[i] for i in np.random.default_rng(k).permutation(10)))
-              if k else None for k in range(pairs // BLOCK_PAIRS)]
-
-    def permuted(chunk: pa.StringArray, table: bytes | None) -> pa.StringArray:
-        if table is None:
-            return chunk
-        _, offsets, data = chunk.buffers()  # digits -> digits: the offsets stay valid
-        return pa.StringArray.from_buffers(len(chunk), offsets, pa.py_buffer(data.to_pybytes().translate(table)),
-                                           null_count=0, offset=chunk.offset)
-
-    def build(folder: Path) -> None:
-        schema = pa.schema([("anchor", pa.string()), ("positive", pa.string())])
-        writers = [pa.ipc.new_file(str(folder / f"part-{i:05d}.arrow"), schema) for i in range(2)]
-        written = 0
-        for table in tables:
-            for c in range(columns["anchor"].num_chunks):
-                batch = pa.record_batch([permuted(columns[k].chunk(c), table) for k in schema.names], schema=schema)
-                writers[0 if written < pairs // 2 else 1].write_batch(batch)
-                written += batch.num_rows
-        for w in writers:
-            w.close()
-
-    t = time.perf_counter()
-    options = {"fields": {}, "num_negatives": None, "limit": None}  # read_source's for a plain pairs file
-    arrow_store.cached(corpus, options, build, str(cache))
-    seconds = time.perf_counter() - t
-    # Check: rows of the assembled cache equal the corpus's lines, read from the file itself.
-    source = read_source("bench", str(corpus), cache_dir=str(cache))
-    assert len(source) == pairs
-    base_bytes = base_corpus.stat().st_size
-    starts = np.concatenate([[0], np.flatnonzero(np.frombuffer(base_corpus.read_bytes(), np.uint8) == 10) + 1])
-    rows = np.random.default_rng(1).choice(pairs, 2000, replace=False)
-    anchors, positives = source.anchors.take(rows), source.positives.take(rows)
-    with open(corpus, "rb") as f:
-        for r, a, p in zip(rows.tolist(), anchors, positives):
-            k, i = divmod(r, BLOCK_PAIRS)
-            f.seek(k * base_bytes + int(starts[i]))
-            line = json.loads(f.readline())
-            assert (line["query"], line["positive"]) == (a, p), (r, line, a, p)
-    return {"assemble_s": seconds, "rows": pairs, "checked_rows": len(rows)}
-
-
 def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -146,9 +83,6 @@ def measure(args) -> dict:
     t = time.perf_counter()
     source = read_source("bench", args.corpus, cache_dir=args.cache, num_proc=args.num_proc)
     out["read_s"] = time.perf_counter() - t
-    if args.phase == "assemble":
-        return assemble(Path(args.corpus), Path(args.cache), Path(args.dir) / f"pairs_{BLOCK_PAIRS}.jsonl",
-                        Path(args.dir) / f"cache_{BLOCK_PAIRS}")
     if args.phase == "convert":
         return {**out, "peak_rss_mb": peak_mb(), "rows": len(source), **resident_mb()}
     encoder = load_encoder(str(assets.path("tiny-bert")), pooling="mean", max_length=32)
@@ -182,7 +116,7 @@ def run_phase(corpus: Path, cache: Path, phase: str, args, workers: int = 0) -> 
     cmd = [sys.executable, __file__, "--measure", phase, "--corpus", str(corpus), "--cache", str(cache),
            "--batch", str(args.batch), "--steps", str(args.steps), "--workers", str(workers),
            "--num-proc", str(args.num_proc), "--texts-batch", str(args.texts_batch),
-           "--texts-batches", str(args.texts_batches), "--dir", str(args.dir)]
+           "--texts-batches", str(args.texts_batches)]
     done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     if done.returncode:
         raise SystemExit(done.stderr[-3000:])
@@ -219,13 +153,9 @@ def main() -> None:
                   flush=True)
         cache = root / f"cache_{pairs}"
         row: dict = {"pairs": pairs}
-        phases = args.phases.split(",")
-        if "assemble" in phases and pairs > BLOCK_PAIRS:  # the 1M cache comes first (--pairs 1000000 ...)
-            row["assemble"] = run_phase(corpus, cache, "assemble", args)
-        elif "convert" in phases or "assemble" in phases:
-            row["convert"] = run_phase(corpus, cache, "convert", args)
-        if "start" in phases:
-            row["start"] = run_phase(corpus, cache, "start", args)
+        for phase in ("convert", "start"):
+            if phase in args.phases:
+                row[phase] = run_phase(corpus, cache, phase, args)
         if "texts" in args.phases:
             row["texts"] = {w: run_phase(corpus, cache, "texts", args, w) for w in args.workers}
         print(json.dumps(row), flush=True)
