@@ -39,6 +39,7 @@ from train.log import say
 
 FORMAT = 1  # bump when the cache layout or the reading rules change: old caches are then not read
 BLOCK = 1 << 16  # bytes per sampled block of the fingerprint
+FAULT_AROUND = 1 << 16  # bytes the kernel maps around a page fault on a cached file (fault_around_bytes)
 SAMPLES = 16  # sampled blocks: the first, the last, and 14 spread between (1 MiB read whatever the size)
 
 
@@ -120,8 +121,11 @@ class Pages:
         lo, hi = min(a for a, _ in spans), max(b for _, b in spans)
         for base, mm in self.maps:
             if base <= lo and hi <= base + len(mm):
-                start = (lo - base) // mmap.PAGESIZE * mmap.PAGESIZE
-                mm.madvise(mmap.MADV_DONTNEED, start, hi - base - start)
+                # A fault maps the aligned 64 KiB window around it (the kernel's fault_around_bytes):
+                # widened to those windows, the range covers what reading the chunk mapped beyond it.
+                start = (lo - base) // FAULT_AROUND * FAULT_AROUND
+                end = min(len(mm), -(-(hi - base) // FAULT_AROUND) * FAULT_AROUND)
+                mm.madvise(mmap.MADV_DONTNEED, start, end - start)
                 return
 
 
