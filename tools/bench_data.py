@@ -10,6 +10,8 @@ so that peak RSS is that process's own:
   start      a cached start: process start -> sources read -> first global batch collated
              (seconds from the interpreter's start, imports included), peak RSS
   step       data time per step at --batch (draw the global batch, read, tokenize, collate; 1 rank, in line)
+  read       (--phases read) the read alone: --steps + 1 global batches drawn and both columns read,
+             no tokenization; wall and CPU seconds and page faults per batch
   texts/s    read + tokenize + collate alone with 0, 1 and 2 prefetch threads (2 texts per pair):
              --texts-batches batches of --texts-batch pairs, timed from the prefetcher's start
   memory     peak RSS, and at the end private (RssAnon) and file-backed (RssFile) resident memory
@@ -85,6 +87,21 @@ def measure(args) -> dict:
     out["read_s"] = time.perf_counter() - t
     if args.phase == "convert":
         return {**out, "peak_rss_mb": peak_mb(), "rows": len(source), **resident_mb()}
+    if args.phase == "read":
+        # The read alone: both columns of a global batch through Column.take, no tokenization;
+        # wall and CPU seconds, major and minor page faults per batch.
+        mixture = Mixture(sizes=[len(source)], weights=[None], homogeneous=[False], batch_size=args.batch, seed=0)
+        per_batch = []
+        for _ in range(args.steps + 1):
+            t, c0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
+            rows = [r for _, r in mixture.next_batch()]
+            source.anchors.take(rows), source.positives.take(rows)
+            c1 = resource.getrusage(resource.RUSAGE_SELF)
+            per_batch.append({"wall_s": time.perf_counter() - t,
+                              "cpu_s": c1.ru_utime + c1.ru_stime - c0.ru_utime - c0.ru_stime,
+                              "major_faults": c1.ru_majflt - c0.ru_majflt, "minor_faults": c1.ru_minflt - c0.ru_minflt})
+        return {**out, "per_batch": per_batch, "peak_rss_mb": peak_mb(), **resident_mb(),
+                "load_average": os.getloadavg()}
     encoder = load_encoder(str(assets.path("tiny-bert")), pooling="mean", max_length=32)
     if args.phase == "texts":
         # Throughput: K batches counted from the prefetcher's start, so that the batches the threads
@@ -153,7 +170,7 @@ def main() -> None:
                   flush=True)
         cache = root / f"cache_{pairs}"
         row: dict = {"pairs": pairs}
-        for phase in ("convert", "start"):
+        for phase in ("convert", "start", "read"):
             if phase in args.phases:
                 row[phase] = run_phase(corpus, cache, phase, args)
         if "texts" in args.phases:
