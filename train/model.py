@@ -46,7 +46,7 @@ ECHO_FIRST, ECHO_SECOND = "Rewrite the sentence: ", "\nRewritten sentence: "
 # E5-Mistral (arXiv 2401.00368): instructions on the query side only, in this template.
 INSTRUCTION_TEMPLATE = "Instruct: {task}\nQuery: "
 # float64: a CPU training precision for exactness checks (model.dtype in train/config.py); model/ is
-# still saved in float32 (float32_files below)
+# still saved in float32 (st_folder.float32_files, called by Encoder.save)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
