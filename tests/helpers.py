@@ -50,7 +50,7 @@ def reference_grads(encoder, batch, chunks=None, loss_fn=LOSS, mask_duplicates: 
     chunks = chunks or [list(range(len(seqs)))]
     encoder.zero_grad(set_to_none=True)
     parts = [encoder(*pad([seqs[i] for i in c], encoder.pad_id)) for c in chunks]
-    emb = torch.empty((len(seqs), parts[0].shape[1]))
+    emb = torch.empty((len(seqs), parts[0].shape[1]), dtype=parts[0].dtype)
     emb = emb.index_put((torch.tensor([i for c in chunks for i in c]),), torch.cat(parts))
     b = len(batch)
     loss = loss_fn(make_pairing(emb[:b], emb[b:], batch, mask_duplicates=mask_duplicates, world=World()))

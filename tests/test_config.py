@@ -37,7 +37,7 @@ def test_command_line_beats_recipe_beats_base(compose):
 
 @pytest.mark.parametrize("key, wrong, allowed", [
     ("model.pooling", "maen", "mean, cls, last, latent, echo"),
-    ("model.dtype", "fp16", "float32, bfloat16, float16"),
+    ("model.dtype", "fp16", "float32, bfloat16, float16, float64"),
     ("trainer.precision", "fp16", "auto, bf16, fp32"),
     ("trainer.device", "gpu", "auto, cpu, cuda"),
     ("trainer.schedule", "cosin", "linear, cosine, constant"),

@@ -54,6 +54,21 @@ def test_loss_in_blocks_of_rows_equals_the_whole(tiny_encoder_factory, monkeypat
     assert max_rel_diff(got, ref) < 1e-5
 
 
+def test_float64_weights_keep_float64_through_the_cache_and_the_loss():
+    """model.dtype=float64: the cached embeddings, the loss and the gradients stay float64, so the
+    cached gradient equals the float64 full batch to float64 rounding (float32 anywhere: ~1e-7)."""
+    from train import assets
+    from train.model import load_encoder
+
+    encoder = load_encoder(str(assets.path("tiny-bert")), pooling="mean", max_length=32, dtype="float64").eval()
+    batch = snli_batch(encoder, range(16))
+    ref_loss, ref = reference_grads(encoder, batch)
+    stats, got = cached_grads(encoder, batch, 4)
+    assert {g.dtype for g in got.values()} == {torch.float64}
+    assert abs(stats.loss - ref_loss) < 1e-12 * abs(ref_loss)
+    assert max_rel_diff(got, ref) < 1e-12
+
+
 def test_dropout_is_replayed_exactly(tiny_encoder_factory):
     encoder = tiny_encoder_factory().train()  # dropout 0.1 on: SimCSE's augmentation
     assert encoder.backbone.config.hidden_dropout_prob > 0

@@ -202,3 +202,33 @@ def test_a_dense_module_we_cannot_compute_is_refused(tmp_path):
     st.save(str(tmp_path / "st"))
     with pytest.raises(UserError, match=r"2_Dense/config.json: a Dense module 32 -> 16 .* expected SimCSE's head"):
         load_encoder(str(tmp_path / "st"))
+
+
+def test_float64_training_weights_are_saved_in_float32(tmp_path):
+    """model.dtype=float64 is a training precision: the folder holds float32 weights and says so in
+    config.json, and loads (as the default float32) to the float64 weights rounded once."""
+    from safetensors.torch import load_file
+
+    from train import assets
+
+    encoder = load_encoder(str(assets.path("tiny-bert")), pooling="mean", max_length=32, dtype="float64")
+    assert {p.dtype for p in encoder.parameters()} == {torch.float64}
+    ids, mask = pad(encoder.tokenize(["a probe text"]), encoder.pad_id)
+    assert encoder.eval()(ids, mask).dtype == torch.float64  # not cut to float32 on the way to the loss
+    folder = encoder.save(tmp_path / "model")
+    assert {t.dtype for t in load_file(folder / "model.safetensors").values()} == {torch.float32}
+    assert json.loads((folder / "config.json").read_text())["dtype"] == "float32"
+    again = dict(load_encoder(str(folder)).named_parameters())
+    assert all(torch.equal(again[n], p.detach().float()) for n, p in encoder.named_parameters())
+
+
+def test_float64_is_refused_where_it_cannot_hold(compose):
+    from train.build import check_float64
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    check_float64(compose(["model=tiny_bert", "model.dtype=float64", "dist=fsdp2"]), cpu)
+    for overrides, device, why in ((["dist=ddp"], cuda, "on CUDA"), (["trainer.precision=bf16"], cpu, "bfloat16"),
+                                   (["dist=deepspeed_zero2"], cpu, "DeepSpeed")):
+        cfg = compose(["model=tiny_bert", "model.dtype=float64", *overrides])
+        with pytest.raises(UserError, match=f"^model.dtype=float64 .*{why}.*expected model.dtype=float32"):
+            check_float64(cfg, device)

@@ -3,12 +3,15 @@
     python tools/bench_data.py --pairs 1000000 10000000 --dir /tmp/bench_data [--batch 32768] [--steps 3]
 
 For each size it writes a synthetic JSONL corpus of (query, positive) pairs (10 and 20 words from
-a fixed vocabulary, seeded) into --dir if it is not there, then measures, each in a fresh process
+a fixed vocabulary, seeded; past 1M pairs, blocks of the first 1M with their digits permuted:
+write_corpus) into --dir if it is not there, then measures, each in a fresh process
 so that peak RSS is that process's own:
   convert    one-off conversion into the Arrow cache (read + validate + write), seconds, peak RSS
   start      a cached start: process start -> sources read -> first global batch collated
              (seconds from the interpreter's start, imports included), peak RSS
   step       data time per step at --batch (draw the global batch, read, tokenize, collate; 1 rank, in line)
+  read       (--phases read) the read alone: --steps + 1 global batches drawn and both columns read,
+             no tokenization; wall and CPU seconds and page faults per batch
   texts/s    read + tokenize + collate alone with 0, 1 and 2 prefetch threads (2 texts per pair):
              --texts-batches batches of --texts-batch pairs, timed from the prefetcher's start
   memory     peak RSS, and at the end private (RssAnon) and file-backed (RssFile) resident memory
@@ -30,18 +33,33 @@ from pathlib import Path
 T_START = time.perf_counter()
 
 
+BLOCK_PAIRS = 1_000_000  # pairs drawn from the generator; larger corpora repeat them with their digits permuted
+
+
 def write_corpus(path: Path, pairs: int) -> None:
+    """The first 1M pairs drawn (seeded); each further block of 1M is the first with its digits
+    permuted by a seeded permutation of 0-9 per block: the same lengths and word shapes, other
+    words (w123 -> w807), so no pair repeats, and a 50M-pair corpus takes minutes, not an hour."""
     import numpy as np
 
     rng = np.random.default_rng(0)
     vocab = np.array([f"w{i}" for i in range(30_000)])
+    lines = []
+    for start in range(0, min(pairs, BLOCK_PAIRS), 100_000):
+        n = min(100_000, min(pairs, BLOCK_PAIRS) - start)
+        words = vocab[rng.integers(0, len(vocab), size=(n, 30))]
+        lines.append("".join(json.dumps({"query": " ".join(w[:10]), "positive": " ".join(w[10:])}) + "\n"
+                             for w in words.tolist()))
+    block = "".join(lines).encode()
+    ends = np.flatnonzero(np.frombuffer(block, dtype=np.uint8) == ord("\n")) + 1  # [pairs in block]
+    digits = b"0123456789"
     tmp = path.with_suffix(".part")
-    with open(tmp, "w") as f:
-        for start in range(0, pairs, 100_000):
-            n = min(100_000, pairs - start)
-            words = vocab[rng.integers(0, len(vocab), size=(n, 30))]
-            f.write("".join(json.dumps({"query": " ".join(w[:10]), "positive": " ".join(w[10:])}) + "\n"
-                            for w in words.tolist()))
+    with open(tmp, "wb") as f:
+        f.write(block)
+        for k, start in enumerate(range(BLOCK_PAIRS, pairs, BLOCK_PAIRS), start=1):
+            order = bytes(digits[i] for i in np.random.default_rng(k).permutation(10))
+            n = min(BLOCK_PAIRS, pairs - start)
+            f.write(block[: ends[n - 1]].translate(bytes.maketrans(digits, order)))
     tmp.replace(path)
 
 
@@ -69,6 +87,21 @@ def measure(args) -> dict:
     out["read_s"] = time.perf_counter() - t
     if args.phase == "convert":
         return {**out, "peak_rss_mb": peak_mb(), "rows": len(source), **resident_mb()}
+    if args.phase == "read":
+        # The read alone: both columns of a global batch through Column.take, no tokenization;
+        # wall and CPU seconds, major and minor page faults per batch.
+        mixture = Mixture(sizes=[len(source)], weights=[None], homogeneous=[False], batch_size=args.batch, seed=0)
+        per_batch = []
+        for _ in range(args.steps + 1):
+            t, c0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
+            rows = [r for _, r in mixture.next_batch()]
+            source.anchors.take(rows), source.positives.take(rows)
+            c1 = resource.getrusage(resource.RUSAGE_SELF)
+            per_batch.append({"wall_s": time.perf_counter() - t,
+                              "cpu_s": c1.ru_utime + c1.ru_stime - c0.ru_utime - c0.ru_stime,
+                              "major_faults": c1.ru_majflt - c0.ru_majflt, "minor_faults": c1.ru_minflt - c0.ru_minflt})
+        return {**out, "per_batch": per_batch, "peak_rss_mb": peak_mb(), **resident_mb(),
+                "load_average": os.getloadavg()}
     encoder = load_encoder(str(assets.path("tiny-bert")), pooling="mean", max_length=32)
     if args.phase == "texts":
         # Throughput: K batches counted from the prefetcher's start, so that the batches the threads
@@ -137,7 +170,7 @@ def main() -> None:
                   flush=True)
         cache = root / f"cache_{pairs}"
         row: dict = {"pairs": pairs}
-        for phase in ("convert", "start"):
+        for phase in ("convert", "start", "read"):
             if phase in args.phases:
                 row[phase] = run_phase(corpus, cache, phase, args)
         if "texts" in args.phases:

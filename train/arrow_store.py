@@ -3,7 +3,8 @@
 Local files are converted once (train/data.py reads and validates them) into a cache that every
 later run memory-maps; hub datasets are memory-mapped by `datasets` already and used in place.
 Resident memory then holds only the pages a batch touched, not the corpus (issue 14: Python lists
-cost about 0.42 KB per pair, ~110 GB per rank at E5's 270M pairs).
+cost about 0.42 KB per pair, ~110 GB per rank at E5's 270M pairs), and those only while it reads
+them (Pages).
 
     <cache root>/<stem>-<key>/          key: blake2b of (file, its fingerprint, reading options, FORMAT)
         part-00000.arrow ...            Arrow IPC files, one per converting process, in file order
@@ -38,6 +39,7 @@ from train.log import say
 
 FORMAT = 1  # bump when the cache layout or the reading rules change: old caches are then not read
 BLOCK = 1 << 16  # bytes per sampled block of the fingerprint
+FAULT_AROUND = 1 << 16  # bytes the kernel maps around a page fault on a cached file (fault_around_bytes)
 SAMPLES = 16  # sampled blocks: the first, the last, and 14 spread between (1 MiB read whatever the size)
 
 
@@ -80,41 +82,89 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _mapped(part: Path) -> pa.BufferReader:
-    """The file memory-mapped for random reads: a batch's rows are scattered, so the kernel's
-    readahead (up to 128 KiB or more per page fault by default) would read, and map, mostly other rows."""
-    with open(part, "rb") as f:
-        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # the mapping outlives the descriptor
-    mm.madvise(mmap.MADV_RANDOM)
-    return pa.BufferReader(pa.py_buffer(mm))
+class Pages:
+    """The memory maps of one cache's part files, read-only and shared (MAP_SHARED).
+
+    Each page a read touches stays mapped into the process (RssFile) until the map is closed, and
+    where the file sits in the page cache the kernel maps up to 16 cached neighbours at each fault
+    (fault-around, which MADV_RANDOM does not turn off): one batch of 32,768 random rows maps ~64 KiB
+    per row, the whole of each column at 10M pairs, and the process's resident memory grows with the
+    corpus (issue 14). `release(array)` (madvise MADV_DONTNEED over the pages under one record
+    batch's column) takes this process's page-table entries off them once its rows are read: on a
+    shared file mapping that discards nothing (the page cache keeps the pages, shared by the node's
+    ranks), the addresses stay valid for the Arrow arrays over them, and the next read faults a page
+    back in (a minor fault while it is cached). What stays mapped is one record batch's column at a
+    time, whatever the corpus's size."""
+
+    def __init__(self) -> None:
+        self.maps: list[tuple[int, mmap.mmap]] = []  # (address of the map's first byte, the map)
+
+    def map(self, part: Path) -> pa.BufferReader:
+        """`part` memory-mapped for random reads: a batch's rows are scattered, so the kernel's
+        readahead (128 KiB or more per fault by default) would read, and map, mostly other rows."""
+        with open(part, "rb") as f:
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # the mapping outlives the descriptor
+        mm.madvise(mmap.MADV_RANDOM)
+        buffer = pa.py_buffer(mm)
+        self.maps.append((buffer.address, mm))
+        return pa.BufferReader(buffer)
+
+    def release(self, array: pa.Array | None = None) -> None:
+        """Unmap the pages under `array`'s buffers (one chunk of a column), or under every map."""
+        if array is None:
+            for _, mm in self.maps:
+                mm.madvise(mmap.MADV_DONTNEED)
+            return
+        spans = [(b.address, b.address + b.size) for b in array.buffers() if b is not None and b.size]
+        if not spans:
+            return
+        lo, hi = min(a for a, _ in spans), max(b for _, b in spans)
+        for base, mm in self.maps:
+            if base <= lo and hi <= base + len(mm):
+                # A fault maps the aligned 64 KiB window around it (the kernel's fault_around_bytes):
+                # widened to those windows, the range covers what reading the chunk mapped beyond it.
+                start = (lo - base) // FAULT_AROUND * FAULT_AROUND
+                end = min(len(mm), -(-(hi - base) // FAULT_AROUND) * FAULT_AROUND)
+                mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+                return
 
 
-def _open(folder: Path) -> tuple[pa.Table | None, str]:
-    """(memory-mapped table, "") of a complete cache folder; (None, why) when it is absent or broken."""
+def _open(folder: Path) -> tuple[pa.Table | None, Pages | None, str]:
+    """(memory-mapped table, its maps, "") of a complete cache folder; (None, None, why) when it is
+    absent or broken."""
     meta_path = folder / "meta.json"
     if not meta_path.is_file():
-        return None, "no meta.json" if folder.exists() else ""
+        return None, None, "no meta.json" if folder.exists() else ""
+    pages = Pages()
     try:
         meta = json.loads(meta_path.read_text())
         tables = []
         for name, size in meta["parts"].items():
             part = folder / name
             if part.stat().st_size != size:
-                return None, f"{name} has {part.stat().st_size} bytes, {size} were written"
-            tables.append(pa.ipc.open_file(_mapped(part)).read_all())  # zero-copy: the pages map the file
+                return None, None, f"{name} has {part.stat().st_size} bytes, {size} were written"
+            reader = pa.ipc.open_file(pages.map(part))
+            batches = []
+            for i in range(reader.num_record_batches):  # zero-copy: the arrays map the file
+                batches.append(reader.get_batch(i))
+                if i % 256 == 255:  # each batch's header was read: ~64 KiB mapped per batch (fault-around)
+                    pages.release()
+            tables.append(pa.Table.from_batches(batches, reader.schema))
         table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
     except (OSError, ValueError, KeyError, pa.ArrowException) as e:
-        return None, f"{type(e).__name__}: {e}"
+        return None, None, f"{type(e).__name__}: {e}"
     if table.num_rows != meta["rows"]:
-        return None, f"{table.num_rows} rows where meta.json says {meta['rows']}"
-    return table, ""
+        return None, None, f"{table.num_rows} rows where meta.json says {meta['rows']}"
+    pages.release()  # opening read every record batch's header
+    return table, pages, ""
 
 
 def cached(path: Path, options: dict, build: Callable[[Path], None],
-           cache_dir: str | None = None) -> tuple[pa.Table, dict]:
+           cache_dir: str | None = None) -> tuple[pa.Table, Pages, dict]:
     """(the memory-mapped table of `path` as `build(folder)` converts it (writing part-*.arrow into
     `folder`), built once per (file content, options) by whichever process gets the lock first;
-    the file's fingerprint, which keyed it and which the run record and resume identity reuse)."""
+    its maps (for Column: release after each read); the file's fingerprint, which keyed it and
+    which the run record and resume identity reuse)."""
     root = cache_root(cache_dir)
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -126,9 +176,9 @@ def cached(path: Path, options: dict, build: Callable[[Path], None],
                                      sort_keys=True).encode(), digest_size=8).hexdigest()
     folder = root / f"{path.stem}-{key}"
     with _locked(root / f"{folder.name}.lock"):
-        table, problem = _open(folder)
+        table, pages, problem = _open(folder)
         if table is not None:
-            return table, fp
+            return table, pages, fp
         if problem:
             say(f"warning: the Arrow cache {folder} of {path} is incomplete or corrupt ({problem}); rebuilding it")
             shutil.rmtree(folder, ignore_errors=True)
@@ -139,10 +189,10 @@ def cached(path: Path, options: dict, build: Callable[[Path], None],
             write_json(tmp / "meta.json", {"path": resolved, "fingerprint": fp, "options": options,
                                            "format": FORMAT, "rows": rows, "parts": parts}, indent=1)
         _prune(root, resolved, fp)
-        table, problem = _open(folder)
+        table, pages, problem = _open(folder)
         if table is None:
             raise UserError(f"the Arrow cache {folder} of {path} cannot be read right after writing it ({problem})")
-        return table, fp
+        return table, pages, fp
 
 
 def _rows(part: Path) -> int:
@@ -208,10 +258,12 @@ class Column(Rows):
     """One field of an Arrow table as a read-only sequence; `take(rows)` fetches a batch's rows at once.
 
     `check` (hub datasets, which are not converted): the name of the field, so that a missing or empty
-    text is refused when a batch reads it, naming the row."""
+    text is refused when a batch reads it, naming the row. `pages` (a local file's cache): each
+    chunk's pages released once its rows are read, so that one chunk is mapped at a time."""
 
-    def __init__(self, array: pa.ChunkedArray, origin: str = "", check: str | None = None, width: int | None = None):
-        self.array, self.origin, self.check, self.width = array, origin, check, width
+    def __init__(self, array: pa.ChunkedArray, origin: str = "", check: str | None = None, width: int | None = None,
+                 pages: Pages | None = None):
+        self.array, self.origin, self.check, self.width, self.pages = array, origin, check, width, pages
         # Row offsets of the chunks: a take looks its rows up per chunk, as ChunkedArray.take may
         # concatenate the chunks first (a copy of the whole column).
         self.starts = np.cumsum([0] + [len(c) for c in array.chunks])
@@ -225,7 +277,10 @@ class Column(Rows):
         which = np.searchsorted(self.starts, rows, side="right") - 1
         for c in np.unique(which).tolist():
             at = np.nonzero(which == c)[0]
-            values = self.array.chunk(c).take(pa.array(rows[at] - self.starts[c])).to_pylist()
+            chunk = self.array.chunk(c)
+            values = chunk.take(pa.array(rows[at] - self.starts[c])).to_pylist()
+            if self.pages is not None:  # the values are Python copies now
+                self.pages.release(chunk)
             for i, v in zip(at.tolist(), values):
                 out[i] = v
         if self.check:
@@ -253,8 +308,9 @@ class Negatives(Rows):
     """A record's negatives from one list column or several text columns (negative_1, negative_2, ...),
     cut to `num` (data.num_negatives); a hub row with another count is refused when read."""
 
-    def __init__(self, columns: list[tuple[str, pa.ChunkedArray]], num: int, origin: str = "", check: bool = False):
-        self.parts = [(key, Column(a, origin, key if check and not pa.types.is_list(a.type) else None),
+    def __init__(self, columns: list[tuple[str, pa.ChunkedArray]], num: int, origin: str = "", check: bool = False,
+                 pages: Pages | None = None):
+        self.parts = [(key, Column(a, origin, key if check and not pa.types.is_list(a.type) else None, pages=pages),
                        pa.types.is_list(a.type) or pa.types.is_large_list(a.type)) for key, a in columns]
         self.num, self.origin, self.check = num, origin, check
 

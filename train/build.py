@@ -461,11 +461,27 @@ def card_info(cfg: DictConfig, run_dir: Path, run_record: dict, enc: Encoder, wo
                          versions=run_record.get("versions") or {}, cross_encoder=isinstance(enc, CrossEncoder))
 
 
+def check_float64(cfg: DictConfig, device: torch.device) -> None:
+    """model.dtype=float64 is a CPU setting for exact comparisons (a resume on another world size
+    against the uninterrupted run: reductions in another order differ by float32 rounding, which
+    Adam turns into full-size steps on ~0 gradients); where it cannot hold or buys nothing, refused."""
+    if str(cfg.model.dtype) != "float64":
+        return
+    why = ("runs on CUDA at a small fraction of float32's speed" if device.type == "cuda" else
+           "with trainer.precision=bf16 the forward runs in bfloat16 anyway" if str(cfg.trainer.precision) == "bf16"
+           else "with model.quantization the base weights are 4-bit" if cfg.model.quantization else
+           "DeepSpeed keeps its own float32/bf16 partitions" if cfg.dist.strategy == "deepspeed" else "")
+    if why:
+        raise UserError(f"model.dtype=float64 {why}; it is a CPU training precision for exact comparisons "
+                        "(dist.strategy ddp or fsdp2, trainer.precision auto or fp32): expected model.dtype=float32")
+
+
 def training(cfg: DictConfig, world: dist.World, run_dir: Path) -> Training:
     t = cfg.trainer
     cross = cfg.model.kind == "cross_encoder"
     per_rank, chunk = check_batch(t, world.size)
     check_strategy(cfg)
+    check_float64(cfg, world.device)
     if cross:
         check_cross_encoder(cfg)
     strategy = cfg.dist.strategy if cfg.dist.strategy != "auto" else ("ddp" if world.size > 1 else "single process")

@@ -45,7 +45,7 @@ Pooling = choice("Pooling", "mean", "cls", "last", "latent", "echo")  # latent (
 # SimCSE's MLP over the pooled embedding (arXiv 2104.08821, pooling ablation, Table 6). mlp: kept at test
 # time, saved as a sentence-transformers Dense module (supervised); mlp_train: training only (unsupervised)
 Head = choice("Head", "none", "mlp", "mlp_train")
-Dtype = choice("Dtype", "float32", "bfloat16", "float16")
+Dtype = choice("Dtype", "float32", "bfloat16", "float16", "float64")
 Attention = choice("Attention", "sdpa", "eager", "flash_attention_2")
 Schedule = choice("Schedule", "linear", "cosine", "constant")
 Precision = choice("Precision", "auto", "bf16", "fp32")
@@ -92,7 +92,9 @@ class ModelConfig:
     save_max_length: Optional[int] = None
     prompts: Optional[Dict[str, str]] = None  # {query: "query: ", passage: "passage: "}; None: the folder's
     head: Optional[Head] = None  # none | mlp | mlp_train (a dense layer + tanh); None: the folder's, else none
-    dtype: Dtype = Dtype.float32  # weights
+    # weights; float64: a CPU training precision for exact comparisons (refused on CUDA, with bf16, 4-bit,
+    # DeepSpeed): weights, embeddings, loss, cache and Adam in float64, model/ saved in float32
+    dtype: Dtype = Dtype.float32
     attn_implementation: Optional[Attention] = None  # None: transformers' default
     truncate_dim: Optional[int] = None  # keep the first N dimensions (a Matryoshka-trained model), re-normalised
     # decoder LLMs (train/llm.py); None: what the model folder says, else the default in brackets

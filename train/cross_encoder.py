@@ -30,7 +30,7 @@ from train.atomic import atomic_folder
 from train.boundary import check_safetensors
 from train.errors import UserError
 from train.model import Padded
-from train.st_folder import resolve_model_dir
+from train.st_folder import float32_files, resolve_model_dir
 
 # sentence-transformers' CrossEncoder: one Transformer module in sequence-classification mode whose
 # output is the logits, and the activation `predict` applies by default (its own defaults: sigmoid
@@ -116,6 +116,8 @@ class CrossEncoder(Padded, nn.Module):
             (tmp / "config_sentence_transformers.json").write_text(json.dumps(
                 {"model_type": "CrossEncoder", "activation_fn": ACTIVATIONS[self.num_labels], "prompts": {},
                  "default_prompt_name": None}, indent=2))
+            if any(p.dtype == torch.float64 for p in self.parameters()):
+                float32_files(tmp)  # model.dtype=float64 trains in float64; the saved model is float32
             for name, text in (texts or {}).items():
                 (tmp / name).write_text(text, encoding="utf-8")
         return Path(out)

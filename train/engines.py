@@ -29,6 +29,7 @@ from torch import nn
 
 from train.dist import World
 from train.errors import UserError
+from train.model import embedding_dtype
 
 
 def _autocast(world: World, bf16: bool):
@@ -70,7 +71,7 @@ class TorchEngine:
     def forward(self, ids: torch.Tensor, mask: torch.Tensor, seg: torch.Tensor | None = None) -> torch.Tensor:
         # seg: the packed layout's text index per token (train/packing.py); None: padded
         with _autocast(self.world, self.bf16):
-            return self.module(*_to(self.world, ids, mask, seg)).float()
+            return embedding_dtype(self.module(*_to(self.world, ids, mask, seg)))
 
     def begin_step(self) -> None:
         """Nothing to open: DDP reduces under the last backward outside no_sync()."""
@@ -255,7 +256,7 @@ class DeepSpeedEngine:
         self.engine.zero_grad()
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor, seg: torch.Tensor | None = None) -> torch.Tensor:
-        return self.engine(*_to(self.world, ids, mask, seg)).float()
+        return embedding_dtype(self.engine(*_to(self.world, ids, mask, seg)))
 
     def begin_step(self) -> None:
         """Open the block in which every backward of this optimizer step accumulates locally."""

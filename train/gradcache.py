@@ -112,7 +112,7 @@ def loss_backward(loss_fn: Callable[[Pairing], torch.Tensor], pair: Pairing,
     base = replace(pair, q=leaves[0], q_all=leaves[1], p_all=leaves[2])
     b = pair.q.shape[0]
     block = max(1, BLOCK_ELEMENTS // max(pair.p_all.shape[0], pair.q_all.shape[0]))
-    total = torch.zeros((), device=pair.q.device)
+    total = torch.zeros((), dtype=pair.q.dtype, device=pair.q.device)
     for start in range(0, b, block):
         part = base.rows(start, min(b, start + block))
         loss = loss_fn(part) * (part.q.shape[0] / b)  # the mean over all b rows, in parts
@@ -203,7 +203,7 @@ def contrastive_step(engine, batch: Batch, loss_fn: Callable[[Pairing], torch.Te
             parts.append(engine.forward(*x))  # [c*(2+n), D]
     after = rng_state(dev)
     check(0)  # before the loss: its gather is the first collective that moves every rank's embeddings
-    emb = torch.empty((len(seqs), parts[0].shape[1]), device=parts[0].device)
+    emb = torch.empty((len(seqs), parts[0].shape[1]), dtype=parts[0].dtype, device=parts[0].device)
     emb[torch.as_tensor([i for c in chunks for i in c], device=emb.device)] = torch.cat(parts)
     emb.requires_grad_(True)
 

@@ -88,7 +88,7 @@ def distill_loss(pair: Pairing, temperature: float = 0.05, teacher_temperature: 
         raise ValueError("distill_loss needs teacher scores in the batch")
     idx = pair.labels[:, None] + torch.arange(pair.group, device=pair.q.device)  # [b, 1+n] columns
     student = torch.einsum("bd,bgd->bg", pair.q, pair.p_all[idx]) / temperature  # [b, 1+n]
-    target = F.log_softmax(pair.teacher.float() / teacher_temperature, dim=-1)  # [b, 1+n]
+    target = F.log_softmax(pair.teacher.to(student.dtype) / teacher_temperature, dim=-1)  # [b, 1+n]
     return F.kl_div(F.log_softmax(student, dim=-1), target, log_target=True, reduction="batchmean")
 
 

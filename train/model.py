@@ -30,6 +30,7 @@ from train.st_folder import (
     LATENT_FILE,
     POOLINGS,
     NeedsTrainLoader,
+    float32_files,
     read_dense_head,
     read_st_config,
     resolve_model_dir,
@@ -44,7 +45,15 @@ DECODER_ONLY = ("echo",)
 ECHO_FIRST, ECHO_SECOND = "Rewrite the sentence: ", "\nRewritten sentence: "
 # E5-Mistral (arXiv 2401.00368): instructions on the query side only, in this template.
 INSTRUCTION_TEMPLATE = "Instruct: {task}\nQuery: "
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# float64: a CPU training precision for exactness checks (model.dtype in train/config.py); model/ is
+# still saved in float32 (st_folder.float32_files, called by Encoder.save)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+def embedding_dtype(emb: torch.Tensor) -> torch.Tensor:
+    """Embeddings in float32 at least: bf16/fp16 forwards give float32 embeddings, so the loss and
+    the gradient cache run in float32; float64 weights keep float64 through loss, cache and optimizer."""
+    return emb if emb.dtype == torch.float64 else emb.float()
 
 
 @dataclass
@@ -229,18 +238,18 @@ class Encoder(Padded, nn.Module):
         attn = (attention_mask > 0).long()
         how = "mean" if self.spec.pooling == "echo" else self.spec.pooling  # echo: the mean over the second copy
         if seg is not None:
-            emb = packing.pool(self._packed_hidden(input_ids, seg), attention_mask, seg, how).float()
+            emb = embedding_dtype(packing.pool(self._packed_hidden(input_ids, seg), attention_mask, seg, how))
         else:
             if self.decoder:
                 hidden = llm.decoder_hidden(self.backbone, input_ids, attn, self.spec.bidirectional)
             else:
                 hidden = self.backbone(input_ids=input_ids, attention_mask=attn).last_hidden_state
             if self.spec.pooling == "latent":
-                emb = self.latent(hidden, attention_mask == 1).float()
+                emb = embedding_dtype(self.latent(hidden, attention_mask == 1))
             else:
-                emb = pool(hidden, attention_mask, how).float()
+                emb = embedding_dtype(pool(hidden, attention_mask, how))
         if self.mlp is not None and (self.spec.head == "mlp" or self.training):  # mlp_train: dropped in eval()
-            emb = self.mlp(emb).float()
+            emb = embedding_dtype(self.mlp(emb))
         if self.spec.truncate_dim:
             emb = emb[:, : self.spec.truncate_dim]  # normalised after the cut, as Matryoshka training saw it
         return F.normalize(emb, dim=-1) if self.spec.normalize else emb
@@ -297,6 +306,8 @@ class Encoder(Padded, nn.Module):
 
                     save_file({k: v.detach().cpu().contiguous() for k, v in self.latent.state_dict().items()},
                               folder / LATENT_FILE)
+            if any(p.dtype == torch.float64 for p in self.parameters()):
+                float32_files(tmp)  # model.dtype=float64 trains in float64; the saved model is float32
             for name, text in (texts or {}).items():
                 (tmp / name).write_text(text, encoding="utf-8")
         return Path(out)

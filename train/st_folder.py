@@ -209,3 +209,25 @@ def resolve_model_dir(name_or_path: str) -> Path:
         hint = " (HF_HUB_OFFLINE is set and it is not in the local cache)" if offline else ""
         raise UserError(f"model.path={name_or_path}: not a local folder, and the Hugging Face Hub "
                         f"could not provide it{hint}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from e
+
+
+def float32_files(folder: Path) -> None:
+    """Rewrite a just-saved folder's float64 tensors in float32 (every *.safetensors below it) and
+    its config.json `dtype` to match. model.dtype=float64 is a training precision (exact CPU
+    comparisons, train/config.py); sentence-transformers and transformers users load float32, and
+    float64 weights would double the folder for nothing at inference."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    for weights in sorted(folder.rglob("*.safetensors")):
+        with safe_open(str(weights), "pt") as f:
+            metadata = f.metadata()
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        if any(t.dtype == torch.float64 for t in tensors.values()):
+            save_file({k: t.float() if t.dtype == torch.float64 else t for k, t in tensors.items()}, str(weights),
+                      metadata=metadata)
+    for config in sorted(folder.rglob("config.json")):
+        data = json.loads(config.read_text())
+        if isinstance(data, dict) and data.get("dtype") == "float64":
+            write_json(config, {**data, "dtype": "float32"}, indent=2)
