@@ -221,7 +221,9 @@ def test_simcse_recipes_are_the_papers_variants(compose):
 
 def test_e5_finetune_steps_are_three_epochs_of_ms_marco(compose):
     """E5 (arXiv 2212.03533), fine-tuning: batch 256, 3 epochs; MS MARCO passage ranking has
-    502,939 training queries (Nguyen et al., MS MARCO; the count of its queries.train.tsv)."""
+    502,939 training queries with a relevant passage: the distinct query ids of qrels.train.tsv (532,761
+    judgements, microsoft/MSMARCO-Passage-Ranking README.md), as ir_datasets' beir/msmarco/train counts
+    them (huggingface.co/datasets/irds/beir_msmarco_train); queries.train.tsv has 808,731, most unjudged."""
     cfg = compose(["recipe=e5_finetune"])
     assert cfg.trainer.batch_size == 256
     assert cfg.trainer.max_steps == math.ceil(3 * 502_939 / 256)  # 5,894

@@ -198,6 +198,9 @@ class EvalTaskConfig:
     side: Optional[str] = "query"  # sts: the prompt side both sentences get
     instruction: Optional[str] = None  # task instruction on the query side (sts: both sentences)
     corpus_limit: Optional[int] = None  # retrieval: the kept queries' relevant documents + others up to N
+    # sts: tokens per text for this task, None: model.max_length (in training, the training cut);
+    # long documents are evaluated at the model's inference length (conf/eval/ood.yaml: 256)
+    max_length: Optional[int] = None
     retriever: Optional[str] = None  # rerank: the bi-encoder whose top_k documents per query are re-ranked
     top_k: int = 20  # rerank: candidates per query
 

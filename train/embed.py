@@ -1,12 +1,14 @@
 """Embedding texts outside the training step: one function for evaluation (during and after
 training), mining, the bi-encoder teacher, the merge search and inference.
 
-`embedder(encoder, world, batch_size)` returns `embed(texts, side, instruction=None) -> [N, D]`
-(float32, CPU). Its work is shared by all ranks: texts are sorted by length and dealt round-robin,
-so every rank gets similar lengths and the same number of batches (sharded models need every rank
-in every forward), then gathered back in order. Each distinct (prompt, text) is embedded once per
-embedder: tasks built from one test set share most texts (SNLI's STS pairs and retrieval corpus are
-the same sentences). `encode(encoder, texts, side)` is the one-process shorthand for inference.
+`embedder(encoder, world, batch_size)` returns `embed(texts, side, instruction=None, max_length=None)
+-> [N, D]` (float32, CPU); `max_length` cuts these texts instead of model.max_length (a task of long
+documents is evaluated at the model's inference length, not at the training cut). Its work is
+shared by all ranks: texts are sorted by length and dealt round-robin, so every rank gets similar
+lengths and the same number of batches (sharded models need every rank in every forward), then
+gathered back in order. Each distinct (prompt, length, text) is embedded once per embedder: tasks
+built from one test set share most texts (SNLI's STS pairs and retrieval corpus are the same
+sentences). `encode(encoder, texts, side)` is the one-process shorthand for inference.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 from train import dist
 from train.model import Encoder, pad
 
-Embed = Callable[..., torch.Tensor]  # (texts, side, instruction=None) -> [N, D]
+Embed = Callable[..., torch.Tensor]  # (texts, side, instruction=None, max_length=None) -> [N, D]
 
 
 def embedder(encoder: Encoder, world: dist.World | None = None, batch_size: int = 128,
@@ -28,11 +30,12 @@ def embedder(encoder: Encoder, world: dist.World | None = None, batch_size: int 
     encoder itself on `world.device`."""
     world = world or dist.World()
     forward = forward or encoder
-    cache: dict[tuple[str, str], torch.Tensor] = {}
+    cache: dict[tuple[str, int | None, str], torch.Tensor] = {}  # (prompt, max_length, text)
 
     @torch.no_grad()
-    def embed_new(texts: list[str], side: str | None, instruction: str | None) -> torch.Tensor:
-        ids = encoder.tokenize(texts, side, instruction=instruction) if instruction else encoder.tokenize(texts, side)
+    def embed_new(texts: list[str], side: str | None, instruction: str | None, max_length: int | None) -> torch.Tensor:
+        kw = {k: v for k, v in (("instruction", instruction), ("max_length", max_length)) if v}
+        ids = encoder.tokenize(texts, side, **kw)
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
         per = math.ceil(len(ids) / world.size)
         # Fewer texts than ranks leaves some ranks none; they embed the first text as filler, since
@@ -55,13 +58,15 @@ def embedder(encoder: Encoder, world: dist.World | None = None, batch_size: int 
             out[idx] = gathered[r * per : r * per + len(idx)]
         return out
 
-    def embed(texts: Sequence[str], side: str | None, instruction: str | None = None) -> torch.Tensor:
+    def embed(texts: Sequence[str], side: str | None, instruction: str | None = None,
+              max_length: int | None = None) -> torch.Tensor:
         prompt = encoder.prefix(side, instruction)
-        new = list(dict.fromkeys(t for t in texts if (prompt, t) not in cache))
+        new = list(dict.fromkeys(t for t in texts if (prompt, max_length, t) not in cache))
         if new:
-            for t, e in zip(new, embed_new(new, side, instruction)):
-                cache[(prompt, t)] = e
-        return torch.stack([cache[(prompt, t)] for t in texts]) if texts else torch.empty((0, encoder.dim))
+            for t, e in zip(new, embed_new(new, side, instruction, max_length)):
+                cache[(prompt, max_length, t)] = e
+        return (torch.stack([cache[(prompt, max_length, t)] for t in texts]) if texts
+                else torch.empty((0, encoder.dim)))
 
     return embed
 

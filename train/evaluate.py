@@ -63,13 +63,15 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 
 
 class StsTask:
-    """Pairs with a similarity score (`sentence1`, `sentence2`, `score`)."""
+    """Pairs with a similarity score (`sentence1`, `sentence2`, `score`). `max_length`: the token cut
+    for these texts, None: the model's (in training, the training cut: a task of long documents sets
+    the model's inference length, or it measures a model that reads only their first sentences)."""
 
     metrics = ("spearman",)
 
     def __init__(self, name: str, path: str, limit: int | None = None, side: str | None = "query",
-                 instruction: str | None = None):
-        self.name, self.side, self.instruction = name, side, instruction
+                 instruction: str | None = None, max_length: int | None = None):
+        self.name, self.side, self.instruction, self.max_length = name, side, instruction, max_length
         rows = _read_jsonl(Path(path), ("sentence1", "sentence2", "score"), "STS")[:limit]
         self.s1 = [r["sentence1"] for r in rows]
         self.s2 = [r["sentence2"] for r in rows]
@@ -78,7 +80,7 @@ class StsTask:
     def __call__(self, embed: Embed) -> dict[str, float]:
         texts = list(dict.fromkeys(self.s1 + self.s2))  # each distinct sentence embedded once
         index = {t: i for i, t in enumerate(texts)}
-        emb = F.normalize(_embed(embed, texts, self.side, self.instruction).float(), dim=-1)
+        emb = F.normalize(_embed(embed, texts, self.side, self.instruction, self.max_length).float(), dim=-1)
         a = emb[[index[t] for t in self.s1]]
         b = emb[[index[t] for t in self.s2]]
         cos = (a * b).sum(-1).numpy()
@@ -253,7 +255,10 @@ def build_tasks(tasks_cfg: dict) -> list:
             raise UserError(f"eval.tasks.{name}.kind={t.kind!r}: expected one of {', '.join(KINDS)}")
         kwargs = {"limit": t.limit, "instruction": t.get("instruction")}
         if t.kind == "sts":
-            kwargs["side"] = t.side
+            kwargs["side"], kwargs["max_length"] = t.side, t.get("max_length")
+        elif t.get("max_length") is not None:
+            raise UserError(f"eval.tasks.{name}.max_length={t.max_length}: a length per task is an sts task's "
+                            f"setting (long documents); a {t.kind} task reads model.max_length")
         elif t.get("corpus_limit") is not None:
             kwargs["corpus_limit"] = t.corpus_limit
         tasks.append(KINDS[t.kind](name, t.path, **kwargs))
@@ -329,9 +334,12 @@ class Selection:
         self.step, self.value, self.metrics = state["step"], state["value"], dict(state["metrics"])
 
 
-def _embed(embed: Embed, texts: list[str], side: str | None, instruction: str | None) -> torch.Tensor:
-    """An instruction reaches `embed` only when a task has one (E5-Mistral's query instructions)."""
-    return embed(texts, side, instruction=instruction) if instruction else embed(texts, side)
+def _embed(embed: Embed, texts: list[str], side: str | None, instruction: str | None,
+           max_length: int | None = None) -> torch.Tensor:
+    """An instruction (E5-Mistral's query instructions) or a length reaches `embed` only when a task
+    has one: any `embed(texts, side)` serves the others."""
+    kw = {k: v for k, v in (("instruction", instruction), ("max_length", max_length)) if v}
+    return embed(texts, side, **kw)
 
 
 def _truncating(embed: Embed, dim: int) -> Embed:

@@ -188,6 +188,11 @@ class Encoder(Padded, nn.Module):
     def dim(self) -> int:
         return self.spec.truncate_dim or int(self.backbone.config.hidden_size)
 
+    @property
+    def positions(self) -> int:
+        """The longest input the backbone takes (its position embeddings; BERT's 512)."""
+        return int(getattr(self.backbone.config, "max_position_embeddings", 0) or 512)
+
     def prefix(self, side: str | None, instruction: str | None = None) -> str:
         """What goes in front of a text: the instruction template on the query side when the data
         source or evaluation task has an instruction, else the side's prompt."""
@@ -196,12 +201,14 @@ class Encoder(Padded, nn.Module):
         return self.spec.prompts.get(side, "") if side else ""
 
     def tokenize(self, texts: Sequence[str], side: str | None = None,
-                 instruction: str | None = None) -> list[list[int]]:
-        """Prompted, truncated token ids, unpadded: padding is decided per chunk later."""
+                 instruction: str | None = None, max_length: int | None = None) -> list[list[int]]:
+        """Prompted, truncated token ids, unpadded: padding is decided per chunk later. `max_length`:
+        the cut for these texts (an evaluation task of long documents); None: model.max_length."""
         prefix = self.prefix(side, instruction)
+        limit = min(max_length, self.positions) if max_length else self.spec.max_length
         if self.spec.pooling != "echo":
             texts = [prefix + t for t in texts] if prefix else list(texts)
-            enc = self.tokenizer(texts, truncation=True, max_length=self.spec.max_length - self.append_eos)["input_ids"]
+            enc = self.tokenizer(texts, truncation=True, max_length=limit - self.append_eos)["input_ids"]
             if self.append_eos:
                 enc = [[*ids, int(self.tokenizer.eos_token_id)] for ids in enc]
             if self.spec.pool_prompt or not prefix:
@@ -221,9 +228,9 @@ class Encoder(Padded, nn.Module):
         if self._echo is None:  # the fixed pieces, tokenized once
             self._echo = (ids(ECHO_FIRST), ids(ECHO_SECOND))
         first, second = self.head + ids(prefix) + self._echo[0], self._echo[1]
-        room = (self.spec.max_length - len(first) - len(second) - len(self.tail)) // 2
+        room = (limit - len(first) - len(second) - len(self.tail)) // 2
         if room < 1:
-            raise UserError(f"model.max_length={self.spec.max_length} leaves no room for text after the "
+            raise UserError(f"model.max_length={limit} leaves no room for text after the "
                             f"{len(first) + len(second)}-token echo prefix {prefix!r}")
         out = []
         for t in self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]:

