@@ -23,6 +23,20 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 
+def pytest_collection_modifyitems(config, items):
+    """For pytest-xdist's `--dist loadgroup` (the README's test command): the tests that share a
+    module-scoped fixture (a reference run, a trained model) go to one worker, so it is built once;
+    every other test goes to whichever worker is free, so no long file holds one worker alone.
+    Without xdist the mark does nothing."""
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        for name in info.names_closure if info else ():
+            defs = info.name2fixturedefs.get(name)
+            if defs and defs[-1].scope == "module":
+                item.add_marker(pytest.mark.xdist_group(f"{item.module.__name__}::{name}"))
+                break
+
+
 @pytest.fixture(scope="session")
 def compose():
     """compose(overrides) -> the config `python -m train <overrides>` would run."""
