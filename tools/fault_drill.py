@@ -32,6 +32,8 @@ import sys
 import time
 from pathlib import Path
 
+from train import checkpoint
+
 ROOT = Path(__file__).resolve().parent.parent
 TOLERANCE = 1e-6
 
@@ -89,11 +91,6 @@ def rank_pid(torchrun: int, rank: int) -> int:
 
 def log_text(run: Path, i: int) -> str:
     return (run.parent / f"{run.name}-{i}.log").read_text()
-
-
-def checkpoints(run: Path) -> list[int]:
-    folder = run / "checkpoints"
-    return sorted(int(p.name.split("-")[1]) for p in folder.glob("step-*")) if folder.exists() else []
 
 
 def compare(run: Path, reference: Path) -> dict:
@@ -160,10 +157,11 @@ def main() -> None:
     result["sigkill_rank1_to_exit_s"] = round(time.perf_counter() - sent, 2)
     said = log_text(run, 1)
     result["sigkill"] = {"exit_code": p.returncode, "rank_named": "Signal 9 (SIGKILL) received" in said,
-                         "checkpoints_left": checkpoints(run), "model_written": (run / "model").exists()}
+                         "checkpoints_left": [k for k, _ in checkpoint.listed(run / "checkpoints")],
+                         "model_written": (run / "model").exists()}
 
     # c. the latest checkpoint corrupt; relaunched to the end
-    latest = run / "checkpoints" / f"step-{checkpoints(run)[-1]:08d}" / "state.pt"
+    latest = checkpoint.listed(run / "checkpoints")[-1][1] / "state.pt"
     latest.write_bytes(latest.read_bytes()[: latest.stat().st_size // 2])
     p = launch(run, args, "trainer.resume=auto")
     if p.wait() != 0:
