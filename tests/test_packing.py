@@ -80,13 +80,16 @@ def test_packed_embeddings_equal_the_padded_forward_with_lora_and_an_instruction
     assert float((got - ref).abs().max()) < 1e-5
 
 
-@pytest.mark.parametrize("chunk_size,chunk_tokens", [(32, None), (3, None), (32, 160)])
-def test_packed_cache_gives_the_padded_full_batch_gradient(tiny_encoder_factory, chunk_size, chunk_tokens):
+@pytest.mark.parametrize("chunk_size,chunk_tokens,row_tokens", [(32, None, None), (3, None, None), (32, 160, None),
+                                                                (32, 160, 64)])
+def test_packed_cache_gives_the_padded_full_batch_gradient(tiny_encoder_factory, chunk_size, chunk_tokens,
+                                                           row_tokens):
     encoder = tiny_encoder_factory().eval()
     batch = snli_batch(encoder, range(32))
     ref_loss, ref = reference_grads(encoder, batch)  # padded, one forward, plain autograd
     encoder.zero_grad(set_to_none=True)
-    stats = contrastive_step(plain_engine(encoder), batch, LOSS, chunk_size, packed=True, chunk_tokens=chunk_tokens)
+    stats = contrastive_step(plain_engine(encoder), batch, LOSS, chunk_size, packed=True, chunk_tokens=chunk_tokens,
+                             row_tokens=row_tokens)  # 64: the trainer's max_length rows under a budget
     assert stats.chunks > 1 or chunk_size == 32 and chunk_tokens is None
     assert stats.largest_chunk <= (chunk_tokens or 10**9)
     assert abs(stats.loss - ref_loss) < 1e-5
@@ -144,6 +147,33 @@ def test_packing_computes_few_padding_tokens_on_short_and_long_texts(tiny_encode
         real = sum(len(s) for s in seqs)
         assert max(len(s) for s in seqs) > max_length // 2  # long texts present: not a trivially short case
         assert processed / real <= 1.10, (source.name, processed / real)
+
+
+def test_under_a_token_budget_short_and_long_texts_cost_the_same_attention(tiny_encoder_factory):
+    """With trainer.chunk_tokens the packed rows are model.max_length long (packing.row_tokens), so the
+    largest chunk of short SNLI texts and of long Wikipedia paragraphs costs the same tokens and the same
+    block-masked attention (rows x width^2): memory follows the budget, not the lengths. Rows as long as
+    the longest text (no budget) would give the short texts a fraction of the long ones' attention."""
+    max_length, budget = 256, 2048
+
+    def largest_chunk(source, row):  # (tokens, attention elements per head) of the costliest chunk
+        encoder = tiny_encoder_factory(max_length=max_length).eval()
+        batch = collate([source], [(0, r) for r in range(64)], encoder.tokenize)
+        seqs = batch.query_ids + batch.passage_ids
+        row = row or max(len(s) for s in seqs)
+        shapes = [packing.pack(seqs, rows, encoder.pad_id)[0].shape
+                  for rows in packing.plan_chunks([len(s) for s in seqs], 10**6, row, budget)]
+        return max(r * w for r, w in shapes), max(r * w * w for r, w in shapes)
+
+    short = read_source("snli", str(assets.path("snli") / "train_triples.jsonl"), limit=64)
+    long = read_source("wiki", str(assets.path("wiki") / "title_passage.jsonl"), limit=64)
+    row = packing.row_tokens(max_length, budget)
+    assert row == max_length and packing.row_tokens(max_length, None) is None
+    (short_tokens, short_attn), (long_tokens, long_attn) = largest_chunk(short, row), largest_chunk(long, row)
+    assert budget / 1.2 <= short_tokens <= budget and budget / 1.2 <= long_tokens <= budget
+    assert long_attn / short_attn <= 1.2
+    _, short_attn_longest = largest_chunk(short, None)  # the rule without a budget: rows of the longest text
+    assert long_attn / short_attn_longest > 2
 
 
 def test_packing_on_is_refused_where_it_has_no_form_and_auto_falls_back(compose, tiny_encoder_factory):

@@ -166,8 +166,9 @@ def length_grouped_chunks(engine: TorchEngine, batch, chunk: int, packed: bool =
     """The chunks' model inputs contrastive_step forms for this batch (same plan, same padding or packing)."""
     seqs = batch.query_ids + batch.passage_ids
     if packed:
-        plans = packing.plan_chunks([len(s) for s in seqs], chunk * (1 + batch.group), max(len(s) for s in seqs),
-                                    chunk_tokens)  # rows as contrastive_step makes them
+        row = packing.row_tokens(engine.encoder.spec.max_length, chunk_tokens) or max(len(s) for s in seqs)
+        plans = packing.plan_chunks([len(s) for s in seqs], chunk * (1 + batch.group), row,
+                                    chunk_tokens)  # rows as the trainer makes them
         return [packing.pack(seqs, rows, engine.encoder.pad_id) for rows in plans]
     plan = plan_chunks([len(s) for s in seqs], chunk * (1 + batch.group), max_tokens=chunk_tokens)
     return [pad([seqs[i] for i in c], engine.encoder.pad_id, engine.encoder.left_pad) for c in plan]
@@ -194,7 +195,8 @@ def worker_step(job: dict) -> dict:
     def step(batch):
         stats = contrastive_step(engine, batch, LOSS, chunk, group_by_length=job["group_by_length"],
                                  mask_duplicates=True,  # the trainer's default
-                                 packed=packed, chunk_tokens=chunk_tokens)
+                                 packed=packed, chunk_tokens=chunk_tokens,
+                                 row_tokens=packing.row_tokens(job["max_length"], chunk_tokens) if packed else None)
         engine.step()
         return stats
 
@@ -348,7 +350,9 @@ def worker_compare(job: dict) -> dict:
 
     def ours_step(batch, kw):
         per_chunk = b if "chunk_tokens" in kw else chunk  # a budget alone cuts the chunks
-        stats = contrastive_step(engine, batch, LOSS, per_chunk, group_by_length=True, mask_duplicates=False, **kw)
+        rows = packing.row_tokens(job["max_length"], kw.get("chunk_tokens")) if kw.get("packed") else None
+        stats = contrastive_step(engine, batch, LOSS, per_chunk, group_by_length=True, mask_duplicates=False,
+                                 row_tokens=rows, **kw)  # packed rows as the trainer makes them
         engine.step()
         return stats
 

@@ -395,6 +395,7 @@ class FitConfig:
     eval_dims: list[int] | None = None  # Matryoshka prefixes also evaluated
     chunk_tokens: int | None = None  # padded tokens per forward pass; None: chunk_size alone
     packed: bool = False  # packed forwards (trainer.packing, resolved for this encoder)
+    row_tokens: int | None = None  # packed rows' length; None: the rank's longest text (contrastive_step)
     gather_queries: bool = True  # the loss reads other ranks' queries (loss.symmetric)
     select: str | None = None  # a metric: model/ is the best evaluated step by it
     keep_last_model: bool = False  # with select: the last step's model as model-last/ too
@@ -518,9 +519,10 @@ def training(cfg: DictConfig, world: dist.World, run_dir: Path) -> Training:
 
     enc = cross_encoder(cfg.model).to(world.device) if cross else embedding_model(cfg, world)
     packed = not cross and use_packing(t, enc, world.device, str(cfg.dist.strategy) if world.size > 1 else "single")
+    row_tokens = packing.row_tokens(enc.spec.max_length, t.chunk_tokens) if packed else None
     if world.is_main and not cross:
-        say(f"forwards: {'packed, rows as long as the longest text' if packed else 'padded chunks'} "
-            f"(trainer.packing={t.packing})")
+        rows = f"rows of model.max_length={row_tokens}" if row_tokens else "rows as long as the longest text"
+        say(f"forwards: {f'packed, {rows}' if packed else 'padded chunks'} (trainer.packing={t.packing})")
     eng = engine(cfg, enc, world, per_rank)
     logger = Logger(run_dir, world.is_main, t.max_steps, config={**resolved, "run": run_record},
                     wandb=cfg.log.wandb, wandb_project=cfg.log.wandb_project, wandb_mode=str(cfg.log.wandb_mode),
@@ -528,7 +530,7 @@ def training(cfg: DictConfig, world: dist.World, run_dir: Path) -> Training:
     fit = FitConfig(
         max_steps=t.max_steps, chunk_size=chunk, chunk_tokens=t.chunk_tokens, gather_queries=cfg.loss.symmetric,
         accum_steps=t.accum_steps,
-        group_by_length=t.group_by_length, packed=packed,
+        group_by_length=t.group_by_length, packed=packed, row_tokens=row_tokens,
         mask_duplicates=cfg.data.mask_duplicates, log_every=t.log_every, eval_before=cfg.eval.before,
         eval_every=cfg.eval.every, eval_batch_size=cfg.eval.batch_size, eval_dims=eval_dims(cfg.eval),
         select=cfg.eval.select, keep_last_model=cfg.eval.keep_last,

@@ -71,6 +71,17 @@ def pack(seqs: Sequence[Sequence[int]], rows: list[list[int]], pad_id: int
     return ids, mask, seg
 
 
+def row_tokens(max_length: int, chunk_tokens: int | None) -> int | None:
+    """How long packed rows are: `max_length` under a token budget, else None (the rank's longest text).
+
+    On a kernel that takes the block mask a row's attention costs row^2. Rows as long as the longest
+    text cost the least attention, but then a chunk of short texts takes a fraction of the memory a
+    chunk of long ones takes at the same budget, and the peak shows only when long texts come, hours
+    into a run. Under `trainer.chunk_tokens` every chunk is therefore laid out in max_length rows and
+    costs what the budget allows whatever the lengths (docs/benchmarks.md, packing part m)."""
+    return max_length if chunk_tokens is not None else None
+
+
 def plan_chunks(lengths: Sequence[int], per_chunk: int, row: int, max_tokens: int | None = None
                 ) -> list[list[list[int]]]:
     """Text indices -> chunks of rows: the rank's texts packed first (plan_rows, so long passages

@@ -154,7 +154,7 @@ def _train_step(engine, data: Prefetcher, loss_fn: Callable, logger: Logger, cfg
                 stats = contrastive_step(engine, batch, loss_fn, cfg.chunk_size, cfg.group_by_length,
                                          cfg.mask_duplicates, scale=1.0 / cfg.accum_steps, reduce=last,
                                          chunk_tokens=cfg.chunk_tokens, gather_queries=cfg.gather_queries,
-                                         packed=cfg.packed, stop=stop)
+                                         packed=cfg.packed, row_tokens=cfg.row_tokens, stop=stop)
             losses.append(stats.loss)
             padded, real, texts = padded + stats.padded_tokens, real + stats.real_tokens, texts + stats.texts
             largest = max(largest, stats.largest_chunk)
