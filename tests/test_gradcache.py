@@ -148,9 +148,14 @@ def test_a_token_budget_gives_the_full_batch_gradient_with_chunks_sized_by_lengt
     assert max_rel_diff(got, ref) < 1e-5
 
 
-def test_cached_equals_full_batch_for_distillation_and_matryoshka(tiny_encoder_factory, tmp_path):
+@pytest.mark.parametrize("block_rows", [None, 5])
+def test_cached_equals_full_batch_for_distillation_and_matryoshka(tiny_encoder_factory, tmp_path, monkeypatch,
+                                                                  block_rows):
     """The E5 fine-tuning loss (InfoNCE + KL to teacher scores) on Matryoshka prefixes, through
-    the cache, against plain autograd on the same chunks kept in one graph."""
+    the cache, against plain autograd on the same chunks kept in one graph. block_rows=5: the loss in
+    blocks of 5 query rows, all reading the prefixes loss_backward re-normalised once."""
+    if block_rows:
+        monkeypatch.setattr(gradcache, "BLOCK_ELEMENTS", block_rows * 48)  # 48 passage columns
     encoder = tiny_encoder_factory().eval()
     batch = snli_batch(encoder, range(24), read_source("scored", scored_triples(tmp_path / "scored.jsonl", 24)))
     assert batch.teacher is not None and batch.teacher.shape == (24, 2)

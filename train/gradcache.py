@@ -34,7 +34,7 @@ import torch
 
 from train import dist, packing
 from train.data import Batch
-from train.losses import Pairing
+from train.losses import Pairing, prefix, prefix_dims
 from train.model import pad
 
 
@@ -109,7 +109,15 @@ def loss_backward(loss_fn: Callable[[Pairing], torch.Tensor], pair: Pairing,
     """
     tensors = [pair.q, pair.q_all, pair.p_all]
     leaves = [t.detach().requires_grad_(True) for t in tensors]
-    base = replace(pair, q=leaves[0], q_all=leaves[1], p_all=leaves[2])
+    # Matryoshka prefixes, re-normalised once here rather than by every block (each block's loss reads all of
+    # q_all and p_all: at P = 65,536 columns, 64 rows per block, re-normalising them per block took 62% of
+    # the loss's time, tools/bench_loss.py). Blocks accumulate into `held`; one backward through `cut` then.
+    cuts, held = [], {}
+    for d in prefix_dims(loss_fn):
+        cut = [prefix(leaf, d) for leaf in leaves]  # [b, d], [W*b, d], [P, d]
+        held[d] = tuple(c.detach().requires_grad_(True) for c in cut)
+        cuts.append((cut, held[d]))
+    base = replace(pair, q=leaves[0], q_all=leaves[1], p_all=leaves[2], prefixes=held or None)
     b = pair.q.shape[0]
     block = max(1, BLOCK_ELEMENTS // max(pair.p_all.shape[0], pair.q_all.shape[0]))
     total = torch.zeros((), dtype=pair.q.dtype, device=pair.q.device)
@@ -118,6 +126,10 @@ def loss_backward(loss_fn: Callable[[Pairing], torch.Tensor], pair: Pairing,
         loss = loss_fn(part) * (part.q.shape[0] / b)  # the mean over all b rows, in parts
         (loss * scale).backward()
         total += loss.detach()
+    for cut, kept in cuts:  # the prefixes' gradients into the leaves, through one normalisation each
+        grads = [(c, k.grad) for c, k in zip(cut, kept) if k.grad is not None]
+        if grads:
+            torch.autograd.backward([c for c, _ in grads], [g for _, g in grads])
     surrogate = sum((t * leaf.grad).sum() for t, leaf in zip(tensors, leaves) if leaf.grad is not None)
     return surrogate, total
 

@@ -34,6 +34,9 @@ class Pairing:
     anchor_ids: torch.Tensor | None = None  # [W*B] hashes of all query texts: false negatives
     passage_ids: torch.Tensor | None = None  # [W*B*(1+n)] hashes of all passage texts
     teacher: torch.Tensor | None = None  # [b, 1+n] teacher scores of each example's passages
+    # Matryoshka: dim -> (q, q_all, p_all) cut to their first dim coordinates and re-normalised, made once
+    # per step by the engine (gradcache.loss_backward) instead of once per block of query rows
+    prefixes: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
 
     @property
     def labels(self) -> torch.Tensor:  # [b] column of each local query's positive
@@ -49,7 +52,9 @@ class Pairing:
     def rows(self, start: int, stop: int) -> Pairing:
         """The same pairing for query rows [start, stop) only."""
         teacher = self.teacher[start:stop] if self.teacher is not None else None
-        return replace(self, q=self.q[start:stop], row0=self.row0 + start, teacher=teacher)
+        prefixes = {d: (q[start:stop], q_all, p_all) for d, (q, q_all, p_all) in self.prefixes.items()} \
+            if self.prefixes else None
+        return replace(self, q=self.q[start:stop], row0=self.row0 + start, teacher=teacher, prefixes=prefixes)
 
 
 def info_nce(q: torch.Tensor, p: torch.Tensor, labels: torch.Tensor, temperature: float,
@@ -92,12 +97,27 @@ def distill_loss(pair: Pairing, temperature: float = 0.05, teacher_temperature: 
     return F.kl_div(F.log_softmax(student, dim=-1), target, log_target=True, reduction="batchmean")
 
 
+def prefix(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """x [N, D] -> [N, dim]: the first `dim` coordinates, re-normalised."""
+    return F.normalize(x[:, :dim], dim=-1)
+
+
 def truncated(pair: Pairing, dim: int) -> Pairing:
     """The pairing on the first `dim` coordinates, re-normalised (Matryoshka, arXiv 2205.13147):
-    a prefix of the embedding must work as an embedding by itself."""
-    def cut(x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(x[:, :dim], dim=-1)
-    return replace(pair, q=cut(pair.q), q_all=cut(pair.q_all), p_all=cut(pair.p_all))
+    a prefix of the embedding must work as an embedding by itself. Taken from `pair.prefixes` when
+    the engine made them already."""
+    if pair.prefixes and dim in pair.prefixes:
+        q, q_all, p_all = pair.prefixes[dim]
+        return replace(pair, q=q, q_all=q_all, p_all=p_all, prefixes=None)
+    return replace(pair, q=prefix(pair.q, dim), q_all=prefix(pair.q_all, dim), p_all=prefix(pair.p_all, dim),
+                   prefixes=None)
+
+
+def prefix_dims(loss_fn) -> list[int]:
+    """The Matryoshka dimensions of a loss made as functools.partial(embedding_loss, ...) (build.loss)."""
+    if getattr(loss_fn, "func", None) is not embedding_loss:
+        return []
+    return list(loss_fn.keywords.get("matryoshka_dims") or [])
 
 
 def embedding_loss(pair: Pairing, temperature: float = 0.05, symmetric: bool = False,
