@@ -7,11 +7,14 @@ full-batch reference. Every case asserts the world size it was launched with.
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/dist_worker.py \
         OUT_DIR CASE...      CASE = NAME:STRATEGY:ZERO_STAGE:BATCH:CHUNK:ACCUM
 
-A NAME starting with `abandoned` first gives a step up mid-replay (a preemption signal) and discards it.
+A NAME starting with `abandoned` first gives a step up mid-replay (a preemption signal) and discards it;
+one containing `gathered` keeps FSDP2's parameters gathered through the step
+(dist.fsdp_keep_gathered). Every case also counts the step's parameter all-gathers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
@@ -66,8 +69,24 @@ def give_up_a_step(engine, batch, chunk: int, at: int) -> None:
     raise AssertionError(f"the step was not given up at boundary {at} (asked {asked[0]} times)")
 
 
+@contextlib.contextmanager
+def counting_all_gathers():
+    """Counts torch.distributed.all_gather_single calls: FSDP2 gathers each group's parameters with one."""
+    count, original = [0], torch.distributed.all_gather_single
+
+    def counted(*args, **kwargs):
+        count[0] += 1
+        return original(*args, **kwargs)
+
+    torch.distributed.all_gather_single = counted
+    try:
+        yield count
+    finally:
+        torch.distributed.all_gather_single = original
+
+
 def run_case(strategy: str, zero: int, world, batch_size: int, chunk: int, accum: int, coalesce: bool = True,
-             lora: bool = False, one_way: bool = False, abandon: bool = False):
+             lora: bool = False, one_way: bool = False, abandon: bool = False, keep_gathered: bool = False):
     from train import assets
 
     torch.manual_seed(0)
@@ -83,7 +102,7 @@ def run_case(strategy: str, zero: int, world, batch_size: int, chunk: int, accum
                        make_optimizer=lambda m: torch.optim.SGD(param_groups(m, 0.0), lr=0.1),
                        make_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0),
                        max_grad_norm=None, bf16=False, per_rank_batch=per_rank * accum, zero_stage=zero,
-                       coalesce_reduction=coalesce)
+                       coalesce_reduction=coalesce, fsdp_keep_gathered=keep_gathered)
     engine.module.eval()
     source = snli_source_with_cross_rank_duplicates(batch_size * accum, batch_size)
     if abandon:  # first a step given up with part of its gradient accumulated: none of it may remain
@@ -94,15 +113,17 @@ def run_case(strategy: str, zero: int, world, batch_size: int, chunk: int, accum
     engine.begin_step()
     abandons = engine.abandons_steps  # asked as _train_step asks it: after begin_step()
     losses, aligned = [], True
-    for micro in range(accum):
-        rows = [(0, r) for r in range(micro * batch_size, (micro + 1) * batch_size)]
-        batch = collate([source], shard(rows, world.rank, world.size), encoder.tokenize)
-        aligned &= labels_aligned(batch, world)
-        stats = contrastive_step(engine, batch, ONE_WAY if one_way else LOSS, chunk, scale=1.0 / accum,
-                                 reduce=micro == accum - 1, gather_queries=not one_way)
-        losses.append(dist.mean_over_ranks(stats.loss, world.device))
+    with counting_all_gathers() as all_gathers:
+        for micro in range(accum):
+            rows = [(0, r) for r in range(micro * batch_size, (micro + 1) * batch_size)]
+            batch = collate([source], shard(rows, world.rank, world.size), encoder.tokenize)
+            aligned &= labels_aligned(batch, world)
+            stats = contrastive_step(engine, batch, ONE_WAY if one_way else LOSS, chunk, scale=1.0 / accum,
+                                     reduce=micro == accum - 1, gather_queries=not one_way)
+            losses.append(dist.mean_over_ranks(stats.loss, world.device))
     grads = engine.full_grads()
-    return {"grads": grads, "losses": losses, "aligned": aligned, "world_size": world.size, "abandons": abandons}
+    return {"grads": grads, "losses": losses, "aligned": aligned, "world_size": world.size, "abandons": abandons,
+            "all_gathers": all_gathers[0], "chunks": stats.chunks}
 
 
 def embed_shares(world) -> list:
@@ -190,7 +211,8 @@ def main() -> None:
         label, strategy, zero, batch_size, chunk, accum = case.split(":")
         result = run_case(strategy, int(zero), world, int(batch_size), int(chunk), int(accum),
                           coalesce="per_chunk" not in label, lora=label.startswith("lora"),
-                          one_way=label.startswith("one_way"), abandon=label.startswith("abandoned"))
+                          one_way=label.startswith("one_way"), abandon=label.startswith("abandoned"),
+                          keep_gathered="gathered" in label)
         if world.is_main:
             torch.save(result, out / f"{label}.pt")
         dist.barrier()

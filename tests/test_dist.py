@@ -51,7 +51,8 @@ def torch_runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("torch_strategies")
     torchrun(out, "ddp_uncached:ddp:0:32:16:1", "ddp_cached:ddp:0:32:4:1", "ddp_accum:ddp:0:32:4:2",
              "fsdp2_cached:fsdp2:0:32:4:1", "fsdp2_uncached:fsdp2:0:32:16:1", "one_way_cached:ddp:0:32:4:1",
-             "abandoned_fsdp2:fsdp2:0:32:4:1")
+             "abandoned_fsdp2:fsdp2:0:32:4:1", "fsdp2_gathered_cached:fsdp2:0:32:4:1",
+             "abandoned_fsdp2_gathered:fsdp2:0:32:4:1")
     return out
 
 
@@ -96,6 +97,31 @@ def test_torch_strategies_match_the_full_batch(torch_runs, case, accum):
     check(torch_runs / f"{case}.pt", accum)
 
 
+def test_fsdp2_kept_gathered_matches_the_full_batch_with_one_all_gather_per_step(torch_runs):
+    """dist.fsdp_keep_gathered: the same gradient as the full batch, and each parameter group (tiny-bert's
+    2 blocks and the root) gathered once per step instead of once per forward and once per backward."""
+    check(torch_runs / "fsdp2_gathered_cached.pt")
+    kept, default = torch.load(torch_runs / "fsdp2_gathered_cached.pt"), torch.load(torch_runs / "fsdp2_cached.pt")
+    blocks, chunks = 2, default["chunks"]
+    assert chunks == kept["chunks"] == 4  # 16 examples per rank, 4 a chunk
+    # By default each block is gathered for its no-grad forward, its replayed forward and its backward; the
+    # root (embeddings), which FSDP2 keeps gathered after a forward, once in the no-grad pass and again for
+    # each replayed chunk after the first backward resharded it.
+    assert default["all_gathers"] == blocks * 3 * chunks + chunks == 28
+    assert kept["all_gathers"] == blocks + 1
+
+
+def test_keeping_parameters_gathered_is_refused_outside_fsdp2(compose):
+    from train.build import check_strategy
+    from train.errors import UserError
+
+    for strategy in ("dist=ddp", "dist=deepspeed_zero3"):
+        cfg = compose([strategy, "dist.fsdp_keep_gathered=true"])
+        with pytest.raises(UserError, match="dist.fsdp_keep_gathered=true with dist.strategy=(ddp|deepspeed).*fsdp2"):
+            check_strategy(cfg)
+    check_strategy(compose(["dist=fsdp2", "dist.fsdp_keep_gathered=true"]))
+
+
 def test_a_one_way_loss_without_the_query_gather_matches_the_full_batch(torch_runs):
     """loss.symmetric=false reads only the local queries: the 2-rank step that skips their gather
     still equals the single-process full-batch gradient of the same one-way loss."""
@@ -110,7 +136,8 @@ def test_deepspeed_matches_the_full_batch(deepspeed_runs, case, accum):
     check(deepspeed_runs / f"{case}.pt", accum)
 
 
-@pytest.mark.parametrize("case", ["abandoned_fsdp2", "abandoned_zero2", "abandoned_zero3"])
+@pytest.mark.parametrize("case", ["abandoned_fsdp2", "abandoned_fsdp2_gathered", "abandoned_zero2",
+                                  "abandoned_zero3"])
 def test_a_step_given_up_mid_replay_leaves_no_gradient_behind(torch_runs, deepspeed_runs, case):
     """A step given up after 2 of its 4 chunks were replayed (a preemption signal; the engine's
     discard_grads()), then a whole step: its gradient is the full batch's alone. FSDP2 keeps the partial

@@ -288,6 +288,9 @@ def check_loss(loss_cfg: DictConfig, eval_cfg: DictConfig, dim: int) -> None:
 
 def check_strategy(cfg: DictConfig) -> None:
     """LoRA adapters, latent-attention weights and the MLP head are saved from the unsharded module."""
+    if cfg.dist.fsdp_keep_gathered and cfg.dist.strategy != "fsdp2":
+        raise UserError(f"dist.fsdp_keep_gathered=true with dist.strategy={cfg.dist.strategy}: it keeps FSDP2's "
+                        "parameters gathered through a step; expected dist.strategy=fsdp2 (or leave it false)")
     sharded = cfg.dist.strategy == "fsdp2" or (cfg.dist.strategy == "deepspeed" and cfg.dist.zero_stage == 3)
     head = cfg.model.head not in (None, "none")
     if sharded and (cfg.model.lora is not None or cfg.model.pooling == "latent" or head):
@@ -373,7 +376,7 @@ def engine(cfg: DictConfig, enc: Encoder, world: dist.World, per_rank: int):
         max_grad_norm=t.max_grad_norm, bf16=use_bf16(str(t.precision), world),
         per_rank_batch=per_rank * t.accum_steps,
         zero_stage=cfg.dist.zero_stage, deepspeed_config_file=cfg.dist.deepspeed_config,
-        coalesce_reduction=cfg.dist.coalesce_reduction)
+        coalesce_reduction=cfg.dist.coalesce_reduction, fsdp_keep_gathered=cfg.dist.fsdp_keep_gathered)
 
 
 # --- per job ---------------------------------------------------------------------------------------

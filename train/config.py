@@ -246,6 +246,10 @@ class DistConfig:
     # deepspeed ZeRO 1-3: one gradient reduction per optimizer step, gradients held whole on each
     # rank until then; false: a reduce-scatter after every chunk, gradients partitioned (ZeRO 2/3 memory)
     coalesce_reduction: bool = True
+    # fsdp2 only: parameters stay gathered from a step's first forward to its last backward, one all-gather
+    # per step instead of three per chunk (no-grad pass, replay, backward), for a whole unsharded model on
+    # every rank during the step (ZeRO-2's memory for the parameters, ZeRO-3's for the optimizer state)
+    fsdp_keep_gathered: bool = False
 
 
 @dataclass

@@ -135,13 +135,24 @@ class TorchEngine:
 
 
 class FSDP2Engine(TorchEngine):
-    """FSDP2 (`fully_shard`): each transformer block and then the whole model sharded."""
+    """FSDP2 (`fully_shard`): each transformer block and then the whole model sharded.
+
+    A cached step runs every chunk twice and backward once, and by default each of these all-gathers
+    every block's parameters: 3 all-gathers per block and chunk. keep_gathered (dist.fsdp_keep_gathered):
+    the parameters are not resharded after a forward nor after a backward without gradient sync, so a
+    step gathers them once, in its first forward, and reshards them after its last (synced) backward."""
+
+    def __init__(self, *args, keep_gathered: bool = False, **kwargs):
+        self.keep_gathered = keep_gathered  # read by _wrap, which the base __init__ calls
+        super().__init__(*args, **kwargs)
 
     def _wrap(self, model: nn.Module) -> nn.Module:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if self.bf16 else None
         kwargs = {"mp_policy": mp} if mp else {}
+        if self.keep_gathered:
+            kwargs["reshard_after_forward"] = False
         for block in transformer_blocks(model):
             fully_shard(block, **kwargs)
         fully_shard(model, **kwargs)
@@ -174,10 +185,14 @@ class FSDP2Engine(TorchEngine):
     @contextlib.contextmanager
     def no_sync(self):
         self.module.set_requires_gradient_sync(False)
+        if self.keep_gathered:  # the next chunk's forward reuses the gathered parameters
+            self.module.set_reshard_after_backward(False)
         try:
             yield
         finally:
             self.module.set_requires_gradient_sync(True)
+            if self.keep_gathered:
+                self.module.set_reshard_after_backward(True)
 
     def full_state_dict(self) -> dict | None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -421,7 +436,7 @@ def _single_process_group(world: World) -> None:
 
 def wrap(model: nn.Module, world: World, strategy: str, make_optimizer: Callable, make_scheduler: Callable,
          max_grad_norm: float | None, bf16: bool, per_rank_batch: int, zero_stage: int = 2,
-         deepspeed_config_file: str | None = None, coalesce_reduction: bool = True):
+         deepspeed_config_file: str | None = None, coalesce_reduction: bool = True, fsdp_keep_gathered: bool = False):
     """The engine for `strategy`; `make_optimizer(module)` runs after any sharding."""
     if strategy == "auto":
         strategy = "ddp"
@@ -430,7 +445,8 @@ def wrap(model: nn.Module, world: World, strategy: str, make_optimizer: Callable
     if strategy in ("fsdp2", "deepspeed"):
         _single_process_group(world)
     if strategy == "fsdp2":
-        return FSDP2Engine(model.to(world.device), world, make_optimizer, make_scheduler, max_grad_norm, bf16)
+        return FSDP2Engine(model.to(world.device), world, make_optimizer, make_scheduler, max_grad_norm, bf16,
+                           keep_gathered=fsdp_keep_gathered)
     if strategy == "deepspeed":
         if zero_stage not in (0, 1, 2, 3):
             raise UserError(f"dist.zero_stage={zero_stage}: expected 0, 1, 2 or 3")
