@@ -64,8 +64,10 @@ def test_pack_lays_texts_end_to_end_with_positions_restarting():
 ])
 def test_packed_embeddings_equal_the_padded_forward(name, kw):
     encoder = load_encoder(str(assets.path(name)), max_length=32, **kw).eval()
+    kernel = encoder.backbone.config._attn_implementation
     seqs = (lambda b: b.query_ids + b.passage_ids)(snli_batch(encoder, range(8)))
     got, ref, rows = packed_and_padded(encoder, seqs, row=128)
+    assert encoder.backbone.config._attn_implementation == kernel  # text-by-text attention was for that forward
     assert len(rows) < len(seqs) // 2  # several texts share a row: the test exercises the packing
     assert float((got - ref).abs().max()) < 1e-5
 

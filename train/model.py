@@ -282,6 +282,10 @@ class Encoder(Padded, nn.Module):
             # positions and runs varlen attention (padding tokens are 1-token texts, never pooled).
             out = self.backbone(input_ids=input_ids.reshape(1, -1), position_ids=pos.reshape(1, -1), **extra)
             return out.last_hidden_state.reshape(*input_ids.shape, -1)
+        if kernel == "sdpa" and not self.decoder:  # text by text: no [T, T] scores, mask or dropout draws
+            with packing.attention(self.backbone.config, packing.SEGMENTS):
+                return self.backbone(input_ids=input_ids, position_ids=pos,
+                                     segments=packing.spans(seg)).last_hidden_state
         causal = self.decoder and not self.spec.bidirectional
         mask = packing.block_mask(seg, causal, kernel, self.backbone.dtype)  # [R, 1, T, T]
         return self.backbone(input_ids=input_ids, attention_mask=mask, position_ids=pos, **extra).last_hidden_state

@@ -6,10 +6,13 @@ What keeps the texts apart:
 
 - positions restart at each text (BERT's absolute position embeddings, Llama's rotary ones), and
   BERT's token types are all 0 as in the padded forward;
-- attention stays inside each text: a block-diagonal 4D mask (causal inside a block for a
-  decoder) on the sdpa and eager kernels. On those kernels a row costs row^2 in attention
-  but saves the padding in every linear layer; rows are at most `row` tokens (the rank's longest
-  text by default: contrastive_step), so a row's attention costs what one padded text's does;
+- attention stays inside each text. An encoder on the sdpa kernel runs it text by text
+  (`segment_attention`, registered with transformers as SEGMENTS): each text's own [L, L]
+  scores, no [T, T] mask, and attention dropout drawn over those alone. Otherwise (eager, and
+  decoders) a block-diagonal 4D mask (causal inside a block for a decoder): a row then costs
+  row^2 in attention, and the dropout mask is drawn over all of it (on CPU, a sixth of a packed
+  step at 256 tokens went to drawing it); rows are at most `row` tokens (the rank's longest text
+  by default: contrastive_step), so a row's attention costs what one padded text's does;
 - with flash attention (CUDA), the rows are flattened into one and transformers' varlen path
   reads the sequence boundaries from the restarting position ids (no mask, no row^2 work);
 - pooling is computed per text from the packed output (a segment mean, a segment's first or
@@ -22,12 +25,17 @@ attention matrix is empty (an all-masked row is NaN in sdpa) and no text sees th
 
 from __future__ import annotations
 
-from typing import Sequence
+import contextlib
+from typing import Iterator, Sequence
 
 import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface
 
 FLASH = ("flash_attention_2", "flash_attention_3")
 MASKED = ("sdpa", "eager")  # kernels that take the 4D block mask
+SEGMENTS = "train_segments"  # our attention implementation: text by text within packed rows
 
 
 def plan_rows(lengths: Sequence[int], row: int) -> list[list[int]]:
@@ -148,3 +156,48 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, seg: torch.Tensor, how: str) 
     out = torch.empty((n, d), dtype=h.dtype, device=h.device)
     out[s[at]] = h[at]
     return out
+
+
+def spans(seg: torch.Tensor) -> list[list[tuple[int, int]]]:
+    """seg [R, T] -> for each row, the (start, stop) of each text in it and of its padding tail."""
+    out = []
+    for row in seg.tolist():
+        cuts = [0] + [t for t in range(1, len(row)) if row[t] != row[t - 1]] + [len(row)]
+        out.append(list(zip(cuts[:-1], cuts[1:])))
+    return out
+
+
+def segment_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                      segments: list[list[tuple[int, int]]] | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+    """query, key, value [R, H, T, d] -> ([R, T, H, d], None): sdpa on each text of each row by itself
+    (`segments`: spans(seg)), bidirectional. The padding tail attends to itself and is never pooled."""
+    if segments is None or attention_mask is not None:
+        raise ValueError("segment_attention needs segments=packing.spans(seg) and no attention mask")
+    rows = []
+    for r, row in enumerate(segments):
+        parts = [sdpa_attention_forward(module, query[r : r + 1, :, a:b], key[r : r + 1, :, a:b],
+                                        value[r : r + 1, :, a:b], None, dropout=dropout, scaling=scaling,
+                                        is_causal=False, **kwargs)[0] for a, b in row]  # each [1, L, H, d]
+        rows.append(torch.cat(parts, dim=1))
+    return torch.cat(rows, dim=0), None
+
+
+def _no_mask(*args, **kwargs) -> None:
+    """The mask transformers would build for SEGMENTS: none, the texts' spans say it all."""
+    return None
+
+
+AttentionInterface.register(SEGMENTS, segment_attention)
+AttentionMaskInterface.register(SEGMENTS, _no_mask)
+
+
+@contextlib.contextmanager
+def attention(config, kernel: str) -> Iterator[None]:
+    """The model's attention implementation set to `kernel` for one forward, then put back (never saved)."""
+    before = config._attn_implementation_internal
+    config._attn_implementation_internal = kernel
+    try:
+        yield
+    finally:
+        config._attn_implementation_internal = before
