@@ -6,7 +6,7 @@ What keeps the texts apart:
 
 - positions restart at each text (BERT's absolute position embeddings, Llama's rotary ones), and
   BERT's token types are all 0 as in the padded forward;
-- attention stays inside each text. An encoder on the sdpa kernel runs it text by text
+- attention stays inside each text. An encoder on the sdpa kernel on CPU runs it text by text
   (`segment_attention`, registered with transformers as SEGMENTS): each text's own [L, L]
   scores, no [T, T] mask, and attention dropout drawn over those alone. Otherwise (eager, and
   decoders) a block-diagonal 4D mask (causal inside a block for a decoder): a row then costs
