@@ -11,7 +11,8 @@ so that peak RSS is that process's own:
              (seconds from the interpreter's start, imports included), peak RSS
   step       data time per step at --batch (draw the global batch, read, tokenize, collate; 1 rank, in line)
   read       (--phases read) the read alone: --steps + 1 global batches drawn and both columns read,
-             no tokenization; wall and CPU seconds and page faults per batch
+             no tokenization; wall, CPU and system seconds and page faults per batch (the code
+             measured is the `train` package on PYTHONPATH: set it to compare two versions)
   texts/s    read + tokenize + collate alone with 0, 1 and 2 prefetch threads (2 texts per pair):
              --texts-batches batches of --texts-batch pairs, timed from the prefetcher's start
   memory     peak RSS, and at the end private (RssAnon) and file-backed (RssFile) resident memory
@@ -99,6 +100,7 @@ def measure(args) -> dict:
             c1 = resource.getrusage(resource.RUSAGE_SELF)
             per_batch.append({"wall_s": time.perf_counter() - t,
                               "cpu_s": c1.ru_utime + c1.ru_stime - c0.ru_utime - c0.ru_stime,
+                              "sys_s": c1.ru_stime - c0.ru_stime,  # the kernel's share: page faults, madvise
                               "major_faults": c1.ru_majflt - c0.ru_majflt, "minor_faults": c1.ru_minflt - c0.ru_minflt})
         return {**out, "per_batch": per_batch, "peak_rss_mb": peak_mb(), **resident_mb(),
                 "load_average": os.getloadavg()}
