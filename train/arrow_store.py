@@ -294,13 +294,13 @@ class _Layout:
     A row costs a few Python operations there, where an Arrow take costs ~40 us per chunk it touches
     whatever its rows (measured): a batch touches one chunk per row at 10M+ rows."""
 
-    def __init__(self, array: pa.ChunkedArray):
+    def __init__(self, array: pa.ChunkedArray, chunks: list[pa.Array]):
         spans = file_mappings()
         starts = [a for a, _ in spans]
         self.mappings: list[tuple[int, int, memoryview]] = []  # (start, end, a view of it)
         index: dict[int, int] = {}
         self.mapping, self.lo, self.hi = [], [], []  # per chunk: mapping index (-1: none), buffers' span
-        for chunk in array.chunks:
+        for chunk in chunks:
             buffers = [b for b in chunk.buffers() if b is not None and b.size]
             lo = min((b.address for b in buffers), default=0)
             hi = max((b.address + b.size for b in buffers), default=0)
@@ -316,11 +316,10 @@ class _Layout:
             self.lo.append(lo)
             self.hi.append(hi)
         # a chunk of no rows is never read: it may lie anywhere
-        self.kind = _direct_kind(array.type) if all(m >= 0 or not len(c) for c, m in zip(array.chunks, self.mapping)) \
-            and not any(_has_nulls(c) for c in array.chunks) else None
+        self.kind = _direct_kind(array.type) if all(m >= 0 or not len(c) for c, m in zip(chunks, self.mapping)) \
+            and not any(_has_nulls(c) for c in chunks) else None
         if self.kind is not None:
-            self.first = [self._first(c, self.mappings[m][0]) if m >= 0 else None
-                          for c, m in zip(array.chunks, self.mapping)]
+            self.first = [self._first(c, self.mappings[m][0]) if m >= 0 else None for c, m in zip(chunks, self.mapping)]
 
     def _first(self, chunk: pa.Array, base: int) -> tuple[int, ...]:
         """Positions in the mapping of a chunk's first entries: (offsets, data) of text; (list offsets,
@@ -415,8 +414,9 @@ class Column(Rows):
         self.array, self.origin, self.check, self.width = array, origin, check, width
         # Row offsets of the chunks: a take looks its rows up per chunk, as ChunkedArray.take
         # concatenates the chunks first (a copy of the whole column: 1.4 GB at 10M pairs, measured).
-        self.starts = np.cumsum([0] + [len(c) for c in array.chunks])
-        self.layout = _Layout(array)
+        chunks = array.chunks  # a new list of wrappers at each access
+        self.starts = np.cumsum([0] + [len(c) for c in chunks])
+        self.layout = _Layout(array, chunks)
 
     def __len__(self) -> int:
         return len(self.array)
