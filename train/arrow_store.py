@@ -240,9 +240,9 @@ class Rows(Sequence):
 # leaves nothing its reads mapped behind.
 PTE_SPAN = mmap.PAGESIZE * (mmap.PAGESIZE // 8)
 # Rows of one chunk from which a take reads them through Arrow (chunk.take + to_pylist: ~40 us per
-# call, then ~0.5 us a row) rather than row by row from the mapping (~1.2 us a row): the two cost the
-# same at ~54 rows (measured, 10M pairs: 13 rows per chunk 0.19 against 0.29 s per batch; 215 rows
-# 1.6 against 1.2 s). 1M pairs draw ~270 rows of a chunk per batch of 32,768, 10M ~27, 50M ~5.
+# call, then ~0.7 us a row less) rather than row by row from the mapping: the two cost the same at
+# ~54 rows (measured, 10M pairs: 13 rows per chunk 0.19 against 0.29 s per batch; 215 rows 1.6
+# against 1.2 s). 1M pairs draw ~270 rows of a chunk per batch of 32,768, 10M ~27, 50M ~5.
 ARROW_ROWS = 64
 
 
@@ -250,7 +250,7 @@ def file_mappings() -> list[tuple[int, int]]:
     """(start, end) of this process's read-only, file-backed memory mappings (/proc/self/maps):
     the only memory whose pages may be released. MADV_DONTNEED on anonymous memory (an in-memory
     table) would zero it; on a file mapping never written, the next read maps the file's page again.
-    None on a system without /proc: nothing is then released."""
+    [] on a system without /proc: nothing is then released."""
     try:
         lines = Path("/proc/self/maps").read_text().splitlines()
     except OSError:
@@ -292,7 +292,7 @@ class _Layout:
     numbers, without nulls, every chunk in a file mapping. That is what the cache holds (anchor,
     positive: string; negatives: list<string>; scores: list<double>) and what hub datasets mostly do.
     A row costs a few Python operations there, where an Arrow take costs ~40 us per chunk it touches
-    whatever its rows (measured): a batch touches one chunk per row at 10M+ rows."""
+    whatever its rows (measured): a batch of 32,768 reads ~5 rows of each chunk at 50M pairs."""
 
     def __init__(self, array: pa.ChunkedArray, chunks: list[pa.Array]):
         spans = file_mappings()
