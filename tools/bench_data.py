@@ -11,7 +11,11 @@ so that peak RSS is that process's own:
              (seconds from the interpreter's start, imports included), peak RSS
   step       data time per step at --batch (draw the global batch, read, tokenize, collate; 1 rank, in line)
   read       (--phases read) the read alone: --steps + 1 global batches drawn and both columns read,
-             no tokenization; wall and CPU seconds and page faults per batch
+             no tokenization; wall, CPU and system seconds and page faults per batch (the code
+             measured is the `train` package on PYTHONPATH: set it to compare two versions)
+  steps      (--phases steps) the whole step (draw, read, tokenize, collate; in line) of every --pairs
+             size in one process, one step of each size in turn for --steps rounds: the sizes'
+             steps share the machine's load, so their ratio holds where the load moves the seconds
   texts/s    read + tokenize + collate alone with 0, 1 and 2 prefetch threads (2 texts per pair):
              --texts-batches batches of --texts-batch pairs, timed from the prefetcher's start
   memory     peak RSS, and at the end private (RssAnon) and file-backed (RssFile) resident memory
@@ -74,8 +78,31 @@ def resident_mb() -> dict:
     return {k: int(status[k].split()[0]) / 1024 for k in ("RssAnon", "RssFile")}
 
 
+def interleaved_steps(args) -> dict:
+    """Seconds of each whole step, per corpus, the corpora's steps taken in turn (phase "steps")."""
+    from train import assets
+    from train.data import Mixture, read_source
+    from train.model import load_encoder
+    from train.prefetch import Prefetcher
+
+    encoder = load_encoder(str(assets.path("tiny-bert")), pooling="mean", max_length=32)
+    sources = [read_source("bench", corpus, cache_dir=cache) for corpus, cache in zip(args.corpora, args.caches)]
+    loaders = [Prefetcher(Mixture(sizes=[len(s)], weights=[None], homogeneous=[False], batch_size=args.batch, seed=0),
+                          [s], encoder, 0, 1, 0) for s in sources]
+    seconds: list[list[float]] = [[] for _ in sources]
+    for _ in range(args.steps + 1):  # the first round warms up (the tokenizer, the first pages)
+        for k, data in enumerate(loaders):
+            t = time.perf_counter()
+            data.next()
+            seconds[k].append(time.perf_counter() - t)
+    return {"rows": [len(s) for s in sources], "step_s": seconds, "peak_rss_mb": peak_mb(),
+            "load_average": os.getloadavg()}
+
+
 def measure(args) -> dict:
     """One phase in this process; prints a JSON line."""
+    if args.phase == "steps":
+        return interleaved_steps(args)
     from train import assets
     from train.data import Mixture, read_source
     from train.model import load_encoder
@@ -99,6 +126,7 @@ def measure(args) -> dict:
             c1 = resource.getrusage(resource.RUSAGE_SELF)
             per_batch.append({"wall_s": time.perf_counter() - t,
                               "cpu_s": c1.ru_utime + c1.ru_stime - c0.ru_utime - c0.ru_stime,
+                              "sys_s": c1.ru_stime - c0.ru_stime,  # the kernel's share: page faults, madvise
                               "major_faults": c1.ru_majflt - c0.ru_majflt, "minor_faults": c1.ru_minflt - c0.ru_minflt})
         return {**out, "per_batch": per_batch, "peak_rss_mb": peak_mb(), **resident_mb(),
                 "load_average": os.getloadavg()}
@@ -134,6 +162,11 @@ def run_phase(corpus: Path, cache: Path, phase: str, args, workers: int = 0) -> 
            "--batch", str(args.batch), "--steps", str(args.steps), "--workers", str(workers),
            "--num-proc", str(args.num_proc), "--texts-batch", str(args.texts_batch),
            "--texts-batches", str(args.texts_batches)]
+    return run_measure(cmd)
+
+
+def run_measure(cmd: list[str]) -> dict:
+    """The JSON line of a measure run in a fresh process (its peak RSS its own)."""
     done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     if done.returncode:
         raise SystemExit(done.stderr[-3000:])
@@ -154,6 +187,8 @@ def main() -> None:
     p.add_argument("--measure", help=argparse.SUPPRESS)
     p.add_argument("--corpus", help=argparse.SUPPRESS)
     p.add_argument("--cache", help=argparse.SUPPRESS)
+    p.add_argument("--corpora", nargs="+", help=argparse.SUPPRESS)
+    p.add_argument("--caches", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.measure:
         args.phase = args.measure
@@ -176,6 +211,12 @@ def main() -> None:
         if "texts" in args.phases:
             row["texts"] = {w: run_phase(corpus, cache, "texts", args, w) for w in args.workers}
         print(json.dumps(row), flush=True)
+    if "steps" in args.phases.split(","):
+        corpora = [root / f"pairs_{pairs}.jsonl" for pairs in args.pairs]
+        cmd = [sys.executable, __file__, "--measure", "steps", "--corpora", *map(str, corpora), "--caches",
+               *(str(root / f"cache_{pairs}") for pairs in args.pairs), "--batch", str(args.batch), "--steps",
+               str(args.steps)]
+        print(json.dumps({"pairs": args.pairs, "steps": run_measure(cmd)}), flush=True)
 
 
 if __name__ == "__main__":

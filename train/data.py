@@ -243,15 +243,15 @@ def read_source(name: str, path: str, fields: dict[str, str] | None = None, num_
         return replace(_hub_source(name, origin, _load_hub(path, subset, split, data_files), mapping, num_negatives,
                                    limit), **how)
     options = {"fields": mapping, "num_negatives": num_negatives, "limit": limit}
-    table, pages, fp = arrow_store.cached(
+    table, fp = arrow_store.cached(
         p, options, functools.partial(_convert, p, mapping, num_negatives, limit, num_proc), cache_dir)
     names = table.column_names
 
     def column(key: str) -> arrow_store.Column | None:
-        return arrow_store.Column(table.column(key), pages=pages) if key in names else None
+        return arrow_store.Column(table.column(key)) if key in names else None
 
     n = len(table.column("negatives")[0]) if "negatives" in names else 0
-    negatives = arrow_store.Negatives([("negatives", table.column("negatives"))], n, pages=pages) \
+    negatives = arrow_store.Negatives([("negatives", table.column("negatives"))], n) \
         if "negatives" in names else []
     return Source(name, column("anchor"), column("positive"), negatives, column("scores"), origin, path=p,
                   fingerprint=fp, **how)
