@@ -151,6 +151,33 @@ def test_packing_computes_few_padding_tokens_on_short_and_long_texts(tiny_encode
         assert processed / real <= 1.10, (source.name, processed / real)
 
 
+def test_text_by_text_attention_recomputed_in_the_backward_draws_the_same_dropout():
+    """segment_attention keeps no [L, L] scores for the backward (checkpoint): the recomputation must
+    draw the dropout masks the forward drew, so values and gradients equal attention kept whole."""
+    torch.manual_seed(0)
+    qkv = [torch.randn(2, 4, 12, 8, requires_grad=True) for _ in range(3)]  # [R, H, T, d]
+    segments = [[(0, 5), (5, 12)], [(0, 9), (9, 12)]]
+    weight = torch.randn(2, 12, 4, 8)
+
+    def run(kept: bool):
+        torch.manual_seed(1)
+        for t in qkv:
+            t.grad = None
+        if kept:  # each text through sdpa with its scores kept, the same calls in the same order
+            out = torch.cat([torch.cat([packing._attend(torch.nn.Module(), 0.5, None, {},
+                                                        *(t[r : r + 1, :, a:b] for t in qkv)) for a, b in row], dim=1)
+                             for r, row in enumerate(segments)])
+        else:
+            out = packing.segment_attention(torch.nn.Module(), *qkv, None, dropout=0.5, segments=segments)[0]
+        (out * weight).sum().backward()
+        return out.detach(), [t.grad.clone() for t in qkv]
+
+    (out, grads), (ref, ref_grads) = run(False), run(True)
+    assert torch.equal(out, ref) and all(torch.equal(g, r) for g, r in zip(grads, ref_grads))
+    assert not torch.equal(run(True)[0], packing.segment_attention(torch.nn.Module(), *qkv, None, dropout=0.0,
+                                                                   segments=segments)[0])  # dropout is on
+
+
 def test_under_a_token_budget_short_and_long_texts_cost_the_same_attention(tiny_encoder_factory):
     """With trainer.chunk_tokens the packed rows are model.max_length long (packing.row_tokens), so the
     largest chunk of short SNLI texts and of long Wikipedia paragraphs costs the same tokens and the same

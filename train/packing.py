@@ -26,9 +26,11 @@ attention matrix is empty (an all-masked row is NaN in sdpa) and no text sees th
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Iterator, Sequence
 
 import torch
+from torch.utils.checkpoint import checkpoint
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface
@@ -174,13 +176,27 @@ def segment_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     (`segments`: spans(seg)), bidirectional. The padding tail attends to itself and is never pooled."""
     if segments is None or attention_mask is not None:
         raise ValueError("segment_attention needs segments=packing.spans(seg) and no attention mask")
+    attend = functools.partial(_attend, module, dropout, scaling, kwargs)
+    # With dropout, CPU's sdpa runs its math path, which keeps each text's [H, L, L] scores, probabilities
+    # and dropout mask for the backward: sum L^2 per chunk, which a token budget does not bound (a chunk
+    # of 256-token paragraphs kept 14x the scores of one of 12-token sentences, ~300 MiB for MiniLM).
+    # Recomputed in the backward instead (checkpoint; its saved RNG state replays the same dropout), a
+    # text keeps only its q, k, v: O(L), as flash attention does on a GPU.
+    keep_scores = not (torch.is_grad_enabled() and query.requires_grad)
     rows = []
     for r, row in enumerate(segments):
-        parts = [sdpa_attention_forward(module, query[r : r + 1, :, a:b], key[r : r + 1, :, a:b],
-                                        value[r : r + 1, :, a:b], None, dropout=dropout, scaling=scaling,
-                                        is_causal=False, **kwargs)[0] for a, b in row]  # each [1, L, H, d]
+        parts = [attend(*(t[r : r + 1, :, a:b] for t in (query, key, value))) if keep_scores else
+                 checkpoint(attend, *(t[r : r + 1, :, a:b] for t in (query, key, value)), use_reentrant=False)
+                 for a, b in row]  # each [1, L, H, d]
         rows.append(torch.cat(parts, dim=1))
     return torch.cat(rows, dim=0), None
+
+
+def _attend(module: torch.nn.Module, dropout: float, scaling: float | None, kwargs: dict, query: torch.Tensor,
+            key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """One text's attention: [1, H, L, d] each -> [1, L, H, d]."""
+    return sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling,
+                                  is_causal=False, **kwargs)[0]
 
 
 def _no_mask(*args, **kwargs) -> None:
