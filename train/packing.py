@@ -8,7 +8,8 @@ What keeps the texts apart:
   BERT's token types are all 0 as in the padded forward;
 - attention stays inside each text. An encoder on the sdpa kernel on CPU runs it text by text
   (`segment_attention`, registered with transformers as SEGMENTS): each text's own [L, L]
-  scores, no [T, T] mask, and attention dropout drawn over those alone. Otherwise (eager, and
+  scores, no [T, T] mask, and attention dropout drawn over those alone; the scores are recomputed
+  in the backward rather than kept, so a chunk's memory follows its tokens. Otherwise (eager, and
   decoders) a block-diagonal 4D mask (causal inside a block for a decoder): a row then costs
   row^2 in attention, and the dropout mask is drawn over all of it (on CPU, a sixth of a packed
   step at 256 tokens went to drawing it); rows are at most `row` tokens (the rank's longest text
