@@ -4,6 +4,8 @@ forward's (dropout off), gradients through the cache equal plain autograd on the
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from helpers import LOSS, grads, max_rel_diff, plain_engine, reference_grads, snli_batch, tiny_lora_encoder
@@ -151,31 +153,44 @@ def test_packing_computes_few_padding_tokens_on_short_and_long_texts(tiny_encode
         assert processed / real <= 1.10, (source.name, processed / real)
 
 
-def test_text_by_text_attention_recomputed_in_the_backward_draws_the_same_dropout():
-    """segment_attention keeps no [L, L] scores for the backward (checkpoint): the recomputation must
-    draw the dropout masks the forward drew, so values and gradients equal attention kept whole."""
+def test_text_by_text_attention_equals_each_text_alone_and_recomputes_the_same_dropout():
+    """segment_attention: each text (grouped by length) attends to itself alone, as sdpa on that text
+    by itself does; and it keeps no [L, L] scores for the backward (checkpoint), so the recomputation
+    must draw the dropout masks the forward drew: values and gradients equal attention kept whole."""
     torch.manual_seed(0)
     qkv = [torch.randn(2, 4, 12, 8, requires_grad=True) for _ in range(3)]  # [R, H, T, d]
-    segments = [[(0, 5), (5, 12)], [(0, 9), (9, 12)]]
+    seg = torch.tensor([[0] * 5 + [1] * 7, [2] * 5 + [3] * 4 + [-1] * 3])  # texts of 5, 7, 5, 4; a tail of 3
+    segments = packing.spans(seg)
+    assert [tuple(i.shape) for i in segments] == [(1, 3), (1, 4), (2, 5), (1, 7)]
+    alone = torch.zeros(2, 12, 4, 8)  # each span through sdpa by itself, no dropout
+    for r, row in enumerate(([(0, 5), (5, 12)], [(0, 5), (5, 9), (9, 12)])):
+        for a, b in row:
+            alone[r, a:b] = packing._attend(torch.nn.Module(), 0.0, None, {}, *(t[r : r + 1, :, a:b] for t in qkv))[0]
+    got = packing.segment_attention(torch.nn.Module(), *qkv, None, dropout=0.0, segments=segments)[0]
+    assert float((got - alone).detach().abs().max()) < 1e-6
     weight = torch.randn(2, 12, 4, 8)
 
     def run(kept: bool):
         torch.manual_seed(1)
         for t in qkv:
             t.grad = None
-        if kept:  # each text through sdpa with its scores kept, the same calls in the same order
-            out = torch.cat([torch.cat([packing._attend(torch.nn.Module(), 0.5, None, {},
-                                                        *(t[r : r + 1, :, a:b] for t in qkv)) for a, b in row], dim=1)
-                             for r, row in enumerate(segments)])
-        else:
+        with torch.no_grad() if kept else contextlib.nullcontext():  # no_grad: scores kept, no checkpoint
             out = packing.segment_attention(torch.nn.Module(), *qkv, None, dropout=0.5, segments=segments)[0]
+        if kept:  # the same calls again, now with their graph kept whole, to take the gradient
+            torch.manual_seed(1)
+            flat = [t.transpose(1, 2).reshape(24, 4, 8) for t in qkv]
+            parts = [packing._attend(torch.nn.Module(), 0.5, None, {}, *(t[i].transpose(1, 2) for t in flat))
+                     for i in segments]
+            whole = torch.zeros(24, 4, 8).index_put((torch.cat([i.reshape(-1) for i in segments]),),
+                                                     torch.cat([p.reshape(-1, 4, 8) for p in parts]))
+            assert torch.equal(whole.reshape(2, 12, 4, 8), out)
+            out = whole.reshape(2, 12, 4, 8)
         (out * weight).sum().backward()
         return out.detach(), [t.grad.clone() for t in qkv]
 
     (out, grads), (ref, ref_grads) = run(False), run(True)
     assert torch.equal(out, ref) and all(torch.equal(g, r) for g, r in zip(grads, ref_grads))
-    assert not torch.equal(run(True)[0], packing.segment_attention(torch.nn.Module(), *qkv, None, dropout=0.0,
-                                                                   segments=segments)[0])  # dropout is on
+    assert not torch.equal(out, got)  # dropout is on
 
 
 def test_under_a_token_budget_short_and_long_texts_cost_the_same_attention(tiny_encoder_factory):

@@ -161,41 +161,48 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, seg: torch.Tensor, how: str) 
     return out
 
 
-def spans(seg: torch.Tensor) -> list[list[tuple[int, int]]]:
-    """seg [R, T] -> for each row, the (start, stop) of each text in it and of its padding tail."""
-    out = []
-    for row in seg.tolist():
-        cuts = [0] + [t for t in range(1, len(row)) if row[t] != row[t - 1]] + [len(row)]
-        out.append(list(zip(cuts[:-1], cuts[1:])))
-    return out
+def spans(seg: torch.Tensor) -> list[torch.Tensor]:
+    """seg [R, T] -> the texts (and rows' padding tails) grouped by length: for each length L, an
+    index [n, L] of the n spans' token positions in the flattened rows (R*T), shortest first."""
+    width = seg.shape[1]
+    by_length: dict[int, list[int]] = {}
+    for r, row in enumerate(seg.tolist()):
+        cuts = [0] + [t for t in range(1, width) if row[t] != row[t - 1]] + [width]
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            by_length.setdefault(b - a, []).append(r * width + a)
+    return [torch.tensor(starts, device=seg.device)[:, None] + torch.arange(n, device=seg.device)
+            for n, starts in sorted(by_length.items())]
 
 
 def segment_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                      segments: list[list[tuple[int, int]]] | None = None, **kwargs) -> tuple[torch.Tensor, None]:
-    """query, key, value [R, H, T, d] -> ([R, T, H, d], None): sdpa on each text of each row by itself
-    (`segments`: spans(seg)), bidirectional. The padding tail attends to itself and is never pooled."""
+                      segments: list[torch.Tensor] | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+    """query, key, value [R, H, T, d] -> ([R, T, H, d], None): each text of each row attending to itself
+    alone (bidirectional), the texts of one length in one sdpa call (`segments`: spans(seg)). The
+    padding tails attend to themselves and are never pooled."""
     if segments is None or attention_mask is not None:
         raise ValueError("segment_attention needs segments=packing.spans(seg) and no attention mask")
+    rows, heads, width, d = query.shape
+    flat = [t.transpose(1, 2).reshape(rows * width, heads, d) for t in (query, key, value)]  # [R*T, H, d]
     attend = functools.partial(_attend, module, dropout, scaling, kwargs)
-    # With dropout, CPU's sdpa runs its math path, which keeps each text's [H, L, L] scores, probabilities
-    # and dropout mask for the backward: sum L^2 per chunk, which a token budget does not bound (a chunk
-    # of 256-token paragraphs kept 14x the scores of one of 12-token sentences, ~300 MiB for MiniLM).
+    # With dropout, CPU's sdpa runs its math path, which keeps the [n, H, L, L] scores, probabilities and
+    # dropout mask for the backward: sum L^2 per chunk, which a token budget does not bound (a chunk of
+    # 256-token paragraphs kept 14x the scores of one of 12-token sentences, ~300 MiB for MiniLM).
     # Recomputed in the backward instead (checkpoint; its saved RNG state replays the same dropout), a
-    # text keeps only its q, k, v: O(L), as flash attention does on a GPU.
+    # group keeps only its q, k, v: O(tokens), as flash attention does on a GPU.
     keep_scores = not (torch.is_grad_enabled() and query.requires_grad)
-    rows = []
-    for r, row in enumerate(segments):
-        parts = [attend(*(t[r : r + 1, :, a:b] for t in (query, key, value))) if keep_scores else
-                 checkpoint(attend, *(t[r : r + 1, :, a:b] for t in (query, key, value)), use_reentrant=False)
-                 for a, b in row]  # each [1, L, H, d]
-        rows.append(torch.cat(parts, dim=1))
-    return torch.cat(rows, dim=0), None
+    parts = []
+    for index in segments:  # [n, L]
+        group = [t[index].transpose(1, 2) for t in flat]  # [n, H, L, d] each
+        parts.append(attend(*group) if keep_scores else checkpoint(attend, *group, use_reentrant=False))
+    out = torch.empty_like(flat[0])  # [R*T, H, d]: every position lies in exactly one span
+    out[torch.cat([index.reshape(-1) for index in segments])] = torch.cat([p.reshape(-1, heads, d) for p in parts])
+    return out.reshape(rows, width, heads, d), None
 
 
 def _attend(module: torch.nn.Module, dropout: float, scaling: float | None, kwargs: dict, query: torch.Tensor,
             key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """One text's attention: [1, H, L, d] each -> [1, L, H, d]."""
+    """Texts of one length: [n, H, L, d] each -> [n, L, H, d]."""
     return sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling,
                                   is_causal=False, **kwargs)[0]
 
