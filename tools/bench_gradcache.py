@@ -499,6 +499,8 @@ def part_b(args) -> dict:
         "uncached": {**base, "chunk": b, "group_by_length": True},
         "cached_packed": {**base, "chunk": args.chunk, "group_by_length": True, "floor": True, "packed": True},
     }
+    if args.variants:  # a subset, e.g. the floors alone: cached,cached_packed
+        variants = {k: v for k, v in variants.items() if k in args.variants.split(",")}
     out = {}
     for name, job in variants.items():
         print(f"  b: {name} batch {b} ...", file=sys.stderr, flush=True)
@@ -514,7 +516,7 @@ def part_b(args) -> dict:
     print(table(["variant", "chunk (examples)", "s/step", "examples/s", "padded tok/text", "real tok/text",
                  "peak MiB"], rows_))
     for name in ("cached", "cached_packed"):
-        r = out[name]
+        r = out.get(name, {"error": "not run"})
         if "error" in r:
             continue
         f = r["floor"]
@@ -522,7 +524,7 @@ def part_b(args) -> dict:
               f"{f['median_forward_backward_s']:.3g} s = {f['floor']:.3f}; the step took "
               f"{r['median_step_s'] / (f['floor'] * f['median_forward_backward_s']):.3f}x its floor "
               "(floor x t_fwd_bwd, same chunks)")
-    cached, uncached = out["cached"], out["uncached"]
+    cached, uncached = out.get("cached", {"error": "not run"}), out.get("uncached", {"error": "not run"})
     if "error" not in cached and "error" not in uncached:
         out["ratio_cached_over_uncached"] = cached["median_step_s"] / uncached["median_step_s"]
         print(f"cached / uncached time: {out['ratio_cached_over_uncached']:.3f}")
@@ -591,6 +593,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "(explicit flags win)")
     ap.add_argument("--parts", default="a,b,c", help="which parts to run, e.g. a,c (default a,b,c; m: memory "
                                                      "under --chunk-tokens on short and long texts)")
+    ap.add_argument("--variants", help="part b's variants to run, comma-separated (default all: cached, "
+                    "cached_ungrouped, uncached, cached_packed)")
     ap.add_argument("--chunk-tokens", type=int, default=4096, help="part m's token budget (default 4096)")
     ap.add_argument("--out", help="JSON file for the raw results (default: a new file in the temp folder)")
     ap.add_argument("--allocator-default", action="store_true",
