@@ -64,7 +64,8 @@ def test_pack_lays_texts_end_to_end_with_positions_restarting():
     ("tiny-llama", {"pooling": "mean", "bidirectional": True}),
     ("tiny-llama", {"pooling": "echo", "attn_implementation": "eager"}),
 ])
-def test_packed_embeddings_equal_the_padded_forward(name, kw):
+def test_packed_embeddings_equal_the_padded_forward(name, kw, monkeypatch):
+    monkeypatch.setattr(packing, "SEGMENT_ROWS", 0)  # sdpa encoders attend text by text at any width
     encoder = load_encoder(str(assets.path(name)), max_length=32, **kw).eval()
     kernel = encoder.backbone.config._attn_implementation
     seqs = (lambda b: b.query_ids + b.passage_ids)(snli_batch(encoder, range(8)))
@@ -87,7 +88,9 @@ def test_packed_embeddings_equal_the_padded_forward_with_lora_and_an_instruction
 @pytest.mark.parametrize("chunk_size,chunk_tokens,row_tokens", [(32, None, None), (3, None, None), (32, 160, None),
                                                                 (32, 160, 64)])
 def test_packed_cache_gives_the_padded_full_batch_gradient(tiny_encoder_factory, chunk_size, chunk_tokens,
-                                                           row_tokens):
+                                                           row_tokens, monkeypatch):
+    # text by text at every width but the last case's 64-token rows, where the block mask is used
+    monkeypatch.setattr(packing, "SEGMENT_ROWS", 0 if row_tokens is None else 1000)
     encoder = tiny_encoder_factory().eval()
     batch = snli_batch(encoder, range(32))
     ref_loss, ref = reference_grads(encoder, batch)  # padded, one forward, plain autograd
@@ -112,9 +115,11 @@ def test_packed_cache_gives_the_padded_gradient_for_a_lora_decoder():
     assert all("lora" in k for k in ref)  # only the adapter trains
 
 
-def test_packed_dropout_is_replayed_exactly(tiny_encoder_factory):
+@pytest.mark.parametrize("segment_rows", [0, 1000])  # text by text; the block mask
+def test_packed_dropout_is_replayed_exactly(tiny_encoder_factory, monkeypatch, segment_rows):
     """Dropout on: the cache equals plain autograd on the same packed chunks from the same seed
     (packed and padded masks differ by layout, so the reference is packed too)."""
+    monkeypatch.setattr(packing, "SEGMENT_ROWS", segment_rows)
     encoder = tiny_encoder_factory().train()
     assert encoder.backbone.config.hidden_dropout_prob > 0
     batch = snli_batch(encoder, range(24))

@@ -282,7 +282,8 @@ class Encoder(Padded, nn.Module):
             # positions and runs varlen attention (padding tokens are 1-token texts, never pooled).
             out = self.backbone(input_ids=input_ids.reshape(1, -1), position_ids=pos.reshape(1, -1), **extra)
             return out.last_hidden_state.reshape(*input_ids.shape, -1)
-        if kernel == "sdpa" and not self.decoder and input_ids.device.type == "cpu":
+        if kernel == "sdpa" and not self.decoder and input_ids.device.type == "cpu" \
+                and input_ids.shape[1] >= packing.SEGMENT_ROWS:
             # text by text: no [T, T] scores, mask or dropout draws; measured on CPU only (on a GPU the
             # loop's many small kernels would cost launches, and flash attention's varlen path is the way)
             with packing.attention(self.backbone.config, packing.SEGMENTS):

@@ -6,7 +6,8 @@ What keeps the texts apart:
 
 - positions restart at each text (BERT's absolute position embeddings, Llama's rotary ones), and
   BERT's token types are all 0 as in the padded forward;
-- attention stays inside each text. An encoder on the sdpa kernel on CPU runs it text by text
+- attention stays inside each text. An encoder on the sdpa kernel on CPU, in rows of SEGMENT_ROWS
+  tokens or more, runs it text by text
   (`segment_attention`, registered with transformers as SEGMENTS): each text's own [L, L]
   scores, no [T, T] mask, and attention dropout drawn over those alone; the scores are recomputed
   in the backward rather than kept, so a chunk's memory follows its tokens. Otherwise (eager, and
@@ -39,6 +40,12 @@ from transformers.masking_utils import AttentionMaskInterface
 FLASH = ("flash_attention_2", "flash_attention_3")
 MASKED = ("sdpa", "eager")  # kernels that take the 4D block mask
 SEGMENTS = "train_segments"  # our attention implementation: text by text within packed rows
+# Rows at least this wide attend text by text (CPU sdpa encoders); narrower ones keep one sdpa call per
+# row under the block mask, which is cheap there (rows^2 small) and is a few large ops instead of one
+# per text length: the quickstart's 32-token rows took 150-285 s a step text by text with 2 torch
+# threads on a loaded machine (2026-12-01, not measured side by side), where the block mask takes ~3 s
+# idle. Measured text by text: 256-token rows (docs/benchmarks.md, packing).
+SEGMENT_ROWS = 128
 
 
 def plan_rows(lengths: Sequence[int], row: int) -> list[list[int]]:
