@@ -94,3 +94,19 @@ def test_the_optimizer_check_leaves_the_runs_random_streams_alone(compose):
     torch.manual_seed(0)
     build.check_optim(cfg.optim, cfg.trainer)
     assert torch.equal(torch.rand(4), want)
+
+
+def test_prompts_from_the_command_line_reach_the_encoder_and_bad_ones_are_named(compose):
+    """A dict given on the command line onto the unset default (OmegaConf 2.3 fails to merge a dict into
+    a None Optional[Dict] node: AttributeError at compose time, as README's prompted rows once found)."""
+    from train.build import prompts
+    from train.errors import UserError
+
+    cfg = compose(['model.prompts={query: "query: ", passage: "passage: "}'])
+    assert prompts(cfg.model.prompts) == {"query": "query: ", "passage": "passage: "}
+    assert prompts(compose([]).model.prompts) is None
+    e5 = compose(["recipe=e5_pretrain", 'model.prompts={query: "q: "}'])  # merged onto the recipe's pair
+    assert prompts(e5.model.prompts) == {"query": "q: ", "passage": "passage: "}
+    for bad in ("model.prompts=query", "model.prompts=[a,b]", "model.prompts={query: 3}"):
+        with pytest.raises(UserError, match="model.prompts=.*expected a mapping of side to prefix"):
+            prompts(compose([bad]).model.prompts)

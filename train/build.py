@@ -64,7 +64,7 @@ def encoder(m: DictConfig) -> Encoder:
     try:
         enc = load_encoder(
             m.path, pooling=plain_str(m.pooling), normalize=m.normalize, max_length=m.max_length,
-            prompts=plain(m.prompts), dtype=str(m.dtype), attn_implementation=plain_str(m.attn_implementation),
+            prompts=prompts(m.prompts), dtype=str(m.dtype), attn_implementation=plain_str(m.attn_implementation),
             truncate_dim=m.truncate_dim, bidirectional=m.bidirectional, pool_prompt=m.pool_prompt,
             instruction_template=m.instruction_template, latents=m.latents, latent_heads=m.latent_heads,
             lora_config=plain(m.lora), gradient_checkpointing=m.gradient_checkpointing, quantization=m.quantization,
@@ -130,6 +130,16 @@ def check_rerank_data(loss_kind: str, srcs: list[Source]) -> None:
             raise UserError(f"recipe {recipe_name()} (loss.rerank={loss_kind}) needs each query's positive and "
                             f"negatives, but source {s.name!r} ({s.origin}) has {has}: expected a negatives field "
                             f"named one of {', '.join(ALIASES['negatives'])} (mine them: recipe=mine_hard_negatives)")
+
+
+def prompts(node) -> dict[str, str] | None:
+    """cfg.model.prompts: None (the folder's) or a mapping of side (query, passage) to prefix."""
+    value = plain(node) if isinstance(node, DictConfig) or node is None else node
+    if value is None or (isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str)
+                                                         for k, v in value.items())):
+        return value
+    raise UserError(f"model.prompts={value!r}: expected a mapping of side to prefix, e.g. "
+                    "model.prompts='{query: \"query: \", passage: \"passage: \"}'")
 
 
 def plain_str(value) -> str | None:

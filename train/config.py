@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 from hydra.experimental.callback import Callback
 from omegaconf import MISSING, OmegaConf
@@ -90,7 +90,9 @@ class ModelConfig:
     # max_seq_length of the saved model: max_length cuts texts for training only; None: the base
     # folder's own (its sentence_bert_config.json), else max_length
     save_max_length: Optional[int] = None
-    prompts: Optional[Dict[str, str]] = None  # {query: "query: ", passage: "passage: "}; None: the folder's
+    # {query: "query: ", passage: "passage: "}; None: the folder's. Typed Any, checked in build.prompts:
+    # OmegaConf 2.3 cannot merge a command-line dict into a None Optional[Dict] node (AttributeError)
+    prompts: Any = None
     head: Optional[Head] = None  # none | mlp | mlp_train (a dense layer + tanh); None: the folder's, else none
     # weights; float64: a CPU training precision for exact comparisons (refused on CUDA, with bf16, 4-bit,
     # DeepSpeed): weights, embeddings, loss, cache and Adam in float64, model/ saved in float32
