@@ -166,7 +166,9 @@ def test_text_by_text_attention_equals_each_text_alone_and_recomputes_the_same_d
     qkv = [torch.randn(2, 4, 12, 8, requires_grad=True) for _ in range(3)]  # [R, H, T, d]
     seg = torch.tensor([[0] * 5 + [1] * 7, [2] * 5 + [3] * 4 + [-1] * 3])  # texts of 5, 7, 5, 4; a tail of 3
     segments = packing.spans(seg)
-    assert [tuple(i.shape) for i in segments] == [(1, 3), (1, 4), (2, 5), (1, 7)]
+    assert [tuple(i.shape) for i in segments.groups] == [(1, 3), (1, 4), (2, 5), (1, 7)]
+    assert [i.tolist() for i in segments.groups] == [[[21, 22, 23]], [[17, 18, 19, 20]],
+                                                     [list(range(5)), list(range(12, 17))], [list(range(5, 12))]]
     alone = torch.zeros(2, 12, 4, 8)  # each span through sdpa by itself, no dropout
     for r, row in enumerate(([(0, 5), (5, 12)], [(0, 5), (5, 9), (9, 12)])):
         for a, b in row:
@@ -185,8 +187,8 @@ def test_text_by_text_attention_equals_each_text_alone_and_recomputes_the_same_d
             torch.manual_seed(1)
             flat = [t.transpose(1, 2).reshape(24, 4, 8) for t in qkv]
             parts = [packing._attend(torch.nn.Module(), 0.5, None, {}, *(t[i].transpose(1, 2) for t in flat))
-                     for i in segments]
-            whole = torch.zeros(24, 4, 8).index_put((torch.cat([i.reshape(-1) for i in segments]),),
+                     for i in segments.groups]
+            whole = torch.zeros(24, 4, 8).index_put((torch.cat([i.reshape(-1) for i in segments.groups]),),
                                                      torch.cat([p.reshape(-1, 4, 8) for p in parts]))
             assert torch.equal(whole.reshape(2, 12, 4, 8), out)
             out = whole.reshape(2, 12, 4, 8)

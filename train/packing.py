@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Iterator, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -168,22 +168,30 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, seg: torch.Tensor, how: str) 
     return out
 
 
-def spans(seg: torch.Tensor) -> list[torch.Tensor]:
-    """seg [R, T] -> the texts (and rows' padding tails) grouped by length: for each length L, an
-    index [n, L] of the n spans' token positions in the flattened rows (R*T), shortest first."""
-    width = seg.shape[1]
-    by_length: dict[int, list[int]] = {}
-    for r, row in enumerate(seg.tolist()):
-        cuts = [0] + [t for t in range(1, width) if row[t] != row[t - 1]] + [width]
-        for a, b in zip(cuts[:-1], cuts[1:]):
-            by_length.setdefault(b - a, []).append(r * width + a)
-    return [torch.tensor(starts, device=seg.device)[:, None] + torch.arange(n, device=seg.device)
-            for n, starts in sorted(by_length.items())]
+class Spans(NamedTuple):
+    """A packed chunk's texts (and rows' padding tails) grouped by length, computed once per forward."""
+    groups: list[torch.Tensor]  # for each length L, shortest first: [n, L] token positions in the flattened rows
+    order: torch.Tensor  # [R*T]: the groups' positions concatenated, where their outputs go back
+
+
+def spans(seg: torch.Tensor) -> Spans:
+    """seg [R, T] -> Spans: a span starts at each row's first token and wherever seg changes (a
+    text never crosses rows); within a length, spans keep row-then-position order."""
+    rows, width = seg.shape
+    start = torch.ones_like(seg, dtype=torch.bool)  # [R, T]
+    start[:, 1:] = seg[:, 1:] != seg[:, :-1]
+    starts = start.reshape(-1).nonzero().squeeze(1)  # [S] flat positions
+    lengths = torch.diff(starts, append=starts.new_tensor([rows * width]))  # [S]
+    lengths, by_length = lengths.sort(stable=True)
+    sizes, counts = torch.unique_consecutive(lengths, return_counts=True)
+    groups = [first[:, None] + torch.arange(size, device=seg.device)
+              for first, size in zip(starts[by_length].split(counts.tolist()), sizes.tolist())]
+    return Spans(groups, torch.cat([g.reshape(-1) for g in groups]))
 
 
 def segment_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                      segments: list[torch.Tensor] | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+                      segments: Spans | None = None, **kwargs) -> tuple[torch.Tensor, None]:
     """query, key, value [R, H, T, d] -> ([R, T, H, d], None): each text of each row attending to itself
     alone (bidirectional), the texts of one length in one sdpa call (`segments`: spans(seg)). The
     padding tails attend to themselves and are never pooled."""
@@ -199,11 +207,11 @@ def segment_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     # group keeps only its q, k, v: O(tokens), as flash attention does on a GPU.
     keep_scores = not (torch.is_grad_enabled() and query.requires_grad)
     parts = []
-    for index in segments:  # [n, L]
+    for index in segments.groups:  # [n, L]
         group = [t[index].transpose(1, 2) for t in flat]  # [n, H, L, d] each
         parts.append(attend(*group) if keep_scores else checkpoint(attend, *group, use_reentrant=False))
     out = torch.empty_like(flat[0])  # [R*T, H, d]: every position lies in exactly one span
-    out[torch.cat([index.reshape(-1) for index in segments])] = torch.cat([p.reshape(-1, heads, d) for p in parts])
+    out[segments.order] = torch.cat([p.reshape(-1, heads, d) for p in parts])
     return out.reshape(rows, width, heads, d), None
 
 
