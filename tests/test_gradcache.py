@@ -3,8 +3,6 @@ across accumulated batches. References are computed independently of contrastive
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 from helpers import (
@@ -22,7 +20,7 @@ from helpers import (
 from train import gradcache
 from train.data import read_source
 from train.gradcache import contrastive_step, plan_chunks
-from train.losses import embedding_loss
+from train.losses import EmbeddingLoss
 
 
 def cached_grads(encoder, batch, chunk_size, loss_fn=LOSS, **kw):
@@ -160,8 +158,8 @@ def test_cached_equals_full_batch_for_distillation_and_matryoshka(tiny_encoder_f
     batch = snli_batch(encoder, range(24), read_source("scored", scored_triples(tmp_path / "scored.jsonl", 24)))
     assert batch.teacher is not None and batch.teacher.shape == (24, 2)
     dims = [encoder.dim, encoder.dim // 2, encoder.dim // 4]
-    loss_fn = functools.partial(embedding_loss, temperature=0.05, infonce_weight=0.2, distill_weight=1.0,
-                                teacher_temperature=0.5, matryoshka_dims=dims)
+    loss_fn = EmbeddingLoss(temperature=0.05, infonce_weight=0.2, distill_weight=1.0, teacher_temperature=0.5,
+                            matryoshka_dims=dims)
     # The reference pads the same chunks as the cache does: with the gradients of the two terms
     # partly cancelling, padding a text to another length alone moves them by ~3e-5 relative.
     seqs = batch.query_ids + batch.passage_ids

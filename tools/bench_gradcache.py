@@ -63,7 +63,7 @@ from train import assets, packing
 from train.data import collate, read_source
 from train.dist import World
 from train.engines import TorchEngine
-from train.gradcache import contrastive_step, make_pairing, plan_chunks
+from train.gradcache import chunk_inputs, contrastive_step, make_pairing
 from train.losses import contrastive_loss
 from train.model import freeze_unused, load_encoder, pad
 from train.optim import param_groups
@@ -164,14 +164,9 @@ class PeakMemory:
 def length_grouped_chunks(engine: TorchEngine, batch, chunk: int, packed: bool = False,
                           chunk_tokens: int | None = None) -> list[tuple[torch.Tensor, ...]]:
     """The chunks' model inputs contrastive_step forms for this batch (same plan, same padding or packing)."""
-    seqs = batch.query_ids + batch.passage_ids
-    if packed:
-        row = packing.row_tokens(engine.encoder.spec.max_length, chunk_tokens) or max(len(s) for s in seqs)
-        plans = packing.plan_chunks([len(s) for s in seqs], chunk * (1 + batch.group), row,
-                                    chunk_tokens)  # rows as the trainer makes them
-        return [packing.pack(seqs, rows, engine.encoder.pad_id) for rows in plans]
-    plan = plan_chunks([len(s) for s in seqs], chunk * (1 + batch.group), max_tokens=chunk_tokens)
-    return [pad([seqs[i] for i in c], engine.encoder.pad_id, engine.encoder.left_pad) for c in plan]
+    rows = packing.row_tokens(engine.encoder.spec.max_length, chunk_tokens) if packed else None
+    return chunk_inputs(batch.query_ids + batch.passage_ids, chunk * (1 + batch.group), engine.encoder,
+                        chunk_tokens=chunk_tokens, packed=packed, row_tokens=rows)[1]
 
 
 def tokens_per_text(stats: list) -> tuple[float, float]:

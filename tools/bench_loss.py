@@ -17,7 +17,6 @@ of one rank's step (loss_backward, then the surrogate's backward):
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import statistics
 import sys
@@ -30,7 +29,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from train.gradcache import BLOCK_ELEMENTS, loss_backward  # noqa: E402
-from train.losses import Pairing, embedding_loss  # noqa: E402
+from train.losses import EmbeddingLoss, Pairing  # noqa: E402
 
 
 def timed(fn, *args) -> float:
@@ -53,8 +52,8 @@ def main(argv=None) -> None:
     q = F.normalize(torch.randn(b, D), dim=-1).requires_grad_(True)  # [b, D]
     p_all = F.normalize(torch.randn(P, D), dim=-1).requires_grad_(True)  # [P, D]
     pair = Pairing(q=q, q_all=q, p_all=p_all, row0=0, group=P // b)  # each query's positive at row * group
-    plain = functools.partial(embedding_loss, temperature=0.05)
-    matryoshka = functools.partial(embedding_loss, temperature=0.05, matryoshka_dims=dims)
+    plain = EmbeddingLoss(temperature=0.05)
+    matryoshka = EmbeddingLoss(temperature=0.05, matryoshka_dims=dims)
     blocks = -(-b // max(1, BLOCK_ELEMENTS // P))
 
     def step(loss_fn):

@@ -5,7 +5,7 @@ config block, never the whole config.
     cfg.model   --> encoder()            Encoder (load, LoRA, pooling, prompts)
                     cross_encoder()      CrossEncoder (model.kind=cross_encoder: a re-ranker)
     cfg.data    --> sources(), Mixture   records with their weight and instruction, the sampler
-    cfg.loss    --> loss()               a function of a Pairing (losses.embedding_loss, bound), or of a
+    cfg.loss    --> loss()               a function of a Pairing (losses.EmbeddingLoss), or of a
                                          cross-encoder's [b, 1+n] scores (losses.rerank_loss)
     cfg.optim   --> optimizer()          torch optimizer over weight-decay groups
     cfg.dist    --> engine()             DDP / FSDP2 / DeepSpeed around encoder + optimizer + schedule
@@ -39,7 +39,7 @@ from train.errors import UserError
 from train.evaluate import RerankTask, build_tasks, defined_tasks, metric_names, rerank_bases
 from train.log import Logger, say
 from train.lora import trainable_share
-from train.losses import embedding_loss, rerank_loss
+from train.losses import EmbeddingLoss, rerank_loss
 from train.merge_folders import MergePlan, plan_merge
 from train.model import DTYPES, Encoder, freeze_unused, load_encoder
 from train.optim import param_groups, schedule
@@ -181,7 +181,7 @@ def loss(loss_cfg: DictConfig, kind: str = "embedder") -> Callable:
     if rerank:
         raise UserError(f"loss.rerank={rerank} is a cross-encoder's loss: set model.kind=cross_encoder "
                         "(recipe=reranker), or remove it")
-    return functools.partial(embedding_loss, **kwargs)
+    return EmbeddingLoss(**kwargs)
 
 
 def sources(data: DictConfig, loss_cfg: DictConfig, world: dist.World | None = None, seed: int = 0) -> list[Source]:

@@ -34,7 +34,7 @@ import torch
 
 from train import dist, packing
 from train.data import Batch
-from train.losses import Pairing, prefix, prefix_dims
+from train.losses import Pairing, prefix
 from train.model import pad
 
 
@@ -113,7 +113,7 @@ def loss_backward(loss_fn: Callable[[Pairing], torch.Tensor], pair: Pairing,
     # q_all and p_all: at P = 65,536 columns, 64 rows per block, re-normalising them per block took 62% of
     # the loss's time, tools/bench_loss.py). Blocks accumulate into `held`; one backward through `cut` then.
     cuts, held = [], {}
-    for d in prefix_dims(loss_fn):
+    for d in getattr(loss_fn, "prefix_dims", ()):  # losses.EmbeddingLoss; any other function: none
         cut = [prefix(leaf, d) for leaf in leaves]  # [b, d], [W*b, d], [P, d]
         held[d] = tuple(c.detach().requires_grad_(True) for c in cut)
         cuts.append((cut, held[d]))
@@ -149,6 +149,22 @@ class StepStats:
     largest_chunk: int = 0  # padded tokens of the largest forward pass: what sets the memory peak
 
 
+def chunk_inputs(seqs: list[list[int]], per_chunk: int, encoder, group_by_length: bool = True,
+                 chunk_tokens: int | None = None, packed: bool = False, row_tokens: int | None = None
+                 ) -> tuple[list[list[int]], list[tuple[torch.Tensor, ...]]]:
+    """A rank's token ids -> (each forward's text indices, each forward's inputs): padded (ids, mask)
+    [n, L] or packed (ids, mask, seg) [R, T]; contrastive_step's plan, also what tools/ benchmark."""
+    if packed:  # several texts per row, positions and attention per text (train/packing.py)
+        # rows as long as the rank's longest text: on a kernel that takes the block mask, attention
+        # costs rows x row^2, so short texts at a large max_length must not sit in max_length rows
+        row = row_tokens or max(len(s) for s in seqs)
+        plans = packing.plan_chunks([len(s) for s in seqs], per_chunk, row, chunk_tokens)
+        return ([[i for r in rows for i in r] for rows in plans],
+                [packing.pack(seqs, rows, encoder.pad_id) for rows in plans])
+    chunks = plan_chunks([len(s) for s in seqs], per_chunk, group_by_length, chunk_tokens)
+    return chunks, [pad([seqs[i] for i in c], encoder.pad_id, encoder.left_pad) for c in chunks]
+
+
 def contrastive_step(engine, batch: Batch, loss_fn: Callable[[Pairing], torch.Tensor], chunk_size: int,
                      group_by_length: bool = True, mask_duplicates: bool = True, scale: float = 1.0,
                      reduce: bool = True, chunk_tokens: int | None = None,
@@ -168,17 +184,8 @@ def contrastive_step(engine, batch: Batch, loss_fn: Callable[[Pairing], torch.Te
     """
     seqs = batch.query_ids + batch.passage_ids
     b = len(batch)
-    per_chunk = chunk_size * (1 + batch.group)
-    if packed:  # several texts per row, positions and attention per text (train/packing.py)
-        # rows as long as the rank's longest text: on a kernel that takes the block mask, attention
-        # costs rows x row^2, so short texts at a large max_length must not sit in max_length rows
-        row = row_tokens or max(len(s) for s in seqs)
-        plans = packing.plan_chunks([len(s) for s in seqs], per_chunk, row, chunk_tokens)
-        chunks = [[i for r in rows for i in r] for rows in plans]
-        inputs = [packing.pack(seqs, rows, engine.encoder.pad_id) for rows in plans]  # (ids, mask, seg) [R, T]
-    else:
-        chunks = plan_chunks([len(s) for s in seqs], per_chunk, group_by_length, chunk_tokens)
-        inputs = [pad([seqs[i] for i in c], engine.encoder.pad_id, engine.encoder.left_pad) for c in chunks]
+    chunks, inputs = chunk_inputs(seqs, chunk_size * (1 + batch.group), engine.encoder, group_by_length,
+                                  chunk_tokens, packed, row_tokens)
     dev = engine.world.device
     stats = StepStats(0.0, len(chunks), len(seqs), sum(x[0].numel() for x in inputs),
                       sum(len(s) for s in seqs), max(x[0].numel() for x in inputs))

@@ -113,11 +113,24 @@ def truncated(pair: Pairing, dim: int) -> Pairing:
                    prefixes=None)
 
 
-def prefix_dims(loss_fn) -> list[int]:
-    """The Matryoshka dimensions of a loss made as functools.partial(embedding_loss, ...) (build.loss)."""
-    if getattr(loss_fn, "func", None) is not embedding_loss:
-        return []
-    return list(loss_fn.keywords.get("matryoshka_dims") or [])
+@dataclass(frozen=True)
+class EmbeddingLoss:
+    """embedding_loss with its settings bound (build.loss: cfg.loss). Its `prefix_dims` tell the engine
+    which Matryoshka prefixes to re-normalise once per step (gradcache.loss_backward)."""
+    temperature: float = 0.05
+    symmetric: bool = False
+    infonce_weight: float = 1.0
+    distill_weight: float = 0.0
+    teacher_temperature: float = 1.0
+    matryoshka_dims: list[int] | None = None
+    matryoshka_weights: list[float] | None = None
+
+    @property
+    def prefix_dims(self) -> list[int]:
+        return list(self.matryoshka_dims or [])
+
+    def __call__(self, pair: Pairing) -> torch.Tensor:
+        return embedding_loss(pair, **vars(self))
 
 
 def embedding_loss(pair: Pairing, temperature: float = 0.05, symmetric: bool = False,
