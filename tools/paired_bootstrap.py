@@ -32,7 +32,8 @@ def cosines(path: str, texts: list[str], left: np.ndarray, right: np.ndarray, ma
     """[pairs] cosine of each pair's two texts, each text embedded once."""
     enc = load_encoder(path, max_length=max_length).eval()
     with torch.no_grad():
-        emb = torch.nn.functional.normalize(encode(enc, texts, None, batch_size=16), dim=-1).numpy()  # [N, D]
+        # side "query", as the evaluator's sts tasks embed (a prompted model gets its query prompt)
+        emb = torch.nn.functional.normalize(encode(enc, texts, "query", batch_size=16), dim=-1).numpy()  # [N, D]
     return (emb[left] * emb[right]).sum(1)
 
 
