@@ -134,7 +134,7 @@ def check_rerank_data(loss_kind: str, srcs: list[Source]) -> None:
 
 def prompts(node) -> dict[str, str] | None:
     """cfg.model.prompts: None (the folder's) or a mapping of side (query, passage) to prefix."""
-    value = plain(node) if isinstance(node, DictConfig) or node is None else node
+    value = plain(node) if OmegaConf.is_config(node) else node
     if value is None or (isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str)
                                                          for k, v in value.items())):
         return value

@@ -78,13 +78,16 @@ class StsTask:
         self.gold = np.array([float(r["score"]) for r in rows])
 
     def __call__(self, embed: Embed) -> dict[str, float]:
+        return {"spearman": spearman(self.cosines(embed), self.gold)}
+
+    def cosines(self, embed: Embed) -> np.ndarray:
+        """[pairs] the cosine of each pair's two sentences (tools/paired_bootstrap.py resamples them)."""
         texts = list(dict.fromkeys(self.s1 + self.s2))  # each distinct sentence embedded once
         index = {t: i for i, t in enumerate(texts)}
         emb = F.normalize(_embed(embed, texts, self.side, self.instruction, self.max_length).float(), dim=-1)
         a = emb[[index[t] for t in self.s1]]
         b = emb[[index[t] for t in self.s2]]
-        cos = (a * b).sum(-1).numpy()
-        return {"spearman": spearman(cos, self.gold)}
+        return (a * b).sum(-1).numpy()
 
 
 class RetrievalTask:
