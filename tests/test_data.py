@@ -257,21 +257,17 @@ def _rss_file_mib() -> float:
     return int(status["RssFile"].split()[0]) / 1024
 
 
-@pytest.mark.parametrize("arrow_rows", [1, 1 << 30])  # every chunk's rows through Arrow / from the mapping
-def test_rows_read_from_a_file_mapping_equal_the_values_written(tmp_path, monkeypatch, arrow_rows):
-    """Every type read straight from a mapped Arrow file (text, lists of text and of numbers, 32 and
-    64-bit offsets, chunks sliced at an offset), rows out of order and repeated, against the Python
-    values the file was written from."""
+def _mapped_table(tmp_path, n: int = 300, repeat: int = 1):
+    """A table of every type read straight from a mapped Arrow file (text, lists of text and of numbers,
+    32 and 64-bit offsets) in chunks of 37 rows, sliced so that the first chunk starts at an offset and
+    the last ends early, memory-mapped as `datasets` maps its files; and the Python values written.
+    Texts `repeat` times their words."""
     import pyarrow as pa
 
-    from train import arrow_store
-
-    monkeypatch.setattr(arrow_store, "ARROW_ROWS", arrow_rows)
-    n = 300
-    values = {"text": [f"q{i} é" * (i % 4) for i in range(n)],
-              "wide": [f"p{i}" for i in range(n)],
-              "texts": [[f"n{i}.{j}" for j in range(i % 3)] for i in range(n)],
-              "wide_texts": [[f"m{i}.{j}" for j in range(2)] for i in range(n)],
+    values = {"text": [f"q{i} é" * (i % 4) * repeat for i in range(n)],
+              "wide": [f"p{i} " * repeat for i in range(n)],
+              "texts": [[f"n{i}.{j} " * repeat for j in range(i % 3)] for i in range(n)],
+              "wide_texts": [[f"m{i}.{j} " * repeat for j in range(2)] for i in range(n)],
               "doubles": [[i / 7, -1.5] for i in range(n)],
               "floats": [[0.25 * i] for i in range(n)],
               "ints": [[i, -i, 2**40] for i in range(n)]}
@@ -282,14 +278,100 @@ def test_rows_read_from_a_file_mapping_equal_the_values_written(tmp_path, monkey
     with pa.ipc.new_file(str(tmp_path / "t.arrow"), table.schema) as writer:
         for batch in table.to_batches(max_chunksize=37):
             writer.write_batch(batch)
-    mapped = pa.ipc.open_file(pa.memory_map(str(tmp_path / "t.arrow"))).read_all()  # as `datasets` maps its files
-    mapped = mapped.slice(5, n - 10)  # the first chunk starts at an offset, the last ends early
-    rows = np.random.default_rng(0).integers(0, n - 10, 400).tolist() + [0, n - 11, 0]
+    mapped = pa.ipc.open_file(pa.memory_map(str(tmp_path / "t.arrow"))).read_all()
+    return mapped.slice(5, n - 10), {k: v[5:n - 5] for k, v in values.items()}
+
+
+@pytest.mark.parametrize("arrow_rows", [1, 1 << 30])  # every chunk's rows through Arrow / from the mapping
+def test_rows_read_from_a_file_mapping_equal_the_values_written(tmp_path, monkeypatch, arrow_rows):
+    """Every type read straight from a mapped Arrow file, rows out of order and repeated, against the
+    Python values the file was written from."""
+    from train import arrow_store
+
+    monkeypatch.setattr(arrow_store, "ARROW_ROWS", arrow_rows)
+    mapped, values = _mapped_table(tmp_path)
+    rows = np.random.default_rng(0).integers(0, len(mapped), 400).tolist() + [0, len(mapped) - 1, 0]
     for key, expected in values.items():
         column = arrow_store.Column(mapped.column(key))
         assert column.layout.kind is not None and min(column.layout.mapping) >= 0, key  # read from the mapping
-        assert column.take(rows) == [expected[5 + r] for r in rows], key
-        assert list(column) == expected[5:n - 5], key
+        assert column.take(rows) == [expected[r] for r in rows], key
+        assert list(column) == expected, key
+        assert column.take([]) == []
+
+
+def _bytes_of(chunk, r: int) -> list[tuple[int, int]]:
+    """The address ranges holding row r of a chunk, from Arrow's own buffers: its (list) offsets, and
+    the text, or the child's offsets and text, or the numbers, that they locate."""
+    import pyarrow as pa
+
+    def offsets(buffer, wide: bool) -> np.ndarray:
+        return np.frombuffer(buffer, "<i8" if wide else "<i4")
+
+    def text(array, i: int, j: int) -> list[tuple[int, int]]:  # entries i..j of a text array
+        wide = pa.types.is_large_string(array.type)
+        _, entries, data = array.buffers()
+        ends = offsets(entries, wide)
+        size = 8 if wide else 4
+        return [(entries.address + size * i, entries.address + size * (j + 1)),
+                (data.address + int(ends[i]), data.address + int(ends[j]))]
+
+    i = chunk.offset + r
+    if not pa.types.is_list(chunk.type) and not pa.types.is_large_list(chunk.type):
+        return text(chunk, i, i + 1)
+    wide = pa.types.is_large_list(chunk.type)
+    lists = chunk.buffers()[1]
+    a, b = offsets(lists, wide)[i:i + 2].tolist()
+    size = 8 if wide else 4
+    spans = [(lists.address + size * i, lists.address + size * (i + 2))]
+    child = chunk.values
+    if pa.types.is_string(child.type) or pa.types.is_large_string(child.type):
+        return spans + text(child, child.offset + a, child.offset + b)
+    width = child.type.bit_width // 8
+    return spans + [(child.buffers()[1].address + width * (child.offset + a),
+                     child.buffers()[1].address + width * (child.offset + b))]
+
+
+def test_a_take_asks_ahead_for_every_page_it_reads(tmp_path, monkeypatch):
+    """Before reading, a take asks for (MADV_WILLNEED) every page its rows lie on: the offsets and the
+    bytes they locate, located here from Arrow's own buffers; rows read through Arrow are asked for
+    with their chunk's whole span. Every type, sliced chunks, both paths in one take; texts of ~1 KB, so
+    that a row's text and offsets lie on other pages."""
+    from train import arrow_store
+
+    monkeypatch.setattr(arrow_store, "ARROW_ROWS", 8)  # chunks of 37 rows: a few dense, most sparse
+    asked: list[tuple[int, int]] = []
+    real = arrow_store._willneed
+    monkeypatch.setattr(arrow_store, "_willneed",
+                        lambda starts, ends: (asked.extend(zip(starts.tolist(), ends.tolist())), real(starts, ends)))
+    mapped, values = _mapped_table(tmp_path, repeat=150)
+    rows = sorted(set(np.random.default_rng(1).integers(0, 40, 12).tolist()))  # 12 rows of the first chunks
+    rows += list(range(100, 110)) + [250, 260]  # 10 of one chunk: through Arrow
+    page = arrow_store.mmap.PAGESIZE
+    for key, expected in values.items():
+        asked.clear()
+        column = arrow_store.Column(mapped.column(key))
+        assert column.take(rows) == [expected[r] for r in rows], key
+        pages = {p for a, b in asked if b > a for p in range(a // page, (b - 1) // page + 1)}
+        starts = column.starts
+        for r in rows:
+            c = int(np.searchsorted(starts, r, side="right") - 1)
+            for a, b in _bytes_of(mapped.column(key).chunk(c), r - int(starts[c])):
+                if b > a:  # an empty list's text is no bytes
+                    missing = set(range(a // page, (b - 1) // page + 1)) - pages
+                    assert not missing, (key, r, a, b)
+
+
+def test_pages_asked_for_are_joined_across_small_gaps_only(monkeypatch):
+    from train import arrow_store
+
+    calls = []
+    monkeypatch.setattr(arrow_store, "_madvise", lambda start, size, advice: calls.append((start, size, advice)))
+    page, gap = arrow_store.mmap.PAGESIZE, arrow_store.WILLNEED_GAP
+    starts = np.array([10 * page + 5, 3 * page, 10 * page, 12 * page + 1, (13 + gap) * page, (30 + gap) * page])
+    ends = np.array([11 * page + 1, 3 * page + 1, 10 * page + 9, 13 * page, (14 + gap) * page, (30 + gap) * page])
+    arrow_store._willneed(starts, ends)  # the last range is empty: nothing of it is asked for
+    will = arrow_store.mmap.MADV_WILLNEED
+    assert calls == [(3 * page, page, will), (10 * page, (4 + gap) * page, will)]
 
 
 def test_reads_leave_nothing_of_a_file_mapped(tmp_path):
@@ -354,13 +436,15 @@ def test_hub_datasets_read_in_place_are_released_and_equal_the_unreleased_read(t
 
 def test_an_in_memory_table_is_never_released(tmp_path, monkeypatch):
     """MADV_DONTNEED on anonymous memory would zero it: a table in memory (here a `datasets` one built
-    in place) is read through Arrow and its memory never handed to madvise."""
+    in place) is read through Arrow and its memory never handed to madvise, to release or to read ahead."""
     import datasets
 
     from train import arrow_store, data
 
     released = []
     monkeypatch.setattr(arrow_store, "_dontneed", lambda start, end: released.append((start, end)))
+    monkeypatch.setattr(arrow_store, "_willneed",  # nor to madvise(MADV_WILLNEED)
+                        lambda starts, ends: released.extend(zip(starts.tolist(), ends.tolist())))
     rows = {"question": [f"q{i}" for i in range(5000)], "answer": [f"a{i}" for i in range(5000)]}
     src = data._hub_source("h", "hub:org/h", datasets.Dataset.from_dict(rows), {}, None, None)
     assert src.anchors.layout.mapping == [-1] * src.anchors.array.num_chunks

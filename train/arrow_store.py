@@ -4,10 +4,12 @@ Local files are converted once (train/data.py reads and validates them) into a c
 later run memory-maps; hub datasets are memory-mapped by `datasets` already and used in place.
 Resident memory then holds only the pages a batch touched, not the corpus (issue 14: Python lists
 cost about 0.42 KB per pair, ~110 GB per rank at E5's 270M pairs), and those only while it reads
-them: Column.take reads a batch's rows in address order, chunk by chunk, and unmaps the pages
-behind it (_Sweep), wherever the column lies in a read-only file mapping (the cache's parts and
-`datasets`' Arrow files alike; never memory of an in-memory table). A chunk with few of the
-batch's rows is read straight from the mapping, row by row (_Layout); one with many through Arrow.
+them: Column.take asks the kernel for all of a batch's pages at once (_willneed: a corpus the page
+cache does not hold is then read from disk side by side, not one fault after another), reads the
+rows in address order, chunk by chunk, and unmaps the pages behind it (_Sweep), wherever the column
+lies in a read-only file mapping (the cache's parts and `datasets`' Arrow files alike; never memory
+of an in-memory table). A chunk with few of the batch's rows is read straight from the mapping,
+offsets first, then the bytes they locate (_Layout); one with many through Arrow.
 
     <cache root>/<stem>-<key>/          key: blake2b of (file, its fingerprint, reading options, FORMAT)
         part-00000.arrow ...            Arrow IPC files, one per converting process, in file order
@@ -30,7 +32,6 @@ import json
 import mmap
 import os
 import shutil
-import struct
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -264,23 +265,55 @@ def file_mappings() -> list[tuple[int, int]]:
     return sorted(spans)
 
 
-_madvise: Callable | None = None  # libc's; False once it has failed (nothing is released after that)
+_madvise: Callable | None = None  # libc's; False once MADV_DONTNEED has failed (nothing is released after that)
+# Pages closer than this are asked for in one call: a call costs 1-2 us (measured with ctypes), more
+# than the disk takes to read a few neighbouring pages along with those asked for.
+WILLNEED_GAP = 4
+
+
+def _libc_madvise() -> Callable | None:
+    """libc's madvise, which reaches any mapping (Python's mmap.madvise only those it made; `datasets`
+    maps its files in Arrow); False once MADV_DONTNEED has failed."""
+    global _madvise
+    if _madvise is None:
+        libc = ctypes.CDLL(None, use_errno=True)  # a CDLL call releases the GIL: a prefetch thread's
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]  # reads overlap the step
+        _madvise = libc.madvise
+    return _madvise
 
 
 def _dontneed(start: int, end: int) -> None:
     """madvise(MADV_DONTNEED) on [start, end) of a file mapping (page-aligned): this process's page table
     entries go, the page cache keeps the pages and the addresses stay valid (the next read faults a
-    page back in). Python's mmap.madvise only reaches maps it made; `datasets` maps its files in Arrow."""
+    page back in)."""
     global _madvise
-    if _madvise is None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        _madvise = libc.madvise
-    if _madvise and _madvise(start, end - start, mmap.MADV_DONTNEED):
+    madvise = _libc_madvise()
+    if madvise and madvise(start, end - start, mmap.MADV_DONTNEED):
         # e.g. locked memory (mlockall): reading is unaffected, resident memory then grows with the corpus
         say(f"warning: madvise(MADV_DONTNEED) failed ({os.strerror(ctypes.get_errno())}); the data's pages "
             "are no longer released")
         _madvise = False
+
+
+def _willneed(starts: np.ndarray, ends: np.ndarray) -> None:
+    """Have the kernel read the pages of every [starts[i], ends[i]) (addresses in file mappings) into
+    the page cache, all at once and without waiting: madvise(MADV_WILLNEED) queues the reads and maps
+    nothing, so resident memory does not grow. Read by faults, the scattered rows of a batch from a
+    corpus the page cache does not hold wait for one disk read after another (issue 14: 5,000-28,700
+    major faults per batch of 32,768 pairs at 50M pairs, 3-11 s); asked for together, the disk serves
+    them side by side. A range spans no two mappings: those of one chunk lie in its own, and runs
+    join only across gaps of WILLNEED_GAP pages, which lie between two pages of one mapping."""
+    madvise = _libc_madvise()
+    keep = ends > starts
+    if not madvise or not keep.any():
+        return
+    first = starts[keep] // mmap.PAGESIZE  # [k] first and last page of each range
+    last = (ends[keep] - 1) // mmap.PAGESIZE
+    order = np.argsort(first, kind="stable")
+    first, last = first[order], np.maximum.accumulate(last[order])  # last: the furthest page up to here
+    cuts = np.flatnonzero(first[1:] > last[:-1] + 1 + WILLNEED_GAP) + 1  # where a new run begins
+    for a, b in zip(first[np.r_[0, cuts]].tolist(), last[np.r_[cuts - 1, len(first) - 1]].tolist()):
+        madvise(a * mmap.PAGESIZE, (b - a + 1) * mmap.PAGESIZE, mmap.MADV_WILLNEED)  # a hint: failure reads by faults
 
 
 class _Layout:
@@ -324,38 +357,39 @@ class _Layout:
     def _first(self, chunk: pa.Array, base: int) -> tuple[int, ...]:
         """Positions in the mapping of a chunk's first entries: (offsets, data) of text; (list offsets,
         child offsets, child data) of lists of text; (list offsets, child values) of lists of numbers."""
-        if self.kind[0] == "text":
-            _, offsets, data = chunk.buffers()
-            return offsets.address + chunk.offset * self.kind[2] - base, data.address - base
-        _, lists = chunk.buffers()[:2]
-        child = chunk.values  # the whole child array: list offsets index it from its own offset
-        first = lists.address + chunk.offset * self.kind[2] - base
-        if self.kind[0] == "texts":
-            _, offsets, data = child.buffers()
-            return first, offsets.address + child.offset * self.kind[4] - base, data.address - base
-        return first, child.buffers()[1].address + child.offset * self.kind[4] - base
+        kind, offsets, child = self.kind
+        if kind == "text":
+            _, entries, data = chunk.buffers()
+            return entries.address + chunk.offset * offsets.itemsize - base, data.address - base
+        lists = chunk.buffers()[1]
+        values = chunk.values  # the whole child array: list offsets index it from its own offset
+        first = lists.address + chunk.offset * offsets.itemsize - base
+        if kind == "texts":
+            _, entries, data = values.buffers()
+            return first, entries.address + values.offset * child.itemsize - base, data.address - base
+        return first, values.buffers()[1].address + values.offset * child.itemsize - base
 
 
-# struct codes of the number types a list column may hold, by Arrow type
-_NUMBERS = {pa.float64(): "d", pa.float32(): "f", pa.int64(): "q", pa.int32(): "i", pa.int16(): "h", pa.int8(): "b"}
+# numpy types of the numbers a list column may hold, by Arrow type
+_NUMBERS = {pa.float64(): "<f8", pa.float32(): "<f4", pa.int64(): "<i8", pa.int32(): "<i4", pa.int16(): "<i2",
+            pa.int8(): "<i1"}
 
 
 def _direct_kind(kind: pa.DataType) -> tuple | None:
-    """How rows of this type are read straight from the mapping: ("text", struct of two offsets,
-    offset width), ("texts" | "numbers", list offsets' struct, their width, child offsets' struct or
-    the numbers' code, child width); None: through Arrow."""
-    def offsets(wide: bool) -> tuple[struct.Struct, int]:
-        return (struct.Struct("<qq"), 8) if wide else (struct.Struct("<ii"), 4)
+    """How rows of this type are read straight from the mapping: ("text" | "texts" | "numbers", the
+    numpy type of its (list) offsets, of the child's offsets (texts) or of its numbers (numbers) or
+    None); None: through Arrow."""
+    def offsets(wide: bool) -> np.dtype:
+        return np.dtype("<i8" if wide else "<i4")
 
     if pa.types.is_string(kind) or pa.types.is_large_string(kind):
-        return ("text", *offsets(pa.types.is_large_string(kind)))
+        return "text", offsets(pa.types.is_large_string(kind)), None
     if pa.types.is_list(kind) or pa.types.is_large_list(kind):
         item = kind.value_type
         if pa.types.is_string(item) or pa.types.is_large_string(item):
-            return ("texts", *offsets(pa.types.is_large_list(kind)), "q" if pa.types.is_large_string(item) else "i",
-                    8 if pa.types.is_large_string(item) else 4)
+            return "texts", offsets(pa.types.is_large_list(kind)), offsets(pa.types.is_large_string(item))
         if item in _NUMBERS:
-            return ("numbers", *offsets(pa.types.is_large_list(kind)), _NUMBERS[item], item.bit_width // 8)
+            return "numbers", offsets(pa.types.is_large_list(kind)), np.dtype(_NUMBERS[item])
     return None
 
 
@@ -401,14 +435,22 @@ class _Sweep:
             self._release(m)
 
 
+_NOTHING = (np.zeros(0, np.int64), np.zeros(0, np.int64))  # a read that needs no page asked for ahead
+
+# A read of one chunk's rows: a generator that yields the address ranges (starts, ends: [k] int64) its
+# next step will touch, is resumed once they were asked for, and returns the rows' values.
+Read = Iterator[tuple[np.ndarray, np.ndarray]]
+
+
 class Column(Rows):
     """One field of an Arrow table as a read-only sequence; `take(rows)` fetches a batch's rows at once.
 
     `check` (hub datasets, which are not converted): the name of the field, so that a missing or empty
     text is refused when a batch reads it, naming the row. Where the table lies in a read-only file
-    mapping (the cache's parts; a `datasets` Arrow file), a take reads its rows in address order and
-    releases the pages behind it as it goes (_Sweep): resident memory holds about one chunk's pages,
-    whatever the corpus's size. An in-memory table is never released."""
+    mapping (the cache's parts; a `datasets` Arrow file), a take asks for the pages of all its rows
+    ahead (_willneed) and reads them in address order, releasing the pages behind it as it goes
+    (_Sweep): resident memory holds about one chunk's pages, whatever the corpus's size. An in-memory
+    table is never released."""
 
     def __init__(self, array: pa.ChunkedArray, origin: str = "", check: str | None = None, width: int | None = None):
         self.array, self.origin, self.check, self.width = array, origin, check, width
@@ -423,19 +465,15 @@ class Column(Rows):
 
     def take(self, rows: Sequence[int]) -> list:
         rows = np.asarray(rows, dtype=np.int64)
+        if not len(rows):
+            return []
         order = np.argsort(rows, kind="stable")  # [n] positions by row: chunk by chunk, by address within one
         ordered = rows[order]
         chunks = np.searchsorted(self.starts, ordered, side="right") - 1  # [n] each row's chunk
-        local = (ordered - self.starts[chunks]).tolist()  # [n] its row within the chunk
+        local = ordered - self.starts[chunks]  # [n] its row within the chunk
         cuts = (np.flatnonzero(np.diff(chunks)) + 1).tolist()
-        direct = self.layout.kind is not None
-        sweep = _Sweep(self.layout)
-        values: list = []
-        for s, e in zip([0, *cuts], [*cuts, len(ordered)]):  # the rows of one chunk
-            c = int(chunks[s])
-            sweep.before(c)
-            values += (self._direct if direct and e - s < ARROW_ROWS else self._arrow)(c, local[s:e])
-        sweep.finish()
+        groups = [(int(chunks[s]), local[s:e]) for s, e in zip([0, *cuts], [*cuts, len(ordered)])]
+        values = [v for part in self._read(groups) for v in part]
         out: list = [None] * len(rows)
         for i, v in zip(order.tolist(), values):
             out[i] = v
@@ -450,29 +488,60 @@ class Column(Rows):
                 out[i] = [float(x) for x in v[: self.width]]
         return out
 
-    def _arrow(self, c: int, rows: list[int]) -> list:
+    def _read(self, groups: list[tuple[int, np.ndarray]]) -> list[list]:
+        """The values of each (chunk, its rows in address order), read in steps: every chunk's next
+        step asked for ahead at once (_willneed), then read chunk by chunk up the mappings (_Sweep).
+        A text's bytes lie where its offsets say, so the offsets are read a step before them."""
+        direct = self.layout.kind is not None
+        reads = [(self._direct if direct and len(r) < ARROW_ROWS else self._arrow)(c, r) for c, r in groups]
+        needs = [next(read) for read in reads]
+        values: list = [None] * len(groups)
+        live = list(range(len(groups)))
+        while live:
+            _willneed(np.concatenate([needs[i][0] for i in live]), np.concatenate([needs[i][1] for i in live]))
+            sweep, waiting = _Sweep(self.layout), []
+            for i in live:
+                sweep.before(groups[i][0])
+                try:
+                    needs[i] = next(reads[i])
+                    waiting.append(i)
+                except StopIteration as done:
+                    values[i] = done.value
+            sweep.finish()
+            live = waiting
+        return values
+
+    def _arrow(self, c: int, rows: np.ndarray) -> Read:
+        """Many rows of a chunk: its whole span asked for ahead (a mapped chunk), then an Arrow take."""
+        m = self.layout.mapping[c]
+        yield (np.array([self.layout.lo[c]]), np.array([self.layout.hi[c]])) if m >= 0 else _NOTHING
         return self.array.chunk(c).take(pa.array(rows, pa.int64())).to_pylist()
 
-    def _direct(self, c: int, rows: list[int]) -> list:
-        """The rows of chunk `c` read from its mapping: offsets unpacked, text decoded, numbers unpacked."""
-        view = self.layout.mappings[self.layout.mapping[c]][2]
-        kind, first = self.layout.kind, self.layout.first[c]
-        pair, step = kind[1], kind[2]
-        out = []
-        if kind[0] == "text":
-            offsets, data = first
-            bounds = (pair.unpack_from(view, offsets + step * r) for r in rows)
-            return [str(view[data + a:data + b], "utf-8") for a, b in bounds]
-        lists, code, width = first[0], kind[3], kind[4]
-        for r in rows:
-            a, b = pair.unpack_from(view, lists + step * r)  # the row's items: child entries a..b-1
-            if kind[0] == "numbers":
-                out.append(list(struct.unpack_from(f"<{b - a}{code}", view, first[1] + width * a)))
-                continue
-            ends = struct.unpack_from(f"<{b - a + 1}{code}", view, first[1] + width * a)
-            data = first[2]
-            out.append([str(view[data + x:data + y], "utf-8") for x, y in zip(ends, ends[1:])])
-        return out
+    def _direct(self, c: int, rows: np.ndarray) -> Read:
+        """Few rows of a chunk, read from its mapping: their offsets, then the bytes those locate (lists of
+        text: list offsets, then the child's offsets, then the text)."""
+        start, _, view = self.layout.mappings[self.layout.mapping[c]]
+        kind, offsets, child = self.layout.kind
+        first = self.layout.first[c]
+        size = int(self.starts[c + 1] - self.starts[c]) + 1  # the chunk's (list) offsets
+        at = first[0] + offsets.itemsize * rows  # [r] each row's offset in the mapping
+        yield start + at, start + at + 2 * offsets.itemsize
+        entries = np.frombuffer(view, offsets, count=size, offset=first[0])
+        a, b = entries[rows].astype(np.int64), entries[rows + 1].astype(np.int64)  # [r] the rows' spans
+        if kind == "text":
+            yield start + first[1] + a, start + first[1] + b
+            return [str(view[first[1] + x:first[1] + y], "utf-8") for x, y in zip(a.tolist(), b.tolist())]
+        if kind == "numbers":
+            yield start + first[1] + child.itemsize * a, start + first[1] + child.itemsize * b
+            return [np.frombuffer(view, child, count=y - x, offset=first[1] + child.itemsize * x).tolist()
+                    for x, y in zip(a.tolist(), b.tolist())]
+        yield start + first[1] + child.itemsize * a, start + first[1] + child.itemsize * (b + 1)
+        ends = [np.frombuffer(view, child, count=y - x + 1, offset=first[1] + child.itemsize * x).tolist()
+                for x, y in zip(a.tolist(), b.tolist())]  # [r] each row's texts' ends in the child's data
+        yield (start + first[2] + np.array([e[0] for e in ends], np.int64),
+               start + first[2] + np.array([e[-1] for e in ends], np.int64))
+        data = first[2]
+        return [[str(view[data + x:data + y], "utf-8") for x, y in zip(e, e[1:])] for e in ends]
 
 
 def _check_text(value, key: str, where: str) -> None:
