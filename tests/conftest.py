@@ -23,6 +23,7 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the marks into the test ids
 def pytest_collection_modifyitems(config, items):
     """For pytest-xdist's `--dist loadgroup` (the README's test command): the tests that share a
     module-scoped fixture (a reference run, a trained model) go to one worker, so it is built once;
@@ -35,6 +36,19 @@ def pytest_collection_modifyitems(config, items):
             if defs and defs[-1].scope == "module":
                 item.add_marker(pytest.mark.xdist_group(f"{item.module.__name__}::{name}"))
                 break
+
+
+def pytest_configure(config):
+    """Grouping fails silently: a worker that did not get the groups builds every shared fixture its
+    tests need again (each 2-rank reference run twice on 2 workers, measured). pytest-xdist 3.8 writes
+    a test's group into its id ("@group"), which pytest 9.2 no longer takes (pytest-xdist issue 1386;
+    hence pytest 9.1 in constraints.txt): refuse that pair rather than run the suite at half speed."""
+    import xdist
+
+    if (config.getoption("dist", "no") == "loadgroup" and not hasattr(config, "workerinput")
+            and pytest.version_tuple[:2] >= (9, 2) and tuple(map(int, xdist.__version__.split(".")[:2])) <= (3, 8)):
+        raise pytest.UsageError(f"--dist loadgroup: pytest-xdist {xdist.__version__} ignores the tests' groups under "
+                                f"pytest {pytest.__version__}; install the pytest of constraints.txt")
 
 
 @pytest.fixture(scope="session")
