@@ -339,6 +339,7 @@ def test_a_take_asks_ahead_for_every_page_it_reads(tmp_path, monkeypatch):
     from train import arrow_store
 
     monkeypatch.setattr(arrow_store, "ARROW_ROWS", 8)  # chunks of 37 rows: a few dense, most sparse
+    monkeypatch.setattr(arrow_store, "_resident", lambda page: False)  # as if read from a cold disk
     asked: list[tuple[int, int]] = []
     real = arrow_store._willneed
     monkeypatch.setattr(arrow_store, "_willneed",
@@ -366,12 +367,40 @@ def test_pages_asked_for_are_joined_across_small_gaps_only(monkeypatch):
 
     calls = []
     monkeypatch.setattr(arrow_store, "_madvise", lambda start, size, advice: calls.append((start, size, advice)))
+    monkeypatch.setattr(arrow_store, "_resident", lambda page: False)
     page, gap = arrow_store.mmap.PAGESIZE, arrow_store.WILLNEED_GAP
     starts = np.array([10 * page + 5, 3 * page, 10 * page, 12 * page + 1, (13 + gap) * page, (30 + gap) * page])
     ends = np.array([11 * page + 1, 3 * page + 1, 10 * page + 9, 13 * page, (14 + gap) * page, (30 + gap) * page])
     arrow_store._willneed(starts, ends)  # the last range is empty: nothing of it is asked for
     will = arrow_store.mmap.MADV_WILLNEED
     assert calls == [(3 * page, page, will), (10 * page, (4 + gap) * page, will)]
+
+
+def test_pages_already_in_the_page_cache_are_not_asked_for(tmp_path, monkeypatch):
+    """mincore, for real: the first 64 KiB of a file were just written (in the page cache), the rest is
+    a hole never read (not there). Ranges wholly in the first part ask for nothing; ranges that reach
+    into the hole ask for all of them, the cached ones too."""
+    import mmap
+
+    import pyarrow as pa
+
+    from train import arrow_store
+
+    calls = []
+    monkeypatch.setattr(arrow_store, "_madvise", lambda start, size, advice: calls.append((start, size)))
+    page = mmap.PAGESIZE
+    with open(tmp_path / "f", "wb") as f:
+        f.write(b"x" * (1 << 16))
+        f.truncate(1 << 22)
+    with open(tmp_path / "f", "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    base = pa.py_buffer(mm).address
+    cached = base + page * np.array([0, 3, 8, 15])
+    arrow_store._willneed(cached, cached + 10)
+    assert calls == []
+    hole = base + page * np.array([40, 400])
+    arrow_store._willneed(np.r_[cached, hole], np.r_[cached, hole] + 10)
+    assert calls == [(base, 9 * page), (base + 15 * page, page), (base + 40 * page, page), (base + 400 * page, page)]
 
 
 def test_reads_leave_nothing_of_a_file_mapped(tmp_path):

@@ -19,6 +19,8 @@ so that peak RSS is that process's own:
   texts/s    read + tokenize + collate alone with 0, 1 and 2 prefetch threads (2 texts per pair):
              --texts-batches batches of --texts-batch pairs, timed from the prefetcher's start
   memory     peak RSS, and at the end private (RssAnon) and file-backed (RssFile) resident memory
+--cold drops the caches' pages from the page cache before each measure (fsync + POSIX_FADV_DONTNEED);
+to compare the read of two versions, set PYTHONPATH to each one's checkout in turn.
 Tokenizer: the shipped MiniLM's (through the tiny BERT, whose tokenizer it is). Keep --dir outside
 the repo; delete the corpora when done (a 10M-pair corpus is about 1.9 GB, its cache as much).
 """
@@ -65,6 +67,19 @@ def write_corpus(path: Path, pairs: int) -> None:
             n = min(BLOCK_PAIRS, pairs - start)
             f.write(block[: ends[n - 1]].translate(bytes.maketrans(digits, order)))
     tmp.replace(path)
+
+
+def drop_pages(folders: list[Path]) -> None:
+    """--cold: every file under `folders` out of the page cache (fsync, then posix_fadvise DONTNEED: the
+    kernel drops a file's clean pages), so that the measure reads the corpus from disk."""
+    for folder in folders:
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
 
 
 def peak_mb() -> float:
@@ -184,6 +199,9 @@ def main() -> None:
     p.add_argument("--texts-batch", type=int, default=4096, help="pairs per batch of the texts/s measure")
     p.add_argument("--texts-batches", type=int, default=16, help="batches of the texts/s measure")
     p.add_argument("--phases", default="convert,start,texts")
+    p.add_argument("--cold", action="store_true",
+                   help="drop the Arrow caches from the page cache before each measure (not the conversion): "
+                        "the corpus is read from disk, as where the page cache cannot hold it")
     p.add_argument("--measure", help=argparse.SUPPRESS)
     p.add_argument("--corpus", help=argparse.SUPPRESS)
     p.add_argument("--cache", help=argparse.SUPPRESS)
@@ -207,15 +225,23 @@ def main() -> None:
         row: dict = {"pairs": pairs}
         for phase in ("convert", "start", "read"):
             if phase in args.phases:
+                if args.cold and phase != "convert":
+                    drop_pages([cache])
                 row[phase] = run_phase(corpus, cache, phase, args)
         if "texts" in args.phases:
-            row["texts"] = {w: run_phase(corpus, cache, "texts", args, w) for w in args.workers}
+            row["texts"] = {}
+            for w in args.workers:
+                if args.cold:
+                    drop_pages([cache])
+                row["texts"][w] = run_phase(corpus, cache, "texts", args, w)
         print(json.dumps(row), flush=True)
     if "steps" in args.phases.split(","):
         corpora = [root / f"pairs_{pairs}.jsonl" for pairs in args.pairs]
         cmd = [sys.executable, __file__, "--measure", "steps", "--corpora", *map(str, corpora), "--caches",
                *(str(root / f"cache_{pairs}") for pairs in args.pairs), "--batch", str(args.batch), "--steps",
                str(args.steps)]
+        if args.cold:
+            drop_pages([root / f"cache_{pairs}" for pairs in args.pairs])
         print(json.dumps({"pairs": args.pairs, "steps": run_measure(cmd)}), flush=True)
 
 

@@ -8,8 +8,9 @@ them: Column.take asks the kernel for all of a batch's pages at once (_willneed:
 cache does not hold is then read from disk side by side, not one fault after another), reads the
 rows in address order, chunk by chunk, and unmaps the pages behind it (_Sweep), wherever the column
 lies in a read-only file mapping (the cache's parts and `datasets`' Arrow files alike; never memory
-of an in-memory table). A chunk with few of the batch's rows is read straight from the mapping,
-offsets first, then the bytes they locate (_Layout); one with many through Arrow.
+of an in-memory table). The rows of a chunk with few of the batch's rows are read straight from the
+mapping, all the batch's offsets first, then the bytes they locate (_Direct); a chunk with many
+through Arrow.
 
     <cache root>/<stem>-<key>/          key: blake2b of (file, its fingerprint, reading options, FORMAT)
         part-00000.arrow ...            Arrow IPC files, one per converting process, in file order
@@ -269,6 +270,11 @@ _madvise: Callable | None = None  # libc's; False once MADV_DONTNEED has failed 
 # Pages closer than this are asked for in one call: a call costs 1-2 us (measured with ctypes), more
 # than the disk takes to read a few neighbouring pages along with those asked for.
 WILLNEED_GAP = 4
+# Pages of a take's step looked up in the page cache (mincore) before any is asked for: all there, and
+# none is. Where the corpus is in the page cache the calls only cost: the read of a batch of 32,768
+# pairs at 50M pairs took 1.11-1.26 s without the look-up, 0.85-1.04 s with it (2026-12-02, 2 cores).
+WILLNEED_PROBE = 32
+_mincore: Callable | None = None
 
 
 def _libc_madvise() -> Callable | None:
@@ -280,6 +286,19 @@ def _libc_madvise() -> Callable | None:
         libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]  # reads overlap the step
         _madvise = libc.madvise
     return _madvise
+
+
+def _resident(page: int) -> bool:
+    """Whether page number `page` (of a file mapping) is in the page cache. mincore says so of pages
+    this process has not mapped only for files it owns or may write (else: only of mapped pages, so a
+    take then asks for every page, as if nothing were cached)."""
+    global _mincore
+    if _mincore is None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+        _mincore = libc.mincore
+    vec = ctypes.create_string_buffer(1)
+    return _mincore(page * mmap.PAGESIZE, mmap.PAGESIZE, vec) == 0 and bool(vec.raw[0] & 1)
 
 
 def _dontneed(start: int, end: int) -> None:
@@ -302,7 +321,8 @@ def _willneed(starts: np.ndarray, ends: np.ndarray) -> None:
     corpus the page cache does not hold wait for one disk read after another (issue 14: 5,000-28,700
     major faults per batch of 32,768 pairs at 50M pairs, 3-11 s); asked for together, the disk serves
     them side by side. A range spans no two mappings: those of one chunk lie in its own, and runs
-    join only across gaps of WILLNEED_GAP pages, which lie between two pages of one mapping."""
+    join only across gaps of WILLNEED_GAP pages, which lie between two pages of one mapping. Nothing is
+    asked for where WILLNEED_PROBE pages spread over the ranges are all in the page cache already."""
     madvise = _libc_madvise()
     keep = ends > starts
     if not madvise or not keep.any():
@@ -312,7 +332,11 @@ def _willneed(starts: np.ndarray, ends: np.ndarray) -> None:
     order = np.argsort(first, kind="stable")
     first, last = first[order], np.maximum.accumulate(last[order])  # last: the furthest page up to here
     cuts = np.flatnonzero(first[1:] > last[:-1] + 1 + WILLNEED_GAP) + 1  # where a new run begins
-    for a, b in zip(first[np.r_[0, cuts]].tolist(), last[np.r_[cuts - 1, len(first) - 1]].tolist()):
+    runs = first[np.r_[0, cuts]], last[np.r_[cuts - 1, len(first) - 1]]  # [k] first and last page of each run
+    probe = runs[0][np.linspace(0, len(runs[0]) - 1, min(WILLNEED_PROBE, len(runs[0]))).astype(np.int64)]
+    if all(_resident(page) for page in probe.tolist()):
+        return
+    for a, b in zip(runs[0].tolist(), runs[1].tolist()):
         madvise(a * mmap.PAGESIZE, (b - a + 1) * mmap.PAGESIZE, mmap.MADV_WILLNEED)  # a hint: failure reads by faults
 
 
@@ -352,7 +376,24 @@ class _Layout:
         self.kind = _direct_kind(array.type) if all(m >= 0 or not len(c) for c, m in zip(chunks, self.mapping)) \
             and not any(_has_nulls(c) for c in chunks) else None
         if self.kind is not None:
-            self.first = [self._first(c, self.mappings[m][0]) if m >= 0 else None for c, m in zip(chunks, self.mapping)]
+            # [chunks, 2 or 3] positions in the mapping; a chunk of no rows is never read (zeros)
+            none = (0,) * (2 + (self.kind[0] == "texts"))
+            self.first = np.array([self._first(c, self.mappings[m][0]) if m >= 0 else none
+                                   for c, m in zip(chunks, self.mapping)], dtype=np.int64)
+            sizes = [self.kind[1].itemsize, self.kind[2].itemsize if self.kind[0] != "text" else 1, 1]
+            if any((self.first[:, k] % sizes[k]).any() for k in range(self.first.shape[1])):
+                self.kind = None  # offsets or numbers not aligned to their size (an Arrow file aligns them)
+        self.map_of = np.array(self.mapping, dtype=np.int64)  # [chunks]
+        self.base_of = np.array([self.mappings[m][0] if m >= 0 else 0 for m in self.mapping], dtype=np.int64)
+        self._words: dict[tuple[int, str], np.ndarray] = {}
+
+    def words(self, m: int, kind: np.dtype) -> np.ndarray:
+        """Mapping m as an array of `kind` (a view: an index reads, and maps, only the page it lies on)."""
+        key = (m, kind.str)
+        if key not in self._words:
+            start, end, view = self.mappings[m]
+            self._words[key] = np.frombuffer(view, kind, count=(end - start) // kind.itemsize)
+        return self._words[key]
 
     def _first(self, chunk: pa.Array, base: int) -> tuple[int, ...]:
         """Positions in the mapping of a chunk's first entries: (offsets, data) of text; (list offsets,
@@ -435,11 +476,77 @@ class _Sweep:
             self._release(m)
 
 
-_NOTHING = (np.zeros(0, np.int64), np.zeros(0, np.int64))  # a read that needs no page asked for ahead
+# Rows read straight from the mappings at once, between two releases behind the reading (_Sweep). A
+# fault maps up to 1 MiB around its page (PTE_SPAN), so a block maps 64 MiB at most, whatever the
+# corpus. A block costs a few numpy calls: at 64 rows the warm read at 50M pairs costs what the read
+# row by row did (docs/benchmarks.md).
+BLOCK_ROWS = 64
 
-# A read of one chunk's rows: a generator that yields the address ranges (starts, ends: [k] int64) its
-# next step will touch, is resumed once they were asked for, and returns the rows' values.
-Read = Iterator[tuple[np.ndarray, np.ndarray]]
+
+class _Direct:
+    """Rows of a batch that are few in their chunk, read from the file mappings in steps over the whole
+    batch: their offsets, then the text (or numbers, or the child's offsets, then the text) those
+    locate. Each step's pages are asked for at once before it reads (_willneed); a step reads blocks of
+    BLOCK_ROWS rows with numpy (one gather per block, not a call per row or per chunk) and releases
+    behind it. Rows come sorted by chunk and by position in it: by address."""
+
+    def __init__(self, layout: _Layout, chunks: np.ndarray, local: np.ndarray):
+        self.layout, self.chunks = layout, chunks  # [n] each row's chunk, [n] its row in the chunk
+        self.kind, self.offsets, self.child = layout.kind
+        self.base = layout.base_of[chunks]  # [n] its mapping's start address
+        self.first = layout.first[chunks]  # [n, 2 or 3] its chunk's buffers' positions in the mapping
+        self.entry = self.first[:, 0] // self.offsets.itemsize + local  # [n] its (list) offset, in offsets
+        maps = layout.map_of[chunks]
+        cuts = np.flatnonzero(maps[1:] != maps[:-1]) + 1  # blocks never span two mappings
+        self.blocks = [(int(maps[s]), b, min(b + BLOCK_ROWS, e)) for s, e in zip(np.r_[0, cuts], np.r_[cuts, len(maps)])
+                       for b in range(int(s), int(e), BLOCK_ROWS)]
+
+    def ahead(self) -> tuple[np.ndarray, np.ndarray]:
+        """The address ranges of the first step: each row's two offsets."""
+        w = self.offsets.itemsize
+        return self.base + w * self.entry, self.base + w * (self.entry + 2)
+
+    def _steps(self, read: Callable[[int, int, int], list | np.ndarray]) -> list:
+        """[read(mapping, start, end) of each block], releasing behind the blocks as they go up."""
+        sweep, parts = _Sweep(self.layout), []
+        for m, s, e in self.blocks:
+            sweep.before(int(self.chunks[s]))
+            parts.append(read(m, s, e))
+            sweep.before(int(self.chunks[e - 1]))  # what the block read below its last chunk's window
+        sweep.finish()
+        return parts
+
+    def read(self) -> list:
+        """The rows' values, in their order (the first step asked for ahead by the caller, with ahead())."""
+        words = self.layout.words
+        pairs = np.concatenate(self._steps(lambda m, s, e: words(m, self.offsets)[self.entry[s:e, None] + [0, 1]]))
+        a, b = pairs[:, 0].astype(np.int64), pairs[:, 1].astype(np.int64)  # [n] the row's span in the data / child
+        if self.kind == "text":
+            return self._decoded(self.first[:, 1] + a, self.first[:, 1] + b)
+        w = self.child.itemsize
+        at, size = self.first[:, 1] // w + a, b - a  # [n] the first item's index in the mapping as `child`s, items
+        extra = int(self.kind == "texts")  # k texts have k + 1 ends
+        _willneed(self.base + w * at, self.base + w * (at + size + extra))
+        items = [v for part in self._steps(lambda m, s, e: [words(m, self.child)[x:x + k + extra].tolist() for x, k in
+                                                            zip(at[s:e].tolist(), size[s:e].tolist())])
+                 for v in part]  # [n] a row's numbers, or the k + 1 ends of its k texts in the child's data
+        if self.kind == "numbers":
+            return items
+        data = self.first[:, 2]  # [n] the child's data in the mapping
+        lo, hi = data + np.array([e[0] for e in items]), data + np.array([e[-1] for e in items])
+        _willneed(self.base + lo, self.base + hi)
+        mappings = self.layout.mappings
+        return [v for part in self._steps(lambda m, s, e: [
+            [str(mappings[m][2][d + x:d + y], "utf-8") for x, y in zip(ends, ends[1:])]
+            for d, ends in zip(data[s:e].tolist(), items[s:e])]) for v in part]
+
+    def _decoded(self, starts: np.ndarray, ends: np.ndarray) -> list[str]:
+        """The text of bytes [starts, ends) (positions in each row's mapping), asked for ahead first."""
+        _willneed(self.base + starts, self.base + ends)
+        mappings = self.layout.mappings
+        parts = self._steps(lambda m, s, e: [str(mappings[m][2][x:y], "utf-8") for x, y in
+                                             zip(starts[s:e].tolist(), ends[s:e].tolist())])
+        return [v for part in parts for v in part]
 
 
 class Column(Rows):
@@ -471,9 +578,7 @@ class Column(Rows):
         ordered = rows[order]
         chunks = np.searchsorted(self.starts, ordered, side="right") - 1  # [n] each row's chunk
         local = ordered - self.starts[chunks]  # [n] its row within the chunk
-        cuts = (np.flatnonzero(np.diff(chunks)) + 1).tolist()
-        groups = [(int(chunks[s]), local[s:e]) for s, e in zip([0, *cuts], [*cuts, len(ordered)])]
-        values = [v for part in self._read(groups) for v in part]
+        values = self._read(chunks, local)
         out: list = [None] * len(rows)
         for i, v in zip(order.tolist(), values):
             out[i] = v
@@ -488,60 +593,31 @@ class Column(Rows):
                 out[i] = [float(x) for x in v[: self.width]]
         return out
 
-    def _read(self, groups: list[tuple[int, np.ndarray]]) -> list[list]:
-        """The values of each (chunk, its rows in address order), read in steps: every chunk's next
-        step asked for ahead at once (_willneed), then read chunk by chunk up the mappings (_Sweep).
-        A text's bytes lie where its offsets say, so the offsets are read a step before them."""
-        direct = self.layout.kind is not None
-        reads = [(self._direct if direct and len(r) < ARROW_ROWS else self._arrow)(c, r) for c, r in groups]
-        needs = [next(read) for read in reads]
-        values: list = [None] * len(groups)
-        live = list(range(len(groups)))
-        while live:
-            _willneed(np.concatenate([needs[i][0] for i in live]), np.concatenate([needs[i][1] for i in live]))
-            sweep, waiting = _Sweep(self.layout), []
-            for i in live:
-                sweep.before(groups[i][0])
-                try:
-                    needs[i] = next(reads[i])
-                    waiting.append(i)
-                except StopIteration as done:
-                    values[i] = done.value
-            sweep.finish()
-            live = waiting
+    def _read(self, chunks: np.ndarray, local: np.ndarray) -> list:
+        """The values of rows given by chunk and row in it ([n] each, in address order). A chunk with
+        ARROW_ROWS of them or more goes through Arrow (its whole span asked for ahead where it is
+        mapped); the others' rows are read straight from the mappings (_Direct), their first step asked
+        for together with those spans."""
+        cuts = np.flatnonzero(chunks[1:] != chunks[:-1]) + 1
+        firsts, lasts = np.r_[0, cuts], np.r_[cuts, len(chunks)]  # [g] each chunk's rows: firsts[i]:lasts[i]
+        dense = lasts - firsts >= ARROW_ROWS if self.layout.kind is not None else np.ones(len(firsts), bool)
+        sparse = np.repeat(~dense, lasts - firsts)  # [n] rows read straight from the mapping
+        direct = _Direct(self.layout, chunks[sparse], local[sparse]) if sparse.any() else None
+        groups = [(int(chunks[s]), int(s), int(e)) for s, e in zip(firsts[dense], lasts[dense])]
+        mapped = [c for c, _, _ in groups if self.layout.mapping[c] >= 0]
+        starts, ends = direct.ahead() if direct else (np.zeros(0, np.int64),) * 2
+        _willneed(np.concatenate([starts, np.array([self.layout.lo[c] for c in mapped], dtype=np.int64)]),
+                  np.concatenate([ends, np.array([self.layout.hi[c] for c in mapped], dtype=np.int64)]))
+        values: list = [None] * len(chunks)
+        sweep = _Sweep(self.layout)
+        for c, s, e in groups:
+            sweep.before(c)
+            values[s:e] = self.array.chunk(c).take(pa.array(local[s:e], pa.int64())).to_pylist()
+        sweep.finish()
+        if direct:
+            for i, v in zip(np.flatnonzero(sparse).tolist(), direct.read()):
+                values[i] = v
         return values
-
-    def _arrow(self, c: int, rows: np.ndarray) -> Read:
-        """Many rows of a chunk: its whole span asked for ahead (a mapped chunk), then an Arrow take."""
-        m = self.layout.mapping[c]
-        yield (np.array([self.layout.lo[c]]), np.array([self.layout.hi[c]])) if m >= 0 else _NOTHING
-        return self.array.chunk(c).take(pa.array(rows, pa.int64())).to_pylist()
-
-    def _direct(self, c: int, rows: np.ndarray) -> Read:
-        """Few rows of a chunk, read from its mapping: their offsets, then the bytes those locate (lists of
-        text: list offsets, then the child's offsets, then the text)."""
-        start, _, view = self.layout.mappings[self.layout.mapping[c]]
-        kind, offsets, child = self.layout.kind
-        first = self.layout.first[c]
-        size = int(self.starts[c + 1] - self.starts[c]) + 1  # the chunk's (list) offsets
-        at = first[0] + offsets.itemsize * rows  # [r] each row's offset in the mapping
-        yield start + at, start + at + 2 * offsets.itemsize
-        entries = np.frombuffer(view, offsets, count=size, offset=first[0])
-        a, b = entries[rows].astype(np.int64), entries[rows + 1].astype(np.int64)  # [r] the rows' spans
-        if kind == "text":
-            yield start + first[1] + a, start + first[1] + b
-            return [str(view[first[1] + x:first[1] + y], "utf-8") for x, y in zip(a.tolist(), b.tolist())]
-        if kind == "numbers":
-            yield start + first[1] + child.itemsize * a, start + first[1] + child.itemsize * b
-            return [np.frombuffer(view, child, count=y - x, offset=first[1] + child.itemsize * x).tolist()
-                    for x, y in zip(a.tolist(), b.tolist())]
-        yield start + first[1] + child.itemsize * a, start + first[1] + child.itemsize * (b + 1)
-        ends = [np.frombuffer(view, child, count=y - x + 1, offset=first[1] + child.itemsize * x).tolist()
-                for x, y in zip(a.tolist(), b.tolist())]  # [r] each row's texts' ends in the child's data
-        yield (start + first[2] + np.array([e[0] for e in ends], np.int64),
-               start + first[2] + np.array([e[-1] for e in ends], np.int64))
-        data = first[2]
-        return [[str(view[data + x:data + y], "utf-8") for x, y in zip(e, e[1:])] for e in ends]
 
 
 def _check_text(value, key: str, where: str) -> None:
