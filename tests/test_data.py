@@ -342,8 +342,8 @@ def test_a_take_asks_ahead_for_every_page_it_reads(tmp_path, monkeypatch):
     monkeypatch.setattr(arrow_store, "_resident", lambda page: False)  # as if read from a cold disk
     asked: list[tuple[int, int]] = []
     real = arrow_store._willneed
-    monkeypatch.setattr(arrow_store, "_willneed",
-                        lambda starts, ends: (asked.extend(zip(starts.tolist(), ends.tolist())), real(starts, ends)))
+    monkeypatch.setattr(arrow_store, "_willneed", lambda starts, ends, look: (
+        asked.extend(zip(starts.tolist(), ends.tolist())), real(starts, ends, look)))
     mapped, values = _mapped_table(tmp_path, repeat=150)
     rows = sorted(set(np.random.default_rng(1).integers(0, 40, 12).tolist()))  # 12 rows of the first chunks
     rows += list(range(100, 110)) + [250, 260]  # 10 of one chunk: through Arrow
@@ -395,12 +395,37 @@ def test_pages_already_in_the_page_cache_are_not_asked_for(tmp_path, monkeypatch
     with open(tmp_path / "f", "rb") as f:
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     base = pa.py_buffer(mm).address
+    with open(tmp_path / "f", "rb") as f:  # the written part into the page cache again (not the hole)
+        f.read(1 << 16)
     cached = base + page * np.array([0, 3, 8, 15])
     arrow_store._willneed(cached, cached + 10)
     assert calls == []
     hole = base + page * np.array([40, 400])
     arrow_store._willneed(np.r_[cached, hole], np.r_[cached, hole] + 10)
     assert calls == [(base, 9 * page), (base + 15 * page, page), (base + 40 * page, page), (base + 400 * page, page)]
+
+
+def test_files_whose_page_cache_mincore_hides_are_asked_for_unlooked(tmp_path, monkeypatch):
+    """mincore says every page of a file the process may not change is cached (Linux hides their page
+    cache): a take from such a file asks for its pages without looking them up. The file here was just
+    written (cached): looked up, nothing is asked for; with the look-up marked blind, all is."""
+    from train import arrow_store
+
+    calls = []  # MADV_WILLNEED's (the pages read are released with MADV_DONTNEED through the same call)
+    monkeypatch.setattr(arrow_store, "_madvise", lambda start, size, advice: (
+        calls.append(start) if advice == arrow_store.mmap.MADV_WILLNEED else 0))
+    mapped, values = _mapped_table(tmp_path, repeat=150)
+    rows = list(range(0, len(mapped), 7))
+    assert arrow_store._mincore_sees(str(tmp_path / "t.arrow"))  # this process wrote it
+    column = arrow_store.Column(mapped.column("text"))
+    (tmp_path / "t.arrow").read_bytes()  # into the page cache again, should memory pressure have dropped it
+    assert column.take(rows) == [values["text"][r] for r in rows]
+    assert calls == []
+    monkeypatch.setattr(arrow_store, "_mincore_sees", lambda path: False)
+    column = arrow_store.Column(mapped.column("text"))
+    assert not column.layout.seen
+    assert column.take(rows) == [values["text"][r] for r in rows]
+    assert calls
 
 
 def test_reads_leave_nothing_of_a_file_mapped(tmp_path):
@@ -473,7 +498,7 @@ def test_an_in_memory_table_is_never_released(tmp_path, monkeypatch):
     released = []
     monkeypatch.setattr(arrow_store, "_dontneed", lambda start, end: released.append((start, end)))
     monkeypatch.setattr(arrow_store, "_willneed",  # nor to madvise(MADV_WILLNEED)
-                        lambda starts, ends: released.extend(zip(starts.tolist(), ends.tolist())))
+                        lambda starts, ends, look: released.extend(zip(starts.tolist(), ends.tolist())))
     rows = {"question": [f"q{i}" for i in range(5000)], "answer": [f"a{i}" for i in range(5000)]}
     src = data._hub_source("h", "hub:org/h", datasets.Dataset.from_dict(rows), {}, None, None)
     assert src.anchors.layout.mapping == [-1] * src.anchors.array.num_chunks

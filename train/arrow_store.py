@@ -248,8 +248,8 @@ PTE_SPAN = mmap.PAGESIZE * (mmap.PAGESIZE // 8)
 ARROW_ROWS = 64
 
 
-def file_mappings() -> list[tuple[int, int]]:
-    """(start, end) of this process's read-only, file-backed memory mappings (/proc/self/maps):
+def file_mappings() -> list[tuple[int, int, str]]:
+    """(start, end, path) of this process's read-only, file-backed memory mappings (/proc/self/maps):
     the only memory whose pages may be released. MADV_DONTNEED on anonymous memory (an in-memory
     table) would zero it; on a file mapping never written, the next read maps the file's page again.
     [] on a system without /proc: nothing is then released."""
@@ -262,7 +262,7 @@ def file_mappings() -> list[tuple[int, int]]:
         fields = line.split(maxsplit=5)
         if len(fields) == 6 and fields[1].startswith("r-") and fields[4] != "0" and fields[5].startswith("/"):
             start, end = fields[0].split("-")
-            spans.append((int(start, 16), int(end, 16)))
+            spans.append((int(start, 16), int(end, 16), fields[5]))
     return sorted(spans)
 
 
@@ -288,10 +288,18 @@ def _libc_madvise() -> Callable | None:
     return _madvise
 
 
+def _mincore_sees(path: str) -> bool:
+    """Whether mincore tells the page cache's pages of this file: only of a file the process owns or
+    may write (or as root); of any other it says every page is there (Linux hides the page cache of
+    files a process cannot change: a side channel), so a take then asks for all its pages unlooked."""
+    try:
+        return os.geteuid() == 0 or os.stat(path).st_uid == os.geteuid() or os.access(path, os.W_OK)
+    except OSError:
+        return False
+
+
 def _resident(page: int) -> bool:
-    """Whether page number `page` (of a file mapping) is in the page cache. mincore says so of pages
-    this process has not mapped only for files it owns or may write (else: only of mapped pages, so a
-    take then asks for every page, as if nothing were cached)."""
+    """Whether page number `page` of a file mapping is in the page cache (where _mincore_sees its file)."""
     global _mincore
     if _mincore is None:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -314,7 +322,7 @@ def _dontneed(start: int, end: int) -> None:
         _madvise = False
 
 
-def _willneed(starts: np.ndarray, ends: np.ndarray) -> None:
+def _willneed(starts: np.ndarray, ends: np.ndarray, look: bool = True) -> None:
     """Have the kernel read the pages of every [starts[i], ends[i]) (addresses in file mappings) into
     the page cache, all at once and without waiting: madvise(MADV_WILLNEED) queues the reads and maps
     nothing, so resident memory does not grow. Read by faults, the scattered rows of a batch from a
@@ -322,7 +330,8 @@ def _willneed(starts: np.ndarray, ends: np.ndarray) -> None:
     major faults per batch of 32,768 pairs at 50M pairs, 3-11 s); asked for together, the disk serves
     them side by side. A range spans no two mappings: those of one chunk lie in its own, and runs
     join only across gaps of WILLNEED_GAP pages, which lie between two pages of one mapping. Nothing is
-    asked for where WILLNEED_PROBE pages spread over the ranges are all in the page cache already."""
+    asked for where WILLNEED_PROBE pages spread over the ranges are all in the page cache already
+    (look=False: not looked up, as where mincore cannot tell)."""
     madvise = _libc_madvise()
     keep = ends > starts
     if not madvise or not keep.any():
@@ -334,7 +343,7 @@ def _willneed(starts: np.ndarray, ends: np.ndarray) -> None:
     cuts = np.flatnonzero(first[1:] > last[:-1] + 1 + WILLNEED_GAP) + 1  # where a new run begins
     runs = first[np.r_[0, cuts]], last[np.r_[cuts - 1, len(first) - 1]]  # [k] first and last page of each run
     probe = runs[0][np.linspace(0, len(runs[0]) - 1, min(WILLNEED_PROBE, len(runs[0]))).astype(np.int64)]
-    if all(_resident(page) for page in probe.tolist()):
+    if look and all(_resident(page) for page in probe.tolist()):
         return
     for a, b in zip(runs[0].tolist(), runs[1].tolist()):
         madvise(a * mmap.PAGESIZE, (b - a + 1) * mmap.PAGESIZE, mmap.MADV_WILLNEED)  # a hint: failure reads by faults
@@ -353,8 +362,9 @@ class _Layout:
 
     def __init__(self, array: pa.ChunkedArray, chunks: list[pa.Array]):
         spans = file_mappings()
-        starts = [a for a, _ in spans]
+        starts = [a for a, _, _ in spans]
         self.mappings: list[tuple[int, int, memoryview]] = []  # (start, end, a view of it)
+        self.seen = True  # mincore tells which pages of these mappings' files are in the page cache
         index: dict[int, int] = {}
         self.mapping, self.lo, self.hi = [], [], []  # per chunk: mapping index (-1: none), buffers' span
         for chunk in chunks:
@@ -365,9 +375,10 @@ class _Layout:
             m = -1
             if len(chunk) and buffers and i >= 0 and hi <= spans[i][1]:
                 if i not in index:
-                    start, end = spans[i]
+                    start, end, path = spans[i]
                     index[i] = len(self.mappings)  # the view keeps the array, hence the mapping, alive
                     self.mappings.append((start, end, memoryview(pa.foreign_buffer(start, end - start, array))))
+                    self.seen &= _mincore_sees(path)
                 m = index[i]
             self.mapping.append(m)
             self.lo.append(lo)
@@ -526,7 +537,7 @@ class _Direct:
         w = self.child.itemsize
         at, size = self.first[:, 1] // w + a, b - a  # [n] the first item's index in the mapping as `child`s, items
         extra = int(self.kind == "texts")  # k texts have k + 1 ends
-        _willneed(self.base + w * at, self.base + w * (at + size + extra))
+        _willneed(self.base + w * at, self.base + w * (at + size + extra), self.layout.seen)
         items = [v for part in self._steps(lambda m, s, e: [words(m, self.child)[x:x + k + extra].tolist() for x, k in
                                                             zip(at[s:e].tolist(), size[s:e].tolist())])
                  for v in part]  # [n] a row's numbers, or the k + 1 ends of its k texts in the child's data
@@ -534,7 +545,7 @@ class _Direct:
             return items
         data = self.first[:, 2]  # [n] the child's data in the mapping
         lo, hi = data + np.array([e[0] for e in items]), data + np.array([e[-1] for e in items])
-        _willneed(self.base + lo, self.base + hi)
+        _willneed(self.base + lo, self.base + hi, self.layout.seen)
         mappings = self.layout.mappings
         return [v for part in self._steps(lambda m, s, e: [
             [str(mappings[m][2][d + x:d + y], "utf-8") for x, y in zip(ends, ends[1:])]
@@ -542,7 +553,7 @@ class _Direct:
 
     def _decoded(self, starts: np.ndarray, ends: np.ndarray) -> list[str]:
         """The text of bytes [starts, ends) (positions in each row's mapping), asked for ahead first."""
-        _willneed(self.base + starts, self.base + ends)
+        _willneed(self.base + starts, self.base + ends, self.layout.seen)
         mappings = self.layout.mappings
         parts = self._steps(lambda m, s, e: [str(mappings[m][2][x:y], "utf-8") for x, y in
                                              zip(starts[s:e].tolist(), ends[s:e].tolist())])
@@ -607,7 +618,8 @@ class Column(Rows):
         mapped = [c for c, _, _ in groups if self.layout.mapping[c] >= 0]
         starts, ends = direct.ahead() if direct else (np.zeros(0, np.int64),) * 2
         _willneed(np.concatenate([starts, np.array([self.layout.lo[c] for c in mapped], dtype=np.int64)]),
-                  np.concatenate([ends, np.array([self.layout.hi[c] for c in mapped], dtype=np.int64)]))
+                  np.concatenate([ends, np.array([self.layout.hi[c] for c in mapped], dtype=np.int64)]),
+                  self.layout.seen)
         values: list = [None] * len(chunks)
         sweep = _Sweep(self.layout)
         for c, s, e in groups:
