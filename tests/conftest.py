@@ -43,10 +43,11 @@ def pytest_configure(config):
     tests need again (each 2-rank reference run twice on 2 workers, measured). pytest-xdist 3.8 writes
     a test's group into its id ("@group"), which pytest 9.2 no longer takes (pytest-xdist issue 1386;
     hence pytest 9.1 in constraints.txt): refuse that pair rather than run the suite at half speed."""
+    if config.getoption("dist", "no") != "loadgroup" or hasattr(config, "workerinput"):
+        return  # without xdist (plain pytest) there is no option, and nothing to group
     import xdist
 
-    if (config.getoption("dist", "no") == "loadgroup" and not hasattr(config, "workerinput")
-            and pytest.version_tuple[:2] >= (9, 2) and tuple(map(int, xdist.__version__.split(".")[:2])) <= (3, 8)):
+    if pytest.version_tuple[:2] >= (9, 2) and tuple(map(int, xdist.__version__.split(".")[:2])) <= (3, 8):
         raise pytest.UsageError(f"--dist loadgroup: pytest-xdist {xdist.__version__} ignores the tests' groups under "
                                 f"pytest {pytest.__version__}; install the pytest of constraints.txt")
 
