@@ -345,7 +345,7 @@ def test_a_take_asks_ahead_for_every_page_it_reads(tmp_path, monkeypatch):
     monkeypatch.setattr(arrow_store, "_willneed", lambda starts, ends, look: (
         asked.extend(zip(starts.tolist(), ends.tolist())), real(starts, ends, look)))
     mapped, values = _mapped_table(tmp_path, repeat=150)
-    rows = sorted(set(np.random.default_rng(1).integers(0, 40, 12).tolist()))  # 12 rows of the first chunks
+    rows = sorted(set(np.random.default_rng(1).integers(0, 40, 12).tolist()))  # a few rows of the first chunks
     rows += list(range(100, 110)) + [250, 260]  # 10 of one chunk: through Arrow
     page = arrow_store.mmap.PAGESIZE
     for key, expected in values.items():
