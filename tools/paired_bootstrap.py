@@ -40,10 +40,7 @@ def main() -> None:
     config.register()  # the ${asset:NAME} resolver, as the configs use it
     paths = OmegaConf.to_container(OmegaConf.create({"task": args.task, "models": args.models}), resolve=True)
     task = StsTask("task", paths["task"], max_length=args.max_length)
-    texts = list(dict.fromkeys(task.s1 + task.s2))
-    index = {t: i for i, t in enumerate(texts)}
-    left = np.array([index[t] for t in task.s1])  # [pairs] each pair's texts
-    right = np.array([index[t] for t in task.s2])
+    texts, left, right = task.texts, task.left, task.right  # [N] distinct texts; [pairs] each pair's two
     sims = [task.cosines(embedder(load_encoder(m, max_length=args.max_length).eval())) for m in paths["models"]]
     for m, s in zip(paths["models"], sims):
         print(f"{m}: Spearman {spearman(s, task.gold):.4f} ({len(left)} pairs of {len(texts)} texts)")

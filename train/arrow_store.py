@@ -28,6 +28,7 @@ from __future__ import annotations
 import bisect
 import ctypes
 import fcntl
+import functools
 import hashlib
 import json
 import mmap
@@ -267,6 +268,8 @@ def file_mappings() -> list[tuple[int, int, str]]:
 
 
 _madvise: Callable | None = None  # libc's; False once MADV_DONTNEED has failed (nothing is released after that)
+_libc = functools.cache(lambda: ctypes.CDLL(None, use_errno=True))  # a CDLL call releases the GIL: a prefetch
+# thread's reads and madvise calls overlap the step
 # Pages closer than this are asked for in one call: a call costs ~3 us through ctypes (measured on
 # cached pages, 2026-12-02), and the disk reads up to 16 KiB more in the same request.
 WILLNEED_GAP = 4
@@ -282,9 +285,8 @@ def _libc_madvise() -> Callable | None:
     maps its files in Arrow); False once MADV_DONTNEED has failed."""
     global _madvise
     if _madvise is None:
-        libc = ctypes.CDLL(None, use_errno=True)  # a CDLL call releases the GIL: a prefetch thread's
-        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]  # reads overlap the step
-        _madvise = libc.madvise
+        _madvise = _libc().madvise
+        _madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     return _madvise
 
 
@@ -302,9 +304,8 @@ def _resident(page: int) -> bool:
     """Whether page number `page` of a file mapping is in the page cache (where _mincore_sees its file)."""
     global _mincore
     if _mincore is None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
-        _mincore = libc.mincore
+        _mincore = _libc().mincore
+        _mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
     vec = ctypes.create_string_buffer(1)
     return _mincore(page * mmap.PAGESIZE, mmap.PAGESIZE, vec) == 0 and bool(vec.raw[0] & 1)
 
@@ -518,6 +519,14 @@ class _Direct:
         w = self.offsets.itemsize
         return self.base + w * self.entry, self.base + w * (self.entry + 2)
 
+    def _ask(self, starts: np.ndarray, ends: np.ndarray) -> None:
+        """_willneed of [starts, ends), positions in each row's mapping."""
+        _willneed(self.base + starts, self.base + ends, self.layout.seen)
+
+    def _rows(self, read: Callable[[int, int, int], list]) -> list:
+        """The rows' values: read(mapping, start, end) -> the values of rows start..end-1, over the blocks."""
+        return [v for part in self._steps(read) for v in part]
+
     def _steps(self, read: Callable[[int, int, int], list | np.ndarray]) -> list:
         """[read(mapping, start, end) of each block], releasing behind the blocks as they go up."""
         sweep, parts = _Sweep(self.layout), []
@@ -538,27 +547,23 @@ class _Direct:
         w = self.child.itemsize
         at, size = self.first[:, 1] // w + a, b - a  # [n] the first item's index in the mapping as `child`s, items
         extra = int(self.kind == "texts")  # k texts have k + 1 ends
-        _willneed(self.base + w * at, self.base + w * (at + size + extra), self.layout.seen)
-        items = [v for part in self._steps(lambda m, s, e: [words(m, self.child)[x:x + k + extra].tolist() for x, k in
-                                                            zip(at[s:e].tolist(), size[s:e].tolist())])
-                 for v in part]  # [n] a row's numbers, or the k + 1 ends of its k texts in the child's data
-        if self.kind == "numbers":
+        self._ask(w * at, w * (at + size + extra))
+        items = self._rows(lambda m, s, e: [words(m, self.child)[x:x + k + extra].tolist() for x, k in
+                                            zip(at[s:e].tolist(), size[s:e].tolist())])
+        if self.kind == "numbers":  # items: [n] a row's numbers, or the k + 1 ends of its k texts in the data
             return items
         data = self.first[:, 2]  # [n] the child's data in the mapping
-        lo, hi = data + np.array([e[0] for e in items]), data + np.array([e[-1] for e in items])
-        _willneed(self.base + lo, self.base + hi, self.layout.seen)
+        self._ask(data + np.array([e[0] for e in items]), data + np.array([e[-1] for e in items]))
         mappings = self.layout.mappings
-        return [v for part in self._steps(lambda m, s, e: [
-            [str(mappings[m][2][d + x:d + y], "utf-8") for x, y in zip(ends, ends[1:])]
-            for d, ends in zip(data[s:e].tolist(), items[s:e])]) for v in part]
+        return self._rows(lambda m, s, e: [[str(mappings[m][2][d + x:d + y], "utf-8") for x, y in zip(ends, ends[1:])]
+                                           for d, ends in zip(data[s:e].tolist(), items[s:e])])
 
     def _decoded(self, starts: np.ndarray, ends: np.ndarray) -> list[str]:
         """The text of bytes [starts, ends) (positions in each row's mapping), asked for ahead first."""
-        _willneed(self.base + starts, self.base + ends, self.layout.seen)
+        self._ask(starts, ends)
         mappings = self.layout.mappings
-        parts = self._steps(lambda m, s, e: [str(mappings[m][2][x:y], "utf-8") for x, y in
-                                             zip(starts[s:e].tolist(), ends[s:e].tolist())])
-        return [v for part in parts for v in part]
+        return self._rows(lambda m, s, e: [str(mappings[m][2][x:y], "utf-8") for x, y in
+                                           zip(starts[s:e].tolist(), ends[s:e].tolist())])
 
 
 class Column(Rows):

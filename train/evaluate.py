@@ -76,18 +76,18 @@ class StsTask:
         self.s1 = [r["sentence1"] for r in rows]
         self.s2 = [r["sentence2"] for r in rows]
         self.gold = np.array([float(r["score"]) for r in rows])
+        self.texts = list(dict.fromkeys(self.s1 + self.s2))  # each distinct sentence, embedded once
+        index = {t: i for i, t in enumerate(self.texts)}
+        self.left = np.array([index[t] for t in self.s1], dtype=np.int64)  # [pairs] each pair's texts
+        self.right = np.array([index[t] for t in self.s2], dtype=np.int64)
 
     def __call__(self, embed: Embed) -> dict[str, float]:
         return {"spearman": spearman(self.cosines(embed), self.gold)}
 
     def cosines(self, embed: Embed) -> np.ndarray:
         """[pairs] the cosine of each pair's two sentences (tools/paired_bootstrap.py resamples them)."""
-        texts = list(dict.fromkeys(self.s1 + self.s2))  # each distinct sentence embedded once
-        index = {t: i for i, t in enumerate(texts)}
-        emb = F.normalize(_embed(embed, texts, self.side, self.instruction, self.max_length).float(), dim=-1)
-        a = emb[[index[t] for t in self.s1]]
-        b = emb[[index[t] for t in self.s2]]
-        return (a * b).sum(-1).numpy()
+        emb = F.normalize(_embed(embed, self.texts, self.side, self.instruction, self.max_length).float(), dim=-1)
+        return (emb[self.left] * emb[self.right]).sum(-1).numpy()
 
 
 class RetrievalTask:
